@@ -1,0 +1,1 @@
+"""Named presets (YAML) for `gptpipe --preset NAME`; shipped as package data."""

@@ -1,0 +1,206 @@
+"""The `gptpipe` command line: run the pipeline, sample from a checkpoint, inspect a config."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import textwrap
+
+from model.errors import GptpipeError
+
+EXAMPLES = {
+    "run": """\
+examples:
+  gptpipe run --input ../shared/data/tinyshakespeare.txt
+  gptpipe run --preset seed --set max_iters=500 --nproc 2
+  gptpipe run --config my.yaml --set tokenizer=bpe --set vocab_size=1024 --store /data/gptpipe
+""",
+    "sample": """\
+examples:
+  gptpipe sample --checkpoint gptpipe-store/runs/RUN_ID/train/ckpt.pt --prompt "ROMEO:"
+  gptpipe sample --checkpoint CKPT --temperature 0.8 --top-k 40 --max-new-tokens 1000 --seed 7
+""",
+    "inspect": """\
+examples:
+  gptpipe inspect --preset lecture
+  gptpipe inspect --preset seed --set n_layer=2
+""",
+}
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    from model.config import available_presets
+
+    parser.add_argument(
+        "--preset",
+        help=f"named config ({', '.join(available_presets())}); "
+        "default: lecture on a GPU, cpu otherwise",
+    )
+    parser.add_argument("--config", metavar="FILE.yaml", help="YAML file of hyperparameters")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one hyperparameter (repeatable), e.g. --set max_iters=500",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from flows.pipeline import DEFAULT_STORE, TINY_SHAKESPEARE_URL
+
+    parser = argparse.ArgumentParser(
+        prog="gptpipe",
+        description="Train, track and ship small GPT language models as a Prefect pipeline.",
+        epilog="examples:\n  gptpipe run --input corpus.txt\n  gptpipe sample --checkpoint CKPT\n"
+        "  gptpipe inspect --preset lecture",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        return commands.add_parser(
+            name,
+            help=help_text,
+            description=help_text,
+            epilog=EXAMPLES[name],
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+
+    run = command("run", "run the pipeline: tokenize, split, train, evaluate, sample")
+    run.add_argument(
+        "--input",
+        default=TINY_SHAKESPEARE_URL,
+        metavar="SRC",
+        help="corpus: a local file or an http(s) URL (default: Tiny Shakespeare's URL)",
+    )
+    _add_config_args(run)
+    run.add_argument("--nproc", type=int, default=1, help="training ranks (default 1)")
+    run.add_argument(
+        "--store", default=DEFAULT_STORE, help=f"where outputs go (default {DEFAULT_STORE})"
+    )
+    run.add_argument(
+        "--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite)"
+    )
+    run.add_argument("--run-id", help="name of the run folder (default: time + random)")
+    run.add_argument("--prompt", default="", help="prompt for the sample at the end")
+    run.add_argument("--sample-tokens", type=int, default=500, help="tokens to sample (500)")
+
+    smp = command("sample", "generate text from a checkpoint")
+    smp.add_argument("--checkpoint", required=True, metavar="URI", help="a ckpt.pt")
+    smp.add_argument("--prompt", default="", help="text to continue (default: a newline)")
+    smp.add_argument("--max-new-tokens", type=int, default=500)
+    smp.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    smp.add_argument("--top-k", type=int, default=None)
+    smp.add_argument("--seed", type=int, default=1337, help="same seed, same text")
+    smp.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+
+    insp = command("inspect", "print the parameter table of a config")
+    _add_config_args(insp)
+    return parser
+
+
+def _quiet_user_errors() -> None:
+    """Prefect logs a failed task's traceback; for bad input the one-line message is enough."""
+
+    class DropTraceback(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            if record.exc_info and isinstance(record.exc_info[1], GptpipeError):
+                record.exc_info, record.exc_text = None, None
+            return True
+
+    for name in ("prefect.task_runs", "prefect.flow_runs", "prefect.task_engine",
+                 "prefect.flow_engine", "prefect"):  # fmt: skip
+        logging.getLogger(name).addFilter(DropTraceback())
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from model.config import build_config
+    from model.launch import check_nproc
+
+    cfg = build_config(args.preset, args.config, args.set)
+    check_nproc(args.nproc, cfg.device)
+    if args.tracking_uri:
+        os.environ["MLFLOW_TRACKING_URI"] = args.tracking_uri
+    from flows.pipeline import pipeline
+
+    _quiet_user_errors()
+    summary = pipeline(
+        source=args.input,
+        config=cfg.to_dict(),
+        store=args.store,
+        nproc=args.nproc,
+        run_id=args.run_id,
+        prompt=args.prompt,
+        sample_tokens=args.sample_tokens,
+    )
+    print_summary(summary)
+    return 0
+
+
+def print_summary(summary: dict) -> None:
+    out = summary["outputs"]
+    lines = [
+        "",
+        f"run {summary['run_id']}: {summary['n_params']:,} parameters trained on "
+        f"{summary['world_size']} rank(s)",
+        f"  final loss (eval mode): train {summary['train_loss']:.4f}, "
+        f"val {summary['val_loss']:.4f}",
+        f"  run folder: {summary['run_uri']}",
+    ]
+    lines += [f"  {name:<10} {uri}" for name, uri in out.items()]
+    lines.append("  sample:")
+    excerpt = summary["sample"][:300]
+    lines += ["    " + line for line in excerpt.splitlines()]
+    print("\n".join(lines), flush=True)
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from model.sample import load_model, sample_text
+
+    text, notes = sample_text(
+        load_model(args.checkpoint, args.device),
+        args.prompt,
+        args.max_new_tokens,
+        args.temperature,
+        args.top_k,
+        args.seed,
+    )
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    print(text)
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from model.config import build_config
+    from model.gpt import GPT
+    from model.params import parameter_table
+
+    cfg = build_config(args.preset, args.config, args.set)
+    vocab_size = cfg.vocab_size or 65  # the character vocabulary of Tiny Shakespeare
+    model = GPT(cfg.model_config(vocab_size))
+    print(f"vocab_size {vocab_size}, block_size {cfg.block_size}, n_embd {cfg.n_embd}, "
+          f"n_head {cfg.n_head}, n_layer {cfg.n_layer}")  # fmt: skip
+    print(parameter_table(model).format())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    args = build_parser().parse_args(argv)
+    handler = {"run": cmd_run, "sample": cmd_sample, "inspect": cmd_inspect}[args.command]
+    try:
+        return handler(args)
+    except GptpipeError as exc:
+        print(f"error: {textwrap.shorten(str(exc), 2000)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

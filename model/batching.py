@@ -1,0 +1,71 @@
+"""Training and evaluation batches: random windows like the lecture's get_batch, vectorized.
+
+Sampling is defined per optimizer step, not per rank: step s draws one global batch of
+world_size * grad_accum_steps * batch_size windows from a generator seeded with (seed, s), and
+each (micro-step, rank) takes its own slice. So 2 ranks of batch B see exactly the samples 1 rank
+of batch 2B sees, and a run resumed at step s draws what an uninterrupted run would have drawn.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+import storage
+from model.data import read_tokens, windows_at
+
+
+def load_ids(uri: str) -> torch.Tensor:
+    """A token Parquet file from the store as one int64 tensor."""
+    ids, _ = read_tokens(io.BytesIO(storage.get_bytes(uri)))
+    return torch.from_numpy(ids.astype(np.int64))
+
+
+def seed_for(*parts: int) -> int:
+    """A generator seed from several small integers (stable across runs and machines)."""
+    h = 1469598103934665603
+    for p in parts:
+        h = ((h ^ (p & 0xFFFFFFFF)) * 1099511628211) % (1 << 63)
+    return h
+
+
+@dataclass
+class BatchSampler:
+    """One rank's slices of the per-step global batch (see the module docstring)."""
+
+    data: dict[str, torch.Tensor]
+    batch_size: int
+    block_size: int
+    seed: int
+    rank: int
+    world_size: int
+    grad_accum_steps: int
+    device: torch.device
+    generator: torch.Generator = field(default_factory=torch.Generator)
+
+    def _take(self, split: str, seed: int, n_slices: int, slot: int):
+        data = self.data[split]
+        self.generator.manual_seed(seed)
+        ix = torch.randint(
+            len(data) - self.block_size, (n_slices * self.batch_size,), generator=self.generator
+        )
+        ix = ix[slot * self.batch_size : (slot + 1) * self.batch_size]  # (B,)
+        x, y = windows_at(data, ix, self.block_size)
+        if self.device.type == "cuda":
+            return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(
+                self.device, non_blocking=True
+            )
+        return x, y
+
+    def train_batch(self, step: int, micro: int):
+        slot = micro * self.world_size + self.rank
+        return self._take(
+            "train", seed_for(self.seed, step), self.world_size * self.grad_accum_steps, slot
+        )
+
+    def eval_batch(self, split: str, step: int, k: int):
+        tag = 1 if split == "train" else 2
+        return self._take(split, seed_for(self.seed, step, tag, k), self.world_size, self.rank)

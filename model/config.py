@@ -1,0 +1,237 @@
+"""Configuration: the model's shape (`GPTConfig`) and a whole training run (`TrainConfig`).
+
+Hyperparameters keep the lecture's names. A run's config is built in layers: the dataclass
+defaults, then a preset from `configs/`, then a YAML file, then `--set key=value` overrides; every
+layer is checked with a message that says which key is wrong and what it accepts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from model.errors import GptpipeError
+
+PRESETS_DIR = Path(__file__).resolve().parent.parent / "configs"
+TOKENIZER_KINDS = ("char", "bpe")
+LR_SCHEDULES = ("constant", "cosine")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise GptpipeError(message)
+
+
+def _check_positive(obj: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        _require(value > 0, f"{name} must be positive, got {value}")
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    """The shape of the model; the defaults are the lecture's full config."""
+
+    vocab_size: int = 65
+    block_size: int = 256
+    n_embd: int = 384
+    n_head: int = 6
+    n_layer: int = 6
+    dropout: float = 0.2
+    bias: bool = True  # biases of proj, feed-forward, layer norms and lm_head (the lecture: True)
+
+    def __post_init__(self) -> None:
+        _check_positive(self, "vocab_size", "block_size", "n_embd", "n_head", "n_layer")
+        _require(
+            self.n_embd % self.n_head == 0,
+            f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}): "
+            "each head gets n_embd // n_head channels",
+        )
+        _require(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a pipeline run needs; the defaults are the lecture's hyperparameters."""
+
+    # data
+    tokenizer: str = "char"
+    vocab_size: int | None = None  # bpe: vocabulary to learn (default 1024); char: pad up to this
+    val_fraction: float = 0.1
+    # model
+    block_size: int = 256
+    n_embd: int = 384
+    n_head: int = 6
+    n_layer: int = 6
+    dropout: float = 0.2
+    bias: bool = True
+    # optimisation
+    batch_size: int = 64  # per rank and micro-step
+    grad_accum_steps: int = 1
+    max_iters: int = 5000
+    learning_rate: float = 3e-4
+    lr_schedule: str = "constant"
+    warmup_iters: int = 0
+    min_lr: float = 0.0
+    weight_decay: float = 0.01  # torch's AdamW default, which the lecture used
+    beta1: float = 0.9
+    beta2: float = 0.999
+    grad_clip: float = 0.0  # 0 = off
+    # evaluation, logging, checkpoints
+    eval_interval: int = 500
+    eval_iters: int = 200
+    log_interval: int = 100
+    checkpoint_interval: int = 500  # 0 = only at the end
+    seed: int = 1337
+    device: str = "auto"
+    compile: bool = False
+
+    def __post_init__(self) -> None:
+        _require(
+            self.tokenizer in TOKENIZER_KINDS,
+            f"tokenizer must be one of {', '.join(TOKENIZER_KINDS)}, got {self.tokenizer!r}",
+        )
+        _require(
+            self.lr_schedule in LR_SCHEDULES,
+            f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}",
+        )
+        _require(self.device in DEVICES, f"device must be one of {', '.join(DEVICES)}")
+        _require(
+            0.0 < self.val_fraction < 1.0,
+            f"val_fraction must be between 0 and 1 (exclusive), got {self.val_fraction}",
+        )
+        _check_positive(
+            self, "batch_size", "grad_accum_steps", "max_iters", "learning_rate",
+            "eval_interval", "eval_iters", "log_interval",
+        )  # fmt: skip
+        for name in ("warmup_iters", "checkpoint_interval", "min_lr", "weight_decay", "grad_clip"):
+            _require(getattr(self, name) >= 0, f"{name} must not be negative")
+        if self.vocab_size is not None:
+            _require(self.vocab_size > 0, f"vocab_size must be positive, got {self.vocab_size}")
+            if self.tokenizer == "bpe":
+                _require(self.vocab_size >= 257, "vocab_size for bpe must be at least 257")
+        # the model's shape is checked by GPTConfig itself (n_embd divisible by n_head, ...)
+        self.model_config(self.vocab_size or 1)
+
+    def model_config(self, vocab_size: int) -> GPTConfig:
+        return GPTConfig(
+            vocab_size=vocab_size,
+            block_size=self.block_size,
+            n_embd=self.n_embd,
+            n_head=self.n_head,
+            n_layer=self.n_layer,
+            dropout=self.dropout,
+            bias=self.bias,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------- building configs
+
+_FIELDS = {f.name: f for f in fields(TrainConfig)}
+_TRUE, _FALSE = {"true", "yes", "1", "on"}, {"false", "no", "0", "off"}
+
+
+def _coerce(key: str, value: Any, origin: str) -> Any:
+    """Turn a YAML value or a `--set` string into the type the field declares."""
+    if key not in _FIELDS:
+        raise GptpipeError(
+            f"{origin}: unknown key {key!r}; known keys: {', '.join(sorted(_FIELDS))}"
+        )
+    kind = str(_FIELDS[key].type)
+    text = str(value).strip()
+    try:
+        if "None" in kind and text.lower() in {"none", "null", ""}:
+            return None
+        if kind.startswith("int"):
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(float(text)) if "e" in text.lower() else int(text)
+        if kind.startswith("float"):
+            if isinstance(value, bool):
+                raise ValueError
+            return float(text)
+        if kind.startswith("bool"):
+            if isinstance(value, bool):
+                return value
+            if text.lower() in _TRUE | _FALSE:
+                return text.lower() in _TRUE
+            raise ValueError
+        return text
+    except ValueError:
+        expected = kind.split(" |")[0].replace("int", "an integer").replace("float", "a number")
+        expected = expected.replace("bool", "true or false")
+        raise GptpipeError(f"{origin}: {key}={text!r} is not valid, expected {expected}") from None
+
+
+def available_presets() -> list[str]:
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+def _read_yaml(path: Path, origin: str) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise GptpipeError(f"{origin}: file not found: {path}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        detail = str(exc).replace("\n", " ")
+        raise GptpipeError(f"{origin}: {path} is not valid YAML: {detail}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise GptpipeError(f"{origin}: {path} must be a mapping of key: value lines")
+    return data
+
+
+def default_preset() -> str:
+    import torch
+
+    return "lecture" if torch.cuda.is_available() else "cpu"
+
+
+def build_config(
+    preset: str | None = None,
+    config_file: str | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+) -> TrainConfig:
+    """Defaults <- preset (default: `lecture` on a GPU, `cpu` otherwise) <- YAML file <- --set."""
+    preset = preset or default_preset()
+    if preset not in available_presets():
+        raise GptpipeError(
+            f"unknown preset {preset!r}; available: {', '.join(available_presets())}"
+        )
+    values: dict[str, Any] = {}
+    layers = [(f"preset {preset}", _read_yaml(PRESETS_DIR / f"{preset}.yaml", "--preset"))]
+    if config_file:
+        layers.append((f"--config {config_file}", _read_yaml(Path(config_file), "--config")))
+    for origin, mapping in layers:
+        for key, value in mapping.items():
+            values[key] = _coerce(str(key), value, origin)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise GptpipeError(f"--set {item!r}: expected key=value, e.g. --set max_iters=200")
+        values[key.strip()] = _coerce(key.strip(), value, f"--set {item}")
+    return TrainConfig(**values)
+
+
+def config_from_dict(values: dict[str, Any]) -> TrainConfig:
+    """Rebuild a TrainConfig saved with `to_dict` (in a checkpoint or a run's metadata)."""
+    return TrainConfig(**{k: v for k, v in values.items() if k in _FIELDS})
+
+
+__all__ = [
+    "GPTConfig",
+    "TrainConfig",
+    "available_presets",
+    "build_config",
+    "config_from_dict",
+    "default_preset",
+]

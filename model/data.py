@@ -1,0 +1,271 @@
+"""Corpus loading, token files, the train/val split and batches, as in the lecture.
+
+Token files are Parquet with one column ``ids`` (``uint16`` when ``vocab_size <= 65536``, else
+``uint32``), zstd-compressed, in row groups of ``ROW_GROUP_SIZE`` rows so readers can stream them.
+
+Token-file metadata format: the caller's ``metadata`` dict (``str`` keys, ``str`` or ``int``
+values) is stored as ONE JSON object (sorted keys) under the Parquet schema metadata key
+``gptpipe.metadata``, next to ``gptpipe.format`` = ``FORMAT``. JSON keeps ints as ints, so
+``read_tokens`` gives back exactly the dict that was written. ``vocab_size`` is required (it picks
+the column type); the pipeline also stores ``kind`` (tokenizer kind), ``n_tokens`` and
+``source_sha256``. ``n_tokens``, when present, must equal the number of ids.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from model.errors import GptpipeError
+
+# The lecture's corpus; only fetched when the caller asks for a URL.
+TINY_SHAKESPEARE_URL = (
+    "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+)
+DOWNLOAD_TIMEOUT_S = 30
+ROW_GROUP_SIZE = 1 << 20  # ~1M tokens (2 MiB of uint16) per row group
+FORMAT = "gptpipe-tokens-1"
+META_KEY = b"gptpipe.metadata"
+FORMAT_KEY = b"gptpipe.format"
+
+_URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+Where = str | os.PathLike | BinaryIO
+
+
+# ---------------------------------------------------------------------------------------------
+# Corpus
+
+
+def load_text(source: str) -> bytes:
+    """The raw bytes of ``source``: a local path or an http(s) URL."""
+    if source.startswith(("http://", "https://")):
+        return _download(source)
+    if source.startswith("s3://"):
+        # S3 inputs are read by the storage layer (to come); this module only knows local files
+        # and http(s).
+        raise GptpipeError(f"s3 inputs are not supported here yet: {source}; pass --input PATH")
+    if _URL_SCHEME.match(source):
+        raise GptpipeError(
+            f"unsupported input URL {source}; use an http(s) URL or pass --input PATH to a file"
+        )
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise GptpipeError(f"input file not found: {source}; pass --input PATH to a text file")
+    if path.is_dir():
+        raise GptpipeError(f"input {source} is a directory; pass --input PATH to a text file")
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise GptpipeError(f"cannot read input {source}: {exc.strerror or exc}") from None
+
+
+def _download(url: str) -> bytes:
+    try:
+        with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response:
+            return response.read()
+    except urllib.error.HTTPError as exc:
+        reason = f"HTTP {exc.code} {exc.reason}"
+    except urllib.error.URLError as exc:
+        reason = str(exc.reason)
+    except (TimeoutError, OSError, ValueError) as exc:
+        reason = str(exc) or type(exc).__name__
+    raise GptpipeError(
+        f"cannot download {url} ({reason}); when offline, pass --input PATH to a local text file"
+    )
+
+
+def decode_corpus(raw: bytes, source: str) -> str:
+    """Strict UTF-8 decode; rejects empty and binary input, naming the source and byte offset."""
+    if not raw:
+        raise GptpipeError(f"input {source} is empty; pass a non-empty UTF-8 text file")
+    nul = raw.find(b"\x00")
+    if nul >= 0:
+        raise GptpipeError(
+            f"input {source} looks binary (NUL byte at offset {nul}); pass a UTF-8 text file"
+        )
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise GptpipeError(
+            f"input {source} is not UTF-8 text: invalid byte 0x{raw[exc.start]:02x} at offset "
+            f"{exc.start}; convert it to UTF-8"
+        ) from None
+
+
+def sha256_bytes(b: bytes) -> str:
+    return hashlib.sha256(b).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Token files
+
+
+def _name(where: Any) -> str:
+    if isinstance(where, str | os.PathLike):
+        return os.fspath(where)
+    return str(getattr(where, "name", f"<{type(where).__name__}>"))
+
+
+def _check_metadata(metadata: dict[str, Any], n_ids: int) -> int:
+    """Check caller metadata (bad metadata is a bug, hence ValueError); return vocab_size."""
+    for key, value in metadata.items():
+        if not isinstance(key, str):
+            raise ValueError(f"metadata keys must be str, got {key!r}")
+        if isinstance(value, bool) or not isinstance(value, str | int):
+            raise ValueError(f"metadata value for {key!r} must be str or int, got {value!r}")
+    vocab_size = metadata.get("vocab_size")
+    if not isinstance(vocab_size, int) or isinstance(vocab_size, bool) or vocab_size < 1:
+        raise ValueError("metadata needs vocab_size, a positive int")
+    if vocab_size > 1 << 32:
+        raise ValueError(f"vocab_size {vocab_size} does not fit in uint32")
+    if "n_tokens" in metadata and metadata["n_tokens"] != n_ids:
+        raise ValueError(f"metadata n_tokens={metadata['n_tokens']!r} but there are {n_ids} ids")
+    return vocab_size
+
+
+def write_tokens(
+    ids: np.ndarray,
+    where: Where,
+    metadata: dict[str, str | int],
+    *,
+    row_group_size: int = ROW_GROUP_SIZE,
+) -> None:
+    """Write token ids as a Parquet token file (format in the module docstring).
+
+    ``where`` is a path (written to a temporary file, then renamed, so a crash never leaves a
+    half-written file under the final name) or a writable binary file-like object.
+    """
+    ids = np.asarray(ids)
+    if ids.ndim != 1 or (ids.size and not np.issubdtype(ids.dtype, np.integer)):
+        raise ValueError(f"ids must be a 1-D integer array, got {ids.dtype} {ids.shape}")
+    vocab_size = _check_metadata(metadata, len(ids))
+    if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+        raise ValueError(f"ids must be in [0, {vocab_size}), got {ids.min()}..{ids.max()}")
+    dtype = np.uint16 if vocab_size <= 1 << 16 else np.uint32
+    column = pa.array(ids.astype(dtype, copy=False))
+    schema_meta = {
+        FORMAT_KEY: FORMAT.encode(),
+        META_KEY: json.dumps(metadata, sort_keys=True, ensure_ascii=False).encode(),
+    }
+    table = pa.table({"ids": column}).replace_schema_metadata(schema_meta)
+    kwargs = {"compression": "zstd", "row_group_size": row_group_size}
+    if not isinstance(where, str | os.PathLike):
+        pq.write_table(table, where, **kwargs)
+        return
+    path = Path(where)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        pq.write_table(table, tmp, **kwargs)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def read_tokens(where: Where) -> tuple[np.ndarray, dict[str, str | int]]:
+    """Read a token file: (ids in their stored dtype, uint16 or uint32; the metadata dict)."""
+    name = _name(where)
+    if isinstance(where, str | os.PathLike) and not Path(where).is_file():
+        raise GptpipeError(f"token file not found: {name}")
+    try:
+        pf = pq.ParquetFile(where)
+        schema_meta = pf.schema_arrow.metadata or {}
+        if schema_meta.get(FORMAT_KEY) != FORMAT.encode():
+            raise ValueError(f"no {FORMAT_KEY.decode()}={FORMAT} marker")
+        metadata = json.loads(schema_meta[META_KEY])
+        if "ids" not in pf.schema_arrow.names:
+            raise ValueError("no 'ids' column")
+        column = pf.read(columns=["ids"]).column("ids")
+        if not pa.types.is_unsigned_integer(column.type) or column.null_count:
+            raise ValueError(f"'ids' column has type {column.type} or nulls")
+        ids = column.to_numpy()
+        if not ids.flags.writeable:  # zero-copy views of Arrow buffers are read-only
+            ids = ids.copy()
+        if metadata.get("n_tokens", len(ids)) != len(ids):
+            raise ValueError(f"metadata n_tokens={metadata['n_tokens']} but {len(ids)} ids")
+    except (OSError, ValueError, KeyError, pa.ArrowException) as exc:
+        raise GptpipeError(f"{name} is not a readable Parquet token file: {exc}") from None
+    return ids, metadata
+
+
+# ---------------------------------------------------------------------------------------------
+# Split and batches
+
+
+def split_tokens(ids: Any, val_fraction: float, block_size: int) -> tuple[Any, Any]:
+    """Lecture split: the first ``int((1 - val_fraction) * len)`` ids train, the rest validate.
+
+    Works on NumPy arrays and torch tensors alike and returns views (slices), not copies.
+    """
+    if (
+        isinstance(val_fraction, bool)
+        or not isinstance(val_fraction, float | int)
+        or not 0 < val_fraction < 1
+    ):
+        raise GptpipeError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise GptpipeError(f"block_size must be a positive integer, got {block_size!r}")
+    n = int((1 - val_fraction) * len(ids))
+    train, val = ids[:n], ids[n:]
+    for part, data in (("train", train), ("validation", val)):
+        if len(data) < block_size + 1:
+            raise GptpipeError(
+                f"the {part} split has {len(data)} tokens but block_size={block_size} needs at "
+                f"least {block_size + 1}; use a larger corpus, a smaller block_size or a "
+                f"{'smaller' if part == 'train' else 'larger'} val_fraction"
+            )
+    return train, val
+
+
+def tokens_to_tensor(ids: np.ndarray) -> torch.Tensor:
+    """A 1-D int64 tensor of ``ids`` (one vectorised conversion from uint16/uint32 files)."""
+    return torch.from_numpy(np.asarray(ids).astype(np.int64, copy=False))
+
+
+def get_batch(
+    data: torch.Tensor,
+    batch_size: int,
+    block_size: int,
+    generator: torch.Generator,
+    device: str | torch.device = "cpu",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random (x, y) windows as the lecture's ``get_batch``, without a Python loop per sample.
+
+    ``data`` is a 1-D integer tensor on the CPU, ideally int64 (see ``tokens_to_tensor``); a
+    compact dtype such as uint16 also works and only the gathered windows are widened. ``x`` and
+    ``y`` are contiguous int64 (batch_size, block_size) tensors on ``device``, ``y`` being ``x``
+    shifted by one. Given the same ``generator`` state the windows equal the lecture's exactly,
+    since the start offsets come from the same ``torch.randint`` call.
+    """
+    if data.ndim != 1:
+        raise ValueError(f"data must be 1-D, got shape {tuple(data.shape)}")
+    if len(data) < block_size + 1:
+        raise GptpipeError(
+            f"{len(data)} tokens are too few for block_size={block_size}; need at least "
+            f"{block_size + 1}"
+        )
+    ix = torch.randint(len(data) - block_size, (batch_size,), generator=generator)
+    x, y = windows_at(data, ix, block_size)
+    if torch.device(device).type != "cpu":
+        return x.to(device), y.to(device)
+    return x, y
+
+
+def windows_at(
+    data: torch.Tensor, ix: torch.Tensor, block_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and targets of the windows starting at ix: two contiguous int64 (B, T) tensors."""
+    # One gather of block_size + 1 tokens per row gives both x and its shifted target y.
+    windows = data[ix[:, None] + torch.arange(block_size + 1)].to(torch.int64)  # (B, T+1)
+    return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()

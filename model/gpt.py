@@ -1,0 +1,202 @@
+"""The lecture's GPT, written once with a fused q/k/v projection and PyTorch's fused attention.
+
+Same function and the same parameters as the lecture's per-head `Head`/`MultiHeadAttention`
+modules: the `n_head` key, query and value matrices of a block are stacked into one `qkv` Linear,
+and the masked softmax is `scaled_dot_product_attention(is_causal=True)`, which picks a flash or
+memory-efficient kernel where one exists. `GPT.from_lecture_state_dict` converts the lecture's
+weights into this layout.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+from model.config import GPTConfig
+
+
+class CausalSelfAttention(nn.Module):
+    """All heads of one block at once: (B, T, C) -> (B, T, C)."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.n_head = config.n_head
+        self.dropout = config.dropout
+        # rows [0:C) are the queries of heads 0..nh-1, then the keys, then the values
+        self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=False)
+        self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)  # 3 x (B, T, C)
+        hs = C // self.n_head
+        q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        out = F.scaled_dot_product_attention(
+            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
+        )  # (B, nh, T, hs)
+        out = out.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side: (B, T, C)
+        return self.resid_dropout(self.proj(out))
+
+
+class FeedForward(nn.Module):
+    """The lecture's 4x ReLU MLP: (B, T, C) -> (B, T, C)."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias),
+            nn.ReLU(),
+            nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias),
+            nn.Dropout(config.dropout),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: communication (attention) then computation (MLP)."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.sa = CausalSelfAttention(config)
+        self.ffwd = FeedForward(config)
+        self.ln1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.sa(self.ln1(x))  # (B, T, C)
+        x = x + self.ffwd(self.ln2(x))  # (B, T, C)
+        return x
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.token_embedding_table = nn.Embedding(config.vocab_size, config.n_embd)
+        self.position_embedding_table = nn.Embedding(config.block_size, config.n_embd)
+        self.blocks = nn.Sequential(*[Block(config) for _ in range(config.n_layer)])
+        self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=config.bias)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        """The lecture's init: N(0, 0.02) weights, zero biases; LayerNorm keeps ones and zeros."""
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """idx, targets: (B, T) token ids. Returns logits (B, T, vocab_size) and the mean loss."""
+        B, T = idx.shape
+        if self.config.block_size < T:
+            raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
+        tok_emb = self.token_embedding_table(idx)  # (B, T, C)
+        pos_emb = self.position_embedding_table(torch.arange(T, device=idx.device))  # (T, C)
+        x = tok_emb + pos_emb  # (B, T, C)
+        x = self.blocks(x)  # (B, T, C)
+        x = self.ln_f(x)  # (B, T, C)
+        logits = self.lm_head(x)  # (B, T, vocab_size)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(B * T, -1), targets.view(B * T))
+        return logits, loss
+
+    @torch.no_grad()
+    def generate(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Extend idx (B, T) by max_new_tokens sampled tokens; the context is cropped to block_size.
+
+        temperature 0 means greedy decoding (argmax).
+        """
+        for _ in range(max_new_tokens):
+            idx_cond = idx[:, -self.config.block_size :]  # (B, <=block_size)
+            logits, _ = self(idx_cond)
+            idx_next = sample_next(logits[:, -1, :], temperature, top_k, generator)  # (B, 1)
+            idx = torch.cat((idx, idx_next), dim=1)  # (B, T+1)
+        return idx
+
+    @classmethod
+    def from_lecture_state_dict(
+        cls, state_dict: dict[str, torch.Tensor], dropout: float = 0.0
+    ) -> GPT:
+        """Build a GPT from a state_dict saved from the lecture's gpt.py (per-head modules).
+
+        The config is read off the shapes; the per-head key/query/value matrices are stacked into
+        each block's fused `qkv` weight; the `tril` buffers are dropped.
+        """
+        vocab_size, n_embd = state_dict["token_embedding_table.weight"].shape
+        block_size = state_dict["position_embedding_table.weight"].shape[0]
+        layers = {int(m.group(1)) for k in state_dict if (m := re.match(r"blocks\.(\d+)\.", k))}
+        heads = {
+            int(m.group(1))
+            for k in state_dict
+            if (m := re.match(r"blocks\.0\.sa\.heads\.(\d+)\.key\.weight", k))
+        }
+        config = GPTConfig(
+            vocab_size=vocab_size,
+            block_size=block_size,
+            n_embd=n_embd,
+            n_head=len(heads),
+            n_layer=len(layers),
+            dropout=dropout,
+            bias="lm_head.bias" in state_dict,
+        )
+        converted = {}
+        for key, value in state_dict.items():
+            if key.endswith(".tril") or ".sa.heads." in key:
+                continue
+            converted[key] = value
+        for layer in range(config.n_layer):
+            per_role = [
+                [
+                    state_dict[f"blocks.{layer}.sa.heads.{h}.{role}.weight"]
+                    for h in range(config.n_head)
+                ]
+                for role in ("query", "key", "value")
+            ]
+            converted[f"blocks.{layer}.sa.qkv.weight"] = torch.cat(
+                [torch.cat(heads_of_role, dim=0) for heads_of_role in per_role], dim=0
+            )  # (3C, C)
+        model = cls(config)
+        model.load_state_dict(converted, strict=True)
+        return model
+
+
+def sample_next(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Pick the next token from last-position logits (B, vocab_size) -> (B, 1)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = F.softmax(logits, dim=-1)  # (B, vocab_size)
+    return torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)

@@ -1,0 +1,276 @@
+"""Train the GPT on tokenized Parquet data, on one rank or many under torchrun.
+
+    torchrun --standalone --nproc_per_node=2 -m model.train \
+        --train store/run/train.parquet --val store/run/val.parquet \
+        --tokenizer store/run/tokenizer.json --out store/run/train --preset cpu
+
+Batches are sampled per optimizer step (see model/batching.py), so the samples a step sees do not
+depend on the number of ranks, and a resumed run draws what an uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import sys
+import time
+from typing import Any
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import storage
+from model import dist
+from model.batching import BatchSampler, load_ids, seed_for
+from model.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
+from model.config import TrainConfig, build_config, config_from_dict
+from model.errors import GptpipeError
+from model.evaluate import estimate_loss
+from model.gpt import GPT
+from model.tokenizer import tokenizer_from_json
+
+SUMMARY_NAME = "summary.json"
+# Peak dense matmul throughput used for MFU. CPU: float32 measured on these 2-core machines
+# (stack notes); GPUs: the vendors' dense bf16 figures.
+PEAK_FLOPS = {"cpu": 320e9, "H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+# ----------------------------------------------------------------------------- pure helpers
+
+
+def get_lr(it: int, cfg: TrainConfig) -> float:
+    """Constant, or linear warmup then cosine decay from learning_rate to min_lr at max_iters."""
+    if cfg.lr_schedule == "constant":
+        return cfg.learning_rate
+    if it < cfg.warmup_iters:
+        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
+    span = max(1, cfg.max_iters - cfg.warmup_iters)
+    progress = min(1.0, (it - cfg.warmup_iters) / span)
+    coeff = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return cfg.min_lr + coeff * (cfg.learning_rate - cfg.min_lr)
+
+
+def flops_per_token(model: GPT) -> int:
+    """Training FLOPs per token: 6 N (N without position embeddings) + attention's 12 L C T."""
+    c = model.config
+    n = model.num_params() - model.position_embedding_table.weight.numel()
+    return 6 * n + 12 * c.n_layer * c.n_embd * c.block_size
+
+
+def peak_flops(device: torch.device) -> float:
+    if device.type != "cuda":
+        return PEAK_FLOPS["cpu"]
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), PEAK_FLOPS["H100"])
+
+
+def _make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW; weight decay on matrices only (not on biases, layer norms), as nanoGPT does."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=True)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def train(
+    cfg: TrainConfig,
+    train_uri: str,
+    val_uri: str,
+    tokenizer_uri: str,
+    out_uri: str,
+    resume: bool = False,
+) -> dict[str, Any]:
+    """Run training on this process's rank; rank 0 writes checkpoints and the summary."""
+    info = dist.setup(cfg.device)
+    p0 = dist.print0
+    tokenizer_json = storage.get_bytes(tokenizer_uri).decode("utf-8")
+    tokenizer = tokenizer_from_json(tokenizer_json)
+    data = {"train": load_ids(train_uri), "val": load_ids(val_uri)}
+    for split, ids in data.items():
+        if len(ids) < cfg.block_size + 1:
+            raise GptpipeError(
+                f"the {split} split has {len(ids)} tokens, fewer than block_size + 1 "
+                f"({cfg.block_size + 1}): use a larger corpus or a smaller block_size"
+            )
+    vocab_size = max(tokenizer.vocab_size, cfg.vocab_size or 0)
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    raw_model = GPT(cfg.model_config(vocab_size)).to(info.device)
+    optimizer = _make_optimizer(raw_model, cfg, info.device)
+    ckpt_uri = storage.join(out_uri, CHECKPOINT_NAME)
+
+    step = 0
+    history: list[dict[str, float]] = []
+    if resume and storage.exists(ckpt_uri):
+        ckpt = load_checkpoint(ckpt_uri, map_location=info.device)
+        raw_model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        step = int(ckpt["step"])
+        history = list(ckpt.get("history", []))
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        p0(f"resumed from step {step} ({ckpt_uri})")
+    torch.manual_seed(seed_for(cfg.seed, info.rank, step))  # dropout differs per rank
+
+    use_cuda = info.device.type == "cuda"
+    if use_cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    def autocast():
+        if use_cuda:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    model = torch.compile(raw_model) if cfg.compile else raw_model
+    ddp_model = (
+        DDP(model, device_ids=[info.device.index] if use_cuda else None)
+        if (info.distributed)
+        else model
+    )
+    sampler = BatchSampler(
+        data, cfg.batch_size, cfg.block_size, cfg.seed, info.rank, info.world_size,
+        cfg.grad_accum_steps, info.device,
+    )  # fmt: skip
+    tokens_per_step = info.world_size * cfg.grad_accum_steps * cfg.batch_size * cfg.block_size
+    fpt = flops_per_token(raw_model)
+    peak = peak_flops(info.device) * info.world_size
+    p0(
+        f"training on {info.world_size} rank(s), device {info.device.type}, "
+        f"{raw_model.num_params():,} parameters, {tokens_per_step:,} tokens per step"
+    )
+
+    def evaluate_now(at_step: int) -> dict[str, float]:
+        losses = estimate_loss(
+            model,
+            lambda split, k: sampler.eval_batch(split, at_step, k),
+            ("train", "val"),
+            cfg.eval_iters,
+            info,
+            autocast,
+        )
+        record = {"step": at_step, "train_loss": losses["train"], "val_loss": losses["val"]}
+        history.append(record)
+        p0(f"step {at_step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+        return record
+
+    def checkpoint_now(at_step: int) -> None:
+        if info.is_main:
+            save_checkpoint(
+                ckpt_uri,
+                {
+                    "model": raw_model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "step": at_step,
+                    "config": cfg.to_dict(),
+                    "model_config": raw_model.config.__dict__,
+                    "tokenizer": tokenizer_json,
+                    "tokenizer_uri": tokenizer_uri,
+                    "history": history,
+                    "rng": {"torch": torch.get_rng_state()},
+                },
+            )
+
+    model.train()
+    window_start, window_steps, tokens_per_sec, mfu = time.perf_counter(), 0, 0.0, 0.0
+    train_start = time.perf_counter()
+    while step < cfg.max_iters:
+        if step % cfg.eval_interval == 0 and not (history and history[-1]["step"] == step):
+            evaluate_now(step)
+            window_start, window_steps = time.perf_counter(), 0
+        lr = get_lr(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        for micro in range(cfg.grad_accum_steps):
+            x, y = sampler.train_batch(step, micro)
+            last = micro == cfg.grad_accum_steps - 1
+            sync = contextlib.nullcontext() if last or not info.distributed else ddp_model.no_sync()
+            with sync:
+                with autocast():
+                    _, loss = ddp_model(x, y)
+                (loss / cfg.grad_accum_steps).backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        window_steps += 1
+        if step % cfg.log_interval == 0 or step == cfg.max_iters:
+            loss_value = loss.item()  # the only host sync of the step, and only at log steps
+            elapsed = time.perf_counter() - window_start
+            tokens_per_sec = window_steps * tokens_per_step / max(elapsed, 1e-9)
+            mfu = fpt * tokens_per_sec / peak
+            p0(
+                f"iter {step}/{cfg.max_iters}: loss {loss_value:.4f}, lr {lr:.2e}, "
+                f"{tokens_per_sec:,.0f} tokens/s, mfu {100 * mfu:.1f}%"
+            )
+            window_start, window_steps = time.perf_counter(), 0
+        if cfg.checkpoint_interval and step % cfg.checkpoint_interval == 0 and step < cfg.max_iters:
+            checkpoint_now(step)
+    train_seconds = time.perf_counter() - train_start
+    final = history[-1] if history and history[-1]["step"] == step else evaluate_now(step)
+    checkpoint_now(step)
+    summary = {
+        "step": step,
+        "train_loss": final["train_loss"],
+        "val_loss": final["val_loss"],
+        "n_params": raw_model.num_params(),
+        "world_size": info.world_size,
+        "device": info.device.type,
+        "tokens_per_sec": tokens_per_sec,
+        "mfu": mfu,
+        "train_seconds": train_seconds,
+        "checkpoint": ckpt_uri,
+        "history": history,
+    }
+    if info.is_main:
+        storage.put_bytes(
+            storage.join(out_uri, SUMMARY_NAME), json.dumps(summary, indent=2).encode()
+        )
+    p0(f"done: {step} steps in {train_seconds:.1f} s, final val loss {final['val_loss']:.4f}")
+    del ddp_model, model, raw_model, optimizer
+    dist.teardown()
+    return summary
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m model.train",
+        description="Train the GPT (one rank, or many under torchrun).",
+    )
+    parser.add_argument("--train", required=True, help="URI of the train token Parquet")
+    parser.add_argument("--val", required=True, help="URI of the val token Parquet")
+    parser.add_argument("--tokenizer", required=True, help="URI of the tokenizer JSON")
+    parser.add_argument("--out", required=True, help="URI of the folder for checkpoints")
+    parser.add_argument("--preset", help="preset name from configs/")
+    parser.add_argument("--config", help="YAML file of hyperparameters")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--config-json", help="a whole resolved config as JSON (used by tasks)")
+    parser.add_argument("--resume", action="store_true", help="continue from out/ckpt.pt")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        if args.config_json:
+            cfg = config_from_dict(json.loads(args.config_json))
+        else:
+            cfg = build_config(args.preset, args.config, args.set)
+        train(cfg, args.train, args.val, args.tokenizer, args.out, resume=args.resume)
+    except GptpipeError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""The local-folder backend: plain files, written to a temporary name and renamed into place."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from model.errors import GptpipeError
+
+_CHUNK = 1 << 20
+
+
+def _atomic_write(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise GptpipeError(f"could not write {path}: {exc.strerror or exc}") from None
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class LocalBackend:
+    def put_bytes(self, path: Path, data: bytes) -> None:
+        _atomic_write(path, lambda f: f.write(data))
+
+    def put_file(self, path: Path, source: Path) -> None:
+        def copy(f):
+            with open(source, "rb") as src:
+                shutil.copyfileobj(src, f, _CHUNK)
+
+        _atomic_write(path, copy)
+
+    def get_bytes(self, path: Path) -> bytes:
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            raise GptpipeError(f"not found: {path}") from None
+        except IsADirectoryError:
+            raise GptpipeError(f"{path} is a directory, expected a file") from None
+
+    def get_file(self, path: Path, dest: Path) -> None:
+        if not path.is_file():
+            self.get_bytes(path)  # raises the error that says why
+        self.put_file(dest, path)
+
+    def exists(self, path: Path) -> bool:
+        return path.exists()
+
+    def list(self, path: Path) -> list[Path]:
+        if not path.is_dir():
+            return []
+        return sorted(p for p in path.rglob("*") if p.is_file() and not p.name.endswith(".tmp"))
+
+    def sha256(self, path: Path) -> str:
+        digest = hashlib.sha256()
+        try:
+            with open(path, "rb") as f:
+                while chunk := f.read(_CHUNK):
+                    digest.update(chunk)
+        except FileNotFoundError:
+            raise GptpipeError(f"not found: {path}") from None
+        return digest.hexdigest()
+
+    def size(self, path: Path) -> int:
+        try:
+            return path.stat().st_size
+        except FileNotFoundError:
+            raise GptpipeError(f"not found: {path}") from None

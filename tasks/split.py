@@ -1,0 +1,35 @@
+from __future__ import annotations
+
+import io
+
+from prefect import get_run_logger, task
+
+import storage
+from model.data import read_tokens, split_tokens, write_tokens
+from tasks.common import describe, retry_unless_user_error, timed
+
+
+@task(
+    name="split", retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=retry_unless_user_error
+)
+def split(tokens_uri: str, run_uri: str, val_fraction: float, block_size: int) -> dict:
+    """First (1 - val_fraction) of the tokens for training, the rest for validation."""
+    with timed({}) as record:
+        ids, metadata = read_tokens(io.BytesIO(storage.get_bytes(tokens_uri)))
+        train_ids, val_ids = split_tokens(ids, val_fraction, block_size)
+        outputs = {}
+        for name, part in (("train", train_ids), ("val", val_ids)):
+            buffer = io.BytesIO()
+            write_tokens(part, buffer, {**metadata, "n_tokens": len(part), "split": name})
+            uri = storage.put_bytes(storage.join(run_uri, f"{name}.parquet"), buffer.getvalue())
+            outputs[name] = describe(uri)
+        record.update(
+            val_fraction=val_fraction,
+            n_train_tokens=len(train_ids),
+            n_val_tokens=len(val_ids),
+            outputs=outputs,
+        )
+    get_run_logger().info(
+        "split %d tokens: %d train, %d val", len(ids), len(train_ids), len(val_ids)
+    )
+    return record
