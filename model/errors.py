@@ -1,7 +1,8 @@
 """The one exception type users see.
 
-Anything raised as `GptpipeError` is bad input or an unusable resource: the CLI prints its message on
-one line and exits non-zero, without a traceback. Everything else is a bug and keeps its traceback.
+Anything raised as `GptpipeError` is bad input or an unusable resource: the CLI prints its
+message on one line and exits non-zero, without a traceback. Everything else is a bug and
+keeps its traceback.
 """
 
 

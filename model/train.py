@@ -85,10 +85,10 @@ def train(
     val_uri: str,
     tokenizer_uri: str,
     out_uri: str,
+    info: dist.DistInfo,
     resume: bool = False,
 ) -> dict[str, Any]:
     """Run training on this process's rank; rank 0 writes checkpoints and the summary."""
-    info = dist.setup(cfg.device)
     p0 = dist.print0
     tokenizer_json = storage.get_bytes(tokenizer_uri).decode("utf-8")
     tokenizer = tokenizer_from_json(tokenizer_json)
@@ -233,8 +233,6 @@ def train(
             storage.join(out_uri, SUMMARY_NAME), json.dumps(summary, indent=2).encode()
         )
     p0(f"done: {step} steps in {train_seconds:.1f} s, final val loss {final['val_loss']:.4f}")
-    del ddp_model, model, raw_model, optimizer
-    dist.teardown()
     return summary
 
 
@@ -265,7 +263,11 @@ def main(argv: list[str] | None = None) -> int:
             cfg = config_from_dict(json.loads(args.config_json))
         else:
             cfg = build_config(args.preset, args.config, args.set)
-        train(cfg, args.train, args.val, args.tokenizer, args.out, resume=args.resume)
+        info = dist.setup(cfg.device)
+        try:
+            train(cfg, args.train, args.val, args.tokenizer, args.out, info, resume=args.resume)
+        finally:
+            dist.teardown()  # the model and optimizer died with train()'s frame
     except GptpipeError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2

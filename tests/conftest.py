@@ -1,0 +1,124 @@
+"""Shared fixtures: the corpus, small tokenized data sets, a real Prefect server, the CLI."""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CORPUS = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_http(url: str, timeout: float, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited with code {proc.returncode} before {url} answered")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.3)
+    raise TimeoutError(f"{url} did not answer within {timeout} s")
+
+
+@pytest.fixture(scope="session")
+def corpus_path() -> Path:
+    if not CORPUS.is_file():
+        pytest.skip(f"the Tiny Shakespeare corpus is not at {CORPUS} (shared/ is absent)")
+    return CORPUS
+
+
+@pytest.fixture(scope="session")
+def small_corpus(corpus_path, tmp_path_factory) -> Path:
+    """The first 60,000 characters: enough for a few real training steps in seconds."""
+    path = tmp_path_factory.mktemp("corpus") / "small.txt"
+    path.write_text(corpus_path.read_text(encoding="utf-8")[:60_000], encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def char_dataset(small_corpus, tmp_path_factory) -> dict[str, str]:
+    """tokenizer.json, train.parquet and val.parquet of the small corpus, char-level."""
+    from model.data import split_tokens, write_tokens
+    from model.tokenizer import train_tokenizer
+
+    out = tmp_path_factory.mktemp("dataset")
+    text = small_corpus.read_text(encoding="utf-8")
+    tok = train_tokenizer("char", text)
+    ids = tok.encode(text)
+    (out / "tokenizer.json").write_text(tok.to_json(), encoding="utf-8")
+    train_ids, val_ids = split_tokens(ids, 0.1, 32)
+    for name, part in (("train", train_ids), ("val", val_ids)):
+        buffer = io.BytesIO()
+        write_tokens(part, buffer, {"vocab_size": tok.vocab_size, "n_tokens": len(part)})
+        (out / f"{name}.parquet").write_bytes(buffer.getvalue())
+    return {name: str(out / name) for name in ("tokenizer.json", "train.parquet", "val.parquet")}
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory) -> str:
+    """A real `prefect server start` on loopback for the session; yields its API URL."""
+    home = tmp_path_factory.mktemp("prefect-server-home")
+    port = free_port()
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(home),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_UI_ENABLED": "false",
+    }
+    log = open(home / "server.log", "wb")  # noqa: SIM115 - closed at teardown
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+         "--port", str(port)],
+        env=env, stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}/api"
+    try:
+        wait_for_http(f"{url}/health", 90, proc)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+@pytest.fixture()
+def cli_env(prefect_server, tmp_path) -> dict[str, str]:
+    """Environment for running the `gptpipe` command against the session's Prefect server."""
+    home = tmp_path / "prefect-home"
+    return {
+        **os.environ,
+        "PREFECT_API_URL": prefect_server,
+        "PREFECT_HOME": str(home),
+        "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(home / "storage"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "PYTHONUNBUFFERED": "1",
+    }
+
+
+def run_cli(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 300):
+    """Run the real console script; returns the CompletedProcess (text)."""
+    gptpipe = Path(sys.executable).with_name("gptpipe")
+    return subprocess.run(
+        [str(gptpipe), *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout
+    )
