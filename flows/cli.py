@@ -20,6 +20,7 @@ examples:
     "sample": """\
 examples:
   gptpipe sample --checkpoint gptpipe-store/runs/RUN_ID/train/ckpt.pt --prompt "ROMEO:"
+  gptpipe sample --model models:/gptpipe-tinyshakespeare-char@champion
   gptpipe sample --checkpoint CKPT --temperature 0.8 --top-k 40 --max-new-tokens 1000 --seed 7
 """,
     "inspect": """\
@@ -84,12 +85,22 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite)"
     )
+    run.add_argument("--experiment", default="gptpipe", help="MLflow experiment (default gptpipe)")
+    run.add_argument(
+        "--model-name",
+        help="registered model name (default gptpipe-<corpus file name>-<tokenizer>)",
+    )
     run.add_argument("--run-id", help="name of the run folder (default: time + random)")
     run.add_argument("--prompt", default="", help="prompt for the sample at the end")
     run.add_argument("--sample-tokens", type=int, default=500, help="tokens to sample (500)")
 
     smp = command("sample", "generate text from a checkpoint")
-    smp.add_argument("--checkpoint", required=True, metavar="URI", help="a ckpt.pt")
+    which = smp.add_mutually_exclusive_group(required=True)
+    which.add_argument("--checkpoint", metavar="URI", help="a ckpt.pt in a store")
+    which.add_argument(
+        "--model", metavar="MODEL_URI", help="an MLflow model, e.g. models:/NAME@champion"
+    )
+    smp.add_argument("--tracking-uri", help="MLflow tracking URI for --model")
     smp.add_argument("--prompt", default="", help="text to continue (default: a newline)")
     smp.add_argument("--max-new-tokens", type=int, default=500)
     smp.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
@@ -119,25 +130,35 @@ def _quiet_user_errors() -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     from model.config import build_config
     from model.launch import check_nproc
+    from storage.tracking import Tracker
 
     cfg = build_config(args.preset, args.config, args.set)
     check_nproc(args.nproc, cfg.device)
-    if args.tracking_uri:
-        os.environ["MLFLOW_TRACKING_URI"] = args.tracking_uri
+    tracker = Tracker(args.tracking_uri, args.experiment)
+    tracker.check()  # an unusable tracking server fails here, before any work
     from flows.pipeline import pipeline
 
     _quiet_user_errors()
     summary = pipeline(
         source=args.input,
         config=cfg.to_dict(),
-        store=args.store,
+        store=_absolute_if_local(args.store),
         nproc=args.nproc,
         run_id=args.run_id,
         prompt=args.prompt,
         sample_tokens=args.sample_tokens,
+        tracking_uri=tracker.tracking_uri,
+        experiment=args.experiment,
+        model_name=args.model_name,
     )
     print_summary(summary)
     return 0
+
+
+def _absolute_if_local(store: str) -> str:
+    if "://" in store:
+        return store
+    return os.path.abspath(store)
 
 
 def print_summary(summary: dict) -> None:
@@ -151,6 +172,17 @@ def print_summary(summary: dict) -> None:
         f"  run folder: {summary['run_uri']}",
     ]
     lines += [f"  {name:<10} {uri}" for name, uri in out.items()]
+    mlflow_info, model = summary["mlflow"], summary["model"]
+    lines.append(
+        f"  mlflow     run {mlflow_info['run_id']} in experiment {mlflow_info['experiment']} "
+        f"at {mlflow_info['tracking_uri']}"
+    )
+    if mlflow_info.get("run_url"):
+        lines.append(f"  mlflow ui  {mlflow_info['run_url']}")
+    champion = "now champion" if model["champion"] else "champion unchanged"
+    lines.append(
+        f"  model      {model['name']} version {model['version']} ({champion}: {model['reason']})"
+    )
     lines.append("  sample:")
     excerpt = summary["sample"][:300]
     lines += ["    " + line for line in excerpt.splitlines()]
@@ -160,8 +192,16 @@ def print_summary(summary: dict) -> None:
 def cmd_sample(args: argparse.Namespace) -> int:
     from model.sample import load_model, sample_text
 
+    if args.model:
+        from storage.registry import FetchedCheckpoint
+        from storage.tracking import Tracker
+
+        with FetchedCheckpoint(Tracker(args.tracking_uri), args.model) as path:
+            loaded = load_model(path, args.device)
+    else:
+        loaded = load_model(args.checkpoint, args.device)
     text, notes = sample_text(
-        load_model(args.checkpoint, args.device),
+        loaded,
         args.prompt,
         args.max_new_tokens,
         args.temperature,
@@ -190,6 +230,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     args = build_parser().parse_args(argv)
     handler = {"run": cmd_run, "sample": cmd_sample, "inspect": cmd_inspect}[args.command]
     try:

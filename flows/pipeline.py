@@ -1,4 +1,7 @@
-"""The pipeline flow: tokenize -> split -> train -> evaluate -> sample, passing URIs."""
+"""The pipeline flow: tokenize -> split -> train -> evaluate -> sample (-> register), passing URIs.
+
+Each stage logs into its own MLflow run nested under the pipeline's run.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +13,9 @@ from prefect import flow, get_run_logger
 
 import storage
 from model.config import config_from_dict
+from storage.tracking import DEFAULT_EXPERIMENT, Tracker, model_name_for, redact
 from tasks.evaluate import evaluate
+from tasks.register import register_model
 from tasks.sample import sample
 from tasks.split import split
 from tasks.tokenize import tokenize
@@ -35,30 +40,77 @@ def pipeline(
     run_id: str | None = None,
     prompt: str = "",
     sample_tokens: int = 500,
+    tracking_uri: str | None = None,
+    experiment: str = DEFAULT_EXPERIMENT,
+    model_name: str | None = None,
 ) -> dict:
-    """Run every stage once and return (and store) the run's summary."""
+    """Run every stage once; return (and store) the run's summary."""
     cfg = config_from_dict(config or {})
     run_id = run_id or new_run_id()
     run_uri = storage.join(store, "runs", run_id)
     logger = get_run_logger()
-    logger.info("run %s -> %s", run_id, run_uri)
+    tracker = Tracker(tracking_uri, experiment)
+    parent_id = tracker.start_run(
+        run_id, tags={"gptpipe.run_id": run_id, "gptpipe.store": redact(run_uri)}
+    )
+    tracking = {"uri": tracker.tracking_uri, "experiment": experiment, "parent_id": parent_id}
+    parent = tracker.stage_handle(parent_id)
+    parent.log_params({**cfg.to_dict(), "source": redact(source), "nproc": nproc,
+                       "store": redact(run_uri)})  # fmt: skip
+    logger.info("run %s -> %s (MLflow run %s)", run_id, run_uri, parent_id)
+    try:
+        summary = _stages(cfg, source, run_uri, run_id, nproc, prompt, sample_tokens, tracking,
+                          model_name)  # fmt: skip
+    except BaseException:
+        tracker.client.set_terminated(parent_id, "FAILED")
+        raise
+    summary["mlflow"] = {
+        "tracking_uri": redact(tracker.tracking_uri),
+        "experiment": experiment,
+        "run_id": parent_id,
+        "run_url": tracker.run_url(parent_id),
+    }
+    parent.log_metrics({"train_loss": summary["train_loss"], "val_loss": summary["val_loss"]})
+    parent.log_params({"n_params": summary["n_params"], "world_size": summary["world_size"]})
+    parent.log_dict(summary, "summary.json")
+    tracker.client.set_terminated(parent_id, "FINISHED")
+    storage.put_bytes(
+        storage.join(run_uri, "summary.json"), json.dumps(summary, indent=2).encode("utf-8")
+    )
+    return summary
 
-    tokenized = tokenize(source, run_uri, cfg.tokenizer, cfg.vocab_size)
+
+def _stages(cfg, source, run_uri, run_id, nproc, prompt, sample_tokens, tracking, model_name):
+    tokenized = tokenize(source, run_uri, cfg.tokenizer, cfg.vocab_size, tracking)
     tokens_uri = tokenized["outputs"]["tokens"]["uri"]
     tokenizer_uri = tokenized["outputs"]["tokenizer"]["uri"]
-    splits = split(tokens_uri, run_uri, cfg.val_fraction, cfg.block_size)
+    splits = split(tokens_uri, run_uri, cfg.val_fraction, cfg.block_size, tracking)
     train_uri, val_uri = splits["outputs"]["train"]["uri"], splits["outputs"]["val"]["uri"]
-    trained = train(cfg.to_dict(), train_uri, val_uri, tokenizer_uri, run_uri, nproc)
+    trained = train(cfg.to_dict(), train_uri, val_uri, tokenizer_uri, run_uri, nproc,
+                    tracking=tracking)  # fmt: skip
     checkpoint_uri = trained["checkpoint"]
     evaluated = evaluate(
-        checkpoint_uri, train_uri, val_uri, cfg.eval_iters, cfg.batch_size, cfg.seed
+        checkpoint_uri, train_uri, val_uri, cfg.eval_iters, cfg.batch_size, cfg.seed, tracking
     )
-    sampled = sample(checkpoint_uri, run_uri, prompt, sample_tokens, seed=cfg.seed)
-
-    summary = {
+    sampled = sample(checkpoint_uri, run_uri, prompt, sample_tokens, seed=cfg.seed,
+                     tracking=tracking)  # fmt: skip
+    registered = register_model(
+        tracking,
+        model_name or model_name_for(source, cfg.tokenizer),
+        trained["model_uri"],
+        trained["mlflow_run_id"],
+        evaluated["val_loss"],
+        val_uri,
+        tokenizer_uri,
+        cfg.eval_iters,
+        cfg.batch_size,
+        cfg.seed,
+        run_id,
+    )
+    return {
         "run_id": run_id,
         "run_uri": run_uri,
-        "source": source,
+        "source": redact(source),
         "config": cfg.to_dict(),
         "world_size": trained["world_size"],
         "n_params": trained["n_params"],
@@ -73,6 +125,7 @@ def pipeline(
             "samples": sampled["outputs"]["samples"]["uri"],
         },
         "sample": sampled["text"],
+        "model": {**registered, "uri": trained["model_uri"]},
         "stages": {
             "tokenize": tokenized,
             "split": splits,
@@ -81,7 +134,3 @@ def pipeline(
             "sample": {k: v for k, v in sampled.items() if k != "text"},
         },
     }
-    storage.put_bytes(
-        storage.join(run_uri, "summary.json"), json.dumps(summary, indent=2).encode("utf-8")
-    )
-    return summary

@@ -151,9 +151,12 @@ def _coerce(key: str, value: Any, origin: str) -> Any:
         if "None" in kind and text.lower() in {"none", "null", ""}:
             return None
         if kind.startswith("int"):
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            if isinstance(value, bool):
                 raise ValueError
-            return int(float(text)) if "e" in text.lower() else int(text)
+            number = float(text)  # accepts 2000, 2000.0 and 2e3 alike
+            if not number.is_integer():
+                raise ValueError
+            return int(number)
         if kind.startswith("float"):
             if isinstance(value, bool):
                 raise ValueError
@@ -180,6 +183,8 @@ def _read_yaml(path: Path, origin: str) -> dict[str, Any]:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise GptpipeError(f"{origin}: file not found: {path}") from None
+    except OSError as exc:
+        raise GptpipeError(f"{origin}: cannot read {path}: {exc.strerror or exc}") from None
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         detail = str(exc).replace("\n", " ")
         raise GptpipeError(f"{origin}: {path} is not valid YAML: {detail}") from None

@@ -53,9 +53,11 @@ def load_text(source: str) -> bytes:
     if source.startswith(("http://", "https://")):
         return _download(source)
     if source.startswith("s3://"):
-        # S3 inputs are read by the storage layer (to come); this module only knows local files
-        # and http(s).
-        raise GptpipeError(f"s3 inputs are not supported here yet: {source}; pass --input PATH")
+        # Read through the storage layer (endpoint and credentials from the AWS_* settings); a
+        # missing object or bucket is a GptpipeError naming the URI.
+        import storage
+
+        return storage.get_bytes(source)
     if _URL_SCHEME.match(source):
         raise GptpipeError(
             f"unsupported input URL {source}; use an http(s) URL or pass --input PATH to a file"

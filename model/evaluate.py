@@ -46,21 +46,20 @@ def estimate_loss(
 
 def evaluate_checkpoint(
     checkpoint_uri: str,
-    train_uri: str,
-    val_uri: str,
+    data_uris: dict[str, str],
     eval_iters: int,
     batch_size: int,
     seed: int,
     device: str = "auto",
 ) -> dict[str, float]:
-    """Eval-mode train and val loss of a saved model, on one process."""
+    """Eval-mode loss of a saved model on each split in data_uris ({"val": uri, ...})."""
     from model.batching import BatchSampler, load_ids
     from model.dist import DistInfo, pick_device
     from model.sample import load_model
 
     loaded = load_model(checkpoint_uri, device)
     info = DistInfo(rank=0, local_rank=0, world_size=1, device=pick_device(device))
-    data = {"train": load_ids(train_uri), "val": load_ids(val_uri)}
+    data = {split: load_ids(uri) for split, uri in data_uris.items()}
     sampler = BatchSampler(
         data, batch_size, loaded.model.config.block_size, seed, 0, 1, 1, info.device
     )
@@ -68,7 +67,7 @@ def evaluate_checkpoint(
     return estimate_loss(
         loaded.model,
         lambda split, k: sampler.eval_batch(split, -1, k),
-        ("train", "val"),
+        tuple(data_uris),
         eval_iters,
         info,
     )

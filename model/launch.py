@@ -50,6 +50,7 @@ def launch_training(
     nproc: int = 1,
     resume: bool = False,
     on_line: Callable[[str], None] = print,
+    extra_env: dict[str, str] | None = None,
 ) -> dict:
     """Run training to the end, passing each output line to on_line; return its summary."""
     check_nproc(nproc, cfg.device)
@@ -59,7 +60,7 @@ def launch_training(
     ]  # fmt: skip
     if resume:
         cmd.append("--resume")
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(extra_env or {})}
     tail: collections.deque[str] = collections.deque(maxlen=40)
     errors: list[str] = []
     with subprocess.Popen(

@@ -29,7 +29,9 @@ from model.config import TrainConfig, build_config, config_from_dict
 from model.errors import GptpipeError
 from model.evaluate import estimate_loss
 from model.gpt import GPT
+from model.params import group_subtotals_flat, parameter_table
 from model.tokenizer import tokenizer_from_json
+from storage.tracking import training_run
 
 SUMMARY_NAME = "summary.json"
 # Peak dense matmul throughput used for MFU. CPU: float32 measured on these 2-core machines
@@ -66,7 +68,7 @@ def peak_flops(device: torch.device) -> float:
     return next((v for k, v in PEAK_FLOPS.items() if k in name), PEAK_FLOPS["H100"])
 
 
-def _make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+def make_optimizer(model: GPT, cfg: TrainConfig) -> torch.optim.AdamW:
     """AdamW; weight decay on matrices only (not on biases, layer norms), as nanoGPT does."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
@@ -102,7 +104,7 @@ def train(
     vocab_size = max(tokenizer.vocab_size, cfg.vocab_size or 0)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     raw_model = GPT(cfg.model_config(vocab_size)).to(info.device)
-    optimizer = _make_optimizer(raw_model, cfg, info.device)
+    optimizer = make_optimizer(raw_model, cfg)
     ckpt_uri = storage.join(out_uri, CHECKPOINT_NAME)
 
     step = 0
@@ -140,6 +142,21 @@ def train(
     tokens_per_step = info.world_size * cfg.grad_accum_steps * cfg.batch_size * cfg.block_size
     fpt = flops_per_token(raw_model)
     peak = peak_flops(info.device) * info.world_size
+    run = training_run(info.is_main)
+    table = parameter_table(raw_model)
+    run.log_params(
+        {
+            **cfg.to_dict(),
+            "vocab_size": vocab_size,
+            "world_size": info.world_size,
+            "device": info.device.type,
+            "n_params": table.total,
+            "n_params_by_group": group_subtotals_flat(table),
+            "tokens_per_step": tokens_per_step,
+        }
+    )
+    run.log_text(table.format(), "parameter_table.txt")
+    run.log_dict(table.to_dict(), "parameter_table.json")
     p0(
         f"training on {info.world_size} rank(s), device {info.device.type}, "
         f"{raw_model.num_params():,} parameters, {tokens_per_step:,} tokens per step"
@@ -156,6 +173,7 @@ def train(
         )
         record = {"step": at_step, "train_loss": losses["train"], "val_loss": losses["val"]}
         history.append(record)
+        run.log_metrics({"train_loss": losses["train"], "val_loss": losses["val"]}, at_step)
         p0(f"step {at_step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
         return record
 
@@ -205,6 +223,9 @@ def train(
             elapsed = time.perf_counter() - window_start
             tokens_per_sec = window_steps * tokens_per_step / max(elapsed, 1e-9)
             mfu = fpt * tokens_per_sec / peak
+            run.log_metrics(
+                {"loss": loss_value, "lr": lr, "tokens_per_sec": tokens_per_sec, "mfu": mfu}, step
+            )
             p0(
                 f"iter {step}/{cfg.max_iters}: loss {loss_value:.4f}, lr {lr:.2e}, "
                 f"{tokens_per_sec:,.0f} tokens/s, mfu {100 * mfu:.1f}%"
@@ -232,6 +253,7 @@ def train(
         storage.put_bytes(
             storage.join(out_uri, SUMMARY_NAME), json.dumps(summary, indent=2).encode()
         )
+    run.close()
     p0(f"done: {step} steps in {train_seconds:.1f} s, final val loss {final['val_loss']:.4f}")
     return summary
 

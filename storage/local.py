@@ -6,7 +6,10 @@ import hashlib
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, BinaryIO
 
 from model.errors import GptpipeError
 
@@ -77,3 +80,52 @@ class LocalBackend:
             return path.stat().st_size
         except FileNotFoundError:
             raise GptpipeError(f"not found: {path}") from None
+
+    def open_read(self, path: Path) -> BinaryIO:
+        try:
+            return open(path, "rb")  # noqa: SIM115 - the caller closes it
+        except FileNotFoundError:
+            raise GptpipeError(f"not found: {path}") from None
+        except IsADirectoryError:
+            raise GptpipeError(f"{path} is a directory, expected a file") from None
+
+    @contextmanager
+    def open_write(self, path: Path) -> Iterator[BinaryIO]:
+        """A temporary file beside ``path``, renamed onto it only if the block completes.
+
+        Exceptions raised by the block pass through unchanged (after the temporary file is
+        removed); only our own filesystem errors become GptpipeError.
+        """
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        except OSError as exc:
+            raise GptpipeError(f"could not write {path}: {exc.strerror or exc}") from None
+        try:
+            with os.fdopen(fd, "w+b") as f:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.replace(tmp, path)
+            except OSError as exc:
+                raise GptpipeError(f"could not write {path}: {exc.strerror or exc}") from None
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+
+    def arrow_filesystem(self, path: Path) -> tuple[Any, str]:
+        from pyarrow import fs as pafs
+
+        return pafs.LocalFileSystem(), str(path.absolute())
+
+    def preflight(self, path: Path) -> None:
+        """Check that the store folder can be created and written (a probe file, removed)."""
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            fd, probe = tempfile.mkstemp(dir=path, prefix=".preflight.", suffix=".tmp")
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as exc:
+            raise GptpipeError(
+                f"cannot write to the store folder {path}: {exc.strerror or exc}"
+            ) from None

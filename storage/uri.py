@@ -1,8 +1,11 @@
-"""URI helpers and dispatch to a backend by scheme (a plain path or `file://` is local)."""
+"""URI helpers and dispatch to a backend by scheme (a plain path or `file://` is local, `s3://`
+goes to storage.s3, imported on first use so that local-only runs do not pay for boto3)."""
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from pathlib import Path
+from typing import Any, BinaryIO
 from urllib.parse import urlparse
 
 from model.errors import GptpipeError
@@ -26,7 +29,13 @@ def local_path(uri: str) -> Path:
 def _backend(uri: str):
     if _is_local(uri):
         return _LOCAL, local_path(uri)
-    raise GptpipeError(f"unsupported store URI {uri!r}: use a local folder path")
+    if uri.startswith("s3://"):
+        from storage.s3 import S3Backend
+
+        return S3Backend(), uri
+    raise GptpipeError(
+        f"unsupported store URI {uri!r}: use a local folder path or s3://bucket/prefix"
+    )
 
 
 def join(base: str, *parts: str) -> str:
@@ -83,3 +92,36 @@ def sha256(uri: str) -> str:
 def size(uri: str) -> int:
     backend, where = _backend(uri)
     return backend.size(where)
+
+
+def open_read(uri: str) -> BinaryIO:
+    """A binary, seekable, random-access file to read (close it, or use it in ``with``).
+
+    Local: a plain file; s3: a pyarrow file whose reads are ranged GETs. Both suit
+    ``pyarrow.parquet.read_table(open_read(uri))``.
+    """
+    backend, where = _backend(uri)
+    return backend.open_read(where)
+
+
+def open_write(uri: str) -> AbstractContextManager[BinaryIO]:
+    """``with open_write(uri) as f:`` a binary, writable, seekable file; its content appears under
+    ``uri`` only if the block completes (an exception leaves the old object or nothing)."""
+    backend, where = _backend(uri)
+    return backend.open_write(where)
+
+
+def arrow_filesystem(uri: str) -> tuple[Any, str]:
+    """``(pyarrow.fs.FileSystem, path)`` for pyarrow.dataset and friends."""
+    backend, where = _backend(uri)
+    return backend.arrow_filesystem(where)
+
+
+def preflight(uri: str) -> None:
+    """Fail early, with a GptpipeError saying what to fix, if the store cannot be used.
+
+    Local: the folder can be created and written. s3: the bucket exists and accepts the
+    credentials, answered within about 10 s even when the endpoint is unreachable.
+    """
+    backend, where = _backend(uri)
+    backend.preflight(where)

@@ -1,12 +1,13 @@
-"""What every stage task shares: the retry rule and stage records."""
+"""What every stage task shares: the retry rule, artifact references, the stage's MLflow run."""
 
 from __future__ import annotations
 
-import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 import storage
 from model.errors import GptpipeError
+from storage.tracking import NullRun, StageRun, Tracker
 
 
 def retry_unless_user_error(task, task_run, state) -> bool:
@@ -25,11 +26,21 @@ def describe(uri: str) -> dict[str, str | int]:
     return {"uri": uri, "sha256": storage.sha256(uri), "bytes": storage.size(uri)}
 
 
+def tracker_for(tracking: dict | None) -> Tracker | None:
+    if not tracking:
+        return None
+    return Tracker(tracking.get("uri"), tracking.get("experiment", "gptpipe"))
+
+
 @contextmanager
-def timed(record: dict):
-    """Put the block's wall time, in seconds, into record['seconds']."""
-    start = time.perf_counter()
-    try:
-        yield record
-    finally:
-        record["seconds"] = round(time.perf_counter() - start, 3)
+def stage_run(tracking: dict | None, name: str) -> Iterator[StageRun | NullRun]:
+    """The stage's nested MLflow run under the pipeline's run (a no-op without tracking).
+
+    `tracking` is {"uri": tracking URI, "experiment": name, "parent_id": the pipeline's run id}.
+    """
+    tracker = tracker_for(tracking)
+    if tracker is None:
+        yield NullRun()
+        return
+    with tracker.stage(name, tracking["parent_id"]) as run:
+        yield run

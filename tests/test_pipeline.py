@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli
 from model.data import read_tokens
+from tests.conftest import run_cli
 
 TINY = [
     "--preset", "seed",

@@ -1,0 +1,113 @@
+"""The trained model as an MLflow model, its registered versions and the `champion` alias.
+
+The MLflow model is a pyfunc whose one artifact is gptpipe's own checkpoint. gptpipe itself
+never unpickles it: `gptpipe sample --model models:/NAME@champion` downloads the checkpoint file
+and loads it with weights_only=True like any other.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import mlflow.pyfunc
+
+from model.checkpoint import CHECKPOINT_NAME
+from model.errors import GptpipeError
+from storage.tracking import Tracker
+
+CHAMPION = "champion"
+
+
+class GPTTextGenerator(mlflow.pyfunc.PythonModel):
+    """pyfunc serving: predict(list of prompts) -> list of texts (prompt + continuation)."""
+
+    def load_context(self, context) -> None:
+        from model.sample import load_model
+
+        self.loaded = load_model(context.artifacts["checkpoint"])
+
+    def predict(
+        self, context, model_input: list[str], params: dict[str, Any] | None = None
+    ) -> list[str]:
+        from model.sample import sample_text
+
+        params = params or {}
+        return [
+            sample_text(
+                self.loaded,
+                str(prompt),
+                int(params.get("max_new_tokens", 200)),
+                float(params.get("temperature", 1.0)),
+                params.get("top_k"),
+                int(params.get("seed", 1337)),
+            )[0]
+            for prompt in model_input
+        ]
+
+
+def log_model(tracker: Tracker, run_id: str, checkpoint_path: str | Path) -> str:
+    """Log the checkpoint as the run's MLflow model; returns the model's URI."""
+    import torch
+
+    requirements = [f"torch=={torch.__version__.split('+')[0]}", "numpy", "tokenizers", "pyarrow"]
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(tracker.tracking_uri)
+    try:
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.pyfunc.log_model(
+                name="model",
+                python_model=GPTTextGenerator(),
+                artifacts={"checkpoint": str(checkpoint_path)},
+                pip_requirements=requirements,
+            )
+    finally:
+        mlflow.set_tracking_uri(previous)
+    return info.model_uri
+
+
+def register(tracker: Tracker, name: str, model_uri: str, run_id: str, tags: dict) -> str:
+    """A new version of `name` for this model; returns the version number."""
+    client = tracker.client
+    if client.search_registered_models(filter_string=f"name = '{name}'") == []:
+        client.create_registered_model(name, description="gptpipe models trained on one corpus")
+    version = client.create_model_version(name, model_uri, run_id=run_id, tags=tags)
+    return str(version.version)
+
+
+def current_champion(tracker: Tracker, name: str):
+    """The version holding the champion alias, or None."""
+    try:
+        return tracker.client.get_model_version_by_alias(name, CHAMPION)
+    except mlflow.exceptions.MlflowException:
+        return None
+
+
+def download_checkpoint(tracker: Tracker, model_uri: str, dest: str | Path) -> Path:
+    """The checkpoint inside an MLflow model (runs:/, models:/NAME/1, models:/NAME@alias)."""
+    try:
+        local = mlflow.artifacts.download_artifacts(
+            artifact_uri=model_uri, dst_path=str(dest), tracking_uri=tracker.tracking_uri
+        )
+    except mlflow.exceptions.MlflowException as exc:
+        first = (str(exc).strip().splitlines() or ["not found"])[0][:300]
+        raise GptpipeError(f"cannot fetch {model_uri} from MLflow: {first}") from None
+    found = sorted(Path(local).rglob(CHECKPOINT_NAME))
+    if not found:
+        raise GptpipeError(f"{model_uri} holds no gptpipe checkpoint ({CHECKPOINT_NAME})")
+    return found[0]
+
+
+class FetchedCheckpoint:
+    """A context manager: a registry model's checkpoint in a temporary folder."""
+
+    def __init__(self, tracker: Tracker, model_uri: str):
+        self.tracker, self.model_uri = tracker, model_uri
+
+    def __enter__(self) -> str:
+        self._tmp = tempfile.TemporaryDirectory()
+        return str(download_checkpoint(self.tracker, self.model_uri, self._tmp.name))
+
+    def __exit__(self, *exc) -> None:
+        self._tmp.cleanup()

@@ -1,0 +1,243 @@
+"""MLflow tracking for pipeline runs: one parent run, one nested run per stage, the registry.
+
+Everything goes through `MlflowClient` with explicit run ids, never MLflow's "active run": stages
+run in Prefect tasks and training in other processes, where a thread-local active run would point
+at the wrong run or at none. Only rank 0 of a training ever builds a tracker.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from model.errors import GptpipeError
+
+DEFAULT_EXPERIMENT = "gptpipe"
+PARENT_TAG = "mlflow.parentRunId"
+# MLflow caps a param value at 6000 characters; ours are short, but a long URI should not crash
+_MAX_PARAM = 6000
+
+
+def redact(uri: str) -> str:
+    """A URI without user:password@ (a source URL may carry credentials; runs must not)."""
+    parts = urlsplit(uri)
+    if parts.username or parts.password:
+        host = parts.hostname or ""
+        if parts.port:
+            host = f"{host}:{parts.port}"
+        return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
+    return uri
+
+
+def _flatten(prefix: str, value: Any, out: dict[str, str]) -> None:
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _flatten(f"{prefix}.{key}" if prefix else str(key), item, out)
+    else:
+        out[prefix] = str(value)[:_MAX_PARAM]
+
+
+def flatten_params(values: dict[str, Any]) -> dict[str, str]:
+    """Nested dicts as dotted params: {"a": {"b": 1}} -> {"a.b": "1"}."""
+    out: dict[str, str] = {}
+    _flatten("", values, out)
+    return out
+
+
+def _client(tracking_uri: str | None):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri)
+
+
+class Tracker:
+    """An MLflow client bound to one tracking server and experiment."""
+
+    def __init__(self, tracking_uri: str | None = None, experiment: str = DEFAULT_EXPERIMENT):
+        import mlflow
+
+        self.tracking_uri = tracking_uri or mlflow.get_tracking_uri()
+        self.experiment = experiment
+        self.client = _client(self.tracking_uri)
+        self._experiment_id: str | None = None
+
+    @property
+    def experiment_id(self) -> str:
+        if self._experiment_id is None:
+            found = self.client.get_experiment_by_name(self.experiment)
+            self._experiment_id = (
+                found.experiment_id if found else self.client.create_experiment(self.experiment)
+            )
+        return self._experiment_id
+
+    def check(self) -> None:
+        """Fail early, with one line, when the tracking server cannot be used."""
+        try:
+            self.experiment_id  # noqa: B018 - a real round trip
+        except Exception as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+            raise GptpipeError(
+                f"cannot use the MLflow tracking server at {redact(self.tracking_uri)}: {first}"
+            ) from None
+
+    def start_run(self, name: str, parent_id: str | None = None, tags: dict | None = None) -> str:
+        all_tags = dict(tags or {})
+        if parent_id:
+            all_tags[PARENT_TAG] = parent_id
+        return self.client.create_run(self.experiment_id, tags=all_tags, run_name=name).info.run_id
+
+    def run_url(self, run_id: str) -> str | None:
+        """The run's page in the MLflow UI, when the tracking URI is a server."""
+        if self.tracking_uri.startswith(("http://", "https://")):
+            base = redact(self.tracking_uri).rstrip("/")
+            return f"{base}/#/experiments/{self.experiment_id}/runs/{run_id}"
+        return None
+
+    def stage_handle(self, run_id: str) -> StageRun:
+        """Log into an existing run."""
+        return StageRun(self, run_id)
+
+    @contextmanager
+    def stage(self, name: str, parent_id: str) -> Iterator[StageRun]:
+        """A nested run for one stage; FINISHED when the block ends, FAILED when it raises."""
+        run = StageRun(self, self.start_run(name, parent_id))
+        start = time.perf_counter()
+        try:
+            yield run
+        except BaseException:
+            run.log_metrics({"duration_s": time.perf_counter() - start})
+            self.client.set_terminated(run.run_id, "FAILED")
+            raise
+        run.log_metrics({"duration_s": time.perf_counter() - start})
+        self.client.set_terminated(run.run_id, "FINISHED")
+
+
+class StageRun:
+    """Logging into one run by id."""
+
+    def __init__(self, tracker: Tracker, run_id: str):
+        self.tracker = tracker
+        self.client = tracker.client
+        self.run_id = run_id
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        flat = flatten_params(params)
+        items = [Param(k, v) for k, v in flat.items()]
+        for i in range(0, len(items), 100):  # MLflow takes at most 100 params a batch
+            self.client.log_batch(self.run_id, params=items[i : i + 100])
+
+    def log_metrics(self, metrics: dict[str, float], step: int = 0, synchronous: bool = True):
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        return self.client.log_batch(self.run_id, metrics=items, synchronous=synchronous)
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        for key, value in tags.items():
+            self.client.set_tag(self.run_id, key, str(value))
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self.client.log_text(self.run_id, text, artifact_file)
+
+    def log_dict(self, data: dict, artifact_file: str) -> None:
+        self.client.log_dict(self.run_id, data, artifact_file)
+
+    def log_artifact_bytes(self, data: bytes, artifact_file: str) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / Path(artifact_file).name
+            path.write_bytes(data)
+            parent = str(Path(artifact_file).parent)
+            self.client.log_artifact(self.run_id, str(path), None if parent == "." else parent)
+
+    def record_io(self, inputs: dict[str, dict], outputs: dict[str, dict]) -> None:
+        """Each input and output as params: <in|out>.<name>.uri / .sha256 / .bytes."""
+        params: dict[str, Any] = {}
+        for direction, refs in (("input", inputs), ("output", outputs)):
+            for name, ref in refs.items():
+                for key, value in ref.items():
+                    params[f"{direction}.{name}.{key}"] = redact(value) if key == "uri" else value
+        self.log_params(params)
+
+    def log_dataset(self, uri: str, name: str, digest: str, context: str) -> None:
+        """Register a dataset as the run's MLflow input, for lineage in the UI."""
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.entities import DatasetInput, InputTag
+
+        dataset = MetaDataset(_dataset_source(redact(uri)), name=name, digest=digest[:36])
+        entity = DatasetInput(
+            dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)]
+        )
+        self.client.log_inputs(self.run_id, datasets=[entity])
+
+
+def _dataset_source(uri: str):
+    from mlflow.data.http_dataset_source import HTTPDatasetSource
+    from mlflow.data.sources import LocalArtifactDatasetSource, S3ArtifactDatasetSource
+
+    if uri.startswith(("http://", "https://")):
+        return HTTPDatasetSource(uri)
+    if uri.startswith("s3://"):
+        return S3ArtifactDatasetSource(uri)
+    return LocalArtifactDatasetSource(os.path.abspath(uri))
+
+
+def model_name_for(source: str, tokenizer: str) -> str:
+    """A registered-model name per dataset: gptpipe-<corpus file stem>-<tokenizer kind>."""
+    stem = Path(urlsplit(source).path).stem or "corpus"
+    stem = re.sub(r"[^A-Za-z0-9_-]+", "-", stem).strip("-").lower() or "corpus"
+    return f"gptpipe-{stem}-{tokenizer}"
+
+
+def dumps(data: Any) -> str:
+    return json.dumps(data, indent=2, sort_keys=True, default=str)
+
+
+# ----------------------------------------------------------------------------- inside training
+
+RUN_ID_ENV = "GPTPIPE_MLFLOW_RUN_ID"
+
+
+class NullRun:
+    """What ranks other than 0, and code run without tracking, log into: every call does nothing."""
+
+    run_id = None
+
+    def __getattr__(self, name: str):
+        return lambda *args, **kwargs: None
+
+
+class TrainingRun(StageRun):
+    """Metrics are sent in the background so that the training loop never waits on MLflow."""
+
+    def __init__(self, tracker: Tracker, run_id: str):
+        super().__init__(tracker, run_id)
+        self._pending: list = []
+
+    def log_metrics(self, metrics: dict[str, float], step: int = 0, synchronous: bool = False):
+        operation = super().log_metrics(metrics, step, synchronous=synchronous)
+        if operation is not None:
+            self._pending.append(operation)
+
+    def close(self) -> None:
+        for operation in self._pending:
+            operation.wait()
+        self._pending.clear()
+
+
+def training_run(is_main: bool) -> TrainingRun | NullRun:
+    """The train stage's run, named by the launcher in $GPTPIPE_MLFLOW_RUN_ID; rank 0 only."""
+    run_id = os.environ.get(RUN_ID_ENV)
+    if not is_main or not run_id:
+        return NullRun()
+    return TrainingRun(Tracker(os.environ.get("MLFLOW_TRACKING_URI")), run_id)

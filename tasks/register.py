@@ -1,0 +1,73 @@
+from __future__ import annotations
+
+from prefect import get_run_logger, task
+
+import storage
+from model.checkpoint import load_checkpoint
+from model.evaluate import evaluate_checkpoint
+from storage.registry import CHAMPION, FetchedCheckpoint, current_champion, register
+from tasks.common import retry_unless_user_error, tracker_for
+
+
+@task(name="register", retries=2, retry_delay_seconds=[2, 10],
+      retry_condition_fn=retry_unless_user_error)  # fmt: skip
+def register_model(
+    tracking: dict,
+    name: str,
+    model_uri: str,
+    train_run_id: str,
+    val_loss: float,
+    val_uri: str,
+    tokenizer_uri: str,
+    eval_iters: int,
+    batch_size: int,
+    seed: int,
+    run_id: str,
+) -> dict:
+    """Register a new version; `champion` moves to it only if it beats the champion's val loss.
+
+    The champion is evaluated afresh on this run's val split (same batches as our evaluate
+    stage), so both losses are measured on the same data, whatever data the champion saw.
+    """
+    logger = get_run_logger()
+    tracker = tracker_for(tracking)
+    version = register(
+        tracker,
+        name,
+        model_uri,
+        train_run_id,
+        tags={"val_loss": f"{val_loss:.6f}", "val_sha256": storage.sha256(val_uri),
+              "gptpipe.run_id": run_id},
+    )  # fmt: skip
+    champion = current_champion(tracker, name)
+    champion_loss = None
+    if champion is None:
+        promote, reason = True, "no champion yet"
+    else:
+        with FetchedCheckpoint(tracker, f"models:/{name}/{champion.version}") as path:
+            ours = storage.get_bytes(tokenizer_uri).decode("utf-8")
+            if load_checkpoint(path)["tokenizer"] != ours:
+                promote = False
+                reason = f"champion v{champion.version} uses another tokenizer: not comparable"
+            else:
+                champion_loss = evaluate_checkpoint(
+                    path, {"val": val_uri}, eval_iters, batch_size, seed
+                )["val"]
+                promote = val_loss < champion_loss
+                verdict = "beats" if promote else "does not beat"
+                reason = (
+                    f"val loss {val_loss:.4f} {verdict} champion v{champion.version}'s "
+                    f"{champion_loss:.4f} on the same val data"
+                )
+    if promote:
+        tracker.client.set_registered_model_alias(name, CHAMPION, version)
+    logger.info("registered %s version %s; %s%s", name, version, reason,
+                f" -> {CHAMPION}" if promote else "")  # fmt: skip
+    return {
+        "name": name,
+        "version": version,
+        "champion": promote,
+        "champion_version": version if promote else (champion.version if champion else None),
+        "previous_champion_val_loss": champion_loss,
+        "reason": reason,
+    }
