@@ -5,6 +5,9 @@ modules: the `n_head` key, query and value matrices of a block are stacked into 
 and the masked softmax is `scaled_dot_product_attention(is_causal=True)`, which picks a flash or
 memory-efficient kernel where one exists. `GPT.from_lecture_state_dict` converts the lecture's
 weights into this layout.
+
+`GPT.generate` decodes with a key/value cache (`KVCache`); see its docstring for why the cache is
+only used while the sequence fits in `block_size`.
 """
 
 from __future__ import annotations
@@ -43,6 +46,50 @@ class CausalSelfAttention(nn.Module):
         out = out.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side: (B, T, C)
         return self.resid_dropout(self.proj(out))
 
+    def forward_cached(
+        self,
+        x: torch.Tensor,
+        k_cache: torch.Tensor | None,
+        v_cache: torch.Tensor | None,
+        start: int,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """Inference-only attention of x (B, T, C), the tokens at positions [start, start + T).
+
+        The new keys and values are written into k_cache/v_cache (B, nh, block_size, hs) at
+        [start, start + T) and the queries attend to every cached position before theirs. With
+        no cache (None), start must be 0 and only x's own keys are used. last_only: return the
+        output of the last position only, (B, 1, C), for when only the next token's logits are
+        needed. No dropout: callers use this in eval mode.
+        """
+        B, T, C = x.shape
+        nh, hs = self.n_head, C // self.n_head
+        end = start + T
+        q, k, v = self.qkv(x).split(C, dim=2)  # 3 x (B, T, C)
+        k = k.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
+        if k_cache is not None and v_cache is not None:
+            k_cache[:, :, start:end] = k
+            v_cache[:, :, start:end] = v
+            k, v = k_cache[:, :, :end], v_cache[:, :, :end]  # (B, nh, end, hs)
+        elif start != 0:
+            raise ValueError("attention without a cache must start at position 0")
+        if last_only:
+            q, T = q[:, -1:], 1
+        q = q.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
+        if T == 1:
+            # one query, the newest position: it sees every key, so no mask at all
+            out = F.scaled_dot_product_attention(q, k, v)
+        elif start == 0:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            # is_causal aligns the mask to the top left; queries after a cached prefix need it
+            # shifted right by start
+            mask = torch.ones(T, end, dtype=torch.bool, device=x.device).tril(diagonal=start)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = out.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
+        return self.proj(out)
+
 
 class FeedForward(nn.Module):
     """The lecture's 4x ReLU MLP: (B, T, C) -> (B, T, C)."""
@@ -74,6 +121,37 @@ class Block(nn.Module):
         x = x + self.sa(self.ln1(x))  # (B, T, C)
         x = x + self.ffwd(self.ln2(x))  # (B, T, C)
         return x
+
+    def forward_cached(
+        self,
+        x: torch.Tensor,
+        k_cache: torch.Tensor | None,
+        v_cache: torch.Tensor | None,
+        start: int,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """`forward` for inference with a key/value cache; see `CausalSelfAttention`."""
+        attended = self.sa.forward_cached(self.ln1(x), k_cache, v_cache, start, last_only)
+        if last_only:
+            x = x[:, -1:]  # (B, 1, C)
+        x = x + attended
+        return x + self.ffwd(self.ln2(x))
+
+
+class KVCache:
+    """Every layer's keys and values for positions [0, length), preallocated and filled in place.
+
+    k, v: (n_layer, B, nh, block_size, hs); k[i] is layer i's (B, nh, block_size, hs) cache.
+    """
+
+    def __init__(
+        self, config: GPTConfig, batch_size: int, dtype: torch.dtype, device: torch.device
+    ):
+        hs = config.n_embd // config.n_head
+        shape = (config.n_layer, batch_size, config.n_head, config.block_size, hs)
+        self.k = torch.empty(shape, dtype=dtype, device=device)
+        self.v = torch.empty(shape, dtype=dtype, device=device)
+        self.length = 0
 
 
 class GPT(nn.Module):
@@ -118,6 +196,32 @@ class GPT(nn.Module):
             loss = F.cross_entropy(logits.view(B * T, -1), targets.view(B * T))
         return logits, loss
 
+    def forward_last(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Logits (B, vocab_size) of the token after idx (B, T); for inference only (no dropout).
+
+        With a cache, idx holds the tokens at positions [cache.length, cache.length + T): their
+        keys and values are added to the cache, earlier positions are read from it. Without one,
+        idx is a whole context at positions [0, T), like `forward`'s. Either way only the last
+        position goes through the last block's attention output, MLP, ln_f and lm_head: nothing
+        else needs it.
+        """
+        B, T = idx.shape
+        start = cache.length if cache is not None else 0
+        end = start + T
+        if T == 0 or self.config.block_size < end:
+            raise ValueError(
+                f"positions [{start}, {end}) do not fit in block_size {self.config.block_size}"
+            )
+        x = self.token_embedding_table(idx) + self.position_embedding_table.weight[start:end]
+        last = len(self.blocks) - 1
+        for i, block in enumerate(self.blocks):
+            k_cache = cache.k[i] if cache is not None else None
+            v_cache = cache.v[i] if cache is not None else None
+            x = block.forward_cached(x, k_cache, v_cache, start, last_only=i == last)
+        if cache is not None:
+            cache.length = end
+        return self.lm_head(self.ln_f(x[:, -1]))  # (B, vocab_size)
+
     @torch.no_grad()
     def generate(
         self,
@@ -126,11 +230,66 @@ class GPT(nn.Module):
         temperature: float = 1.0,
         top_k: int | None = None,
         generator: torch.Generator | None = None,
+        *,
+        use_cache: bool = True,
     ) -> torch.Tensor:
         """Extend idx (B, T) by max_new_tokens sampled tokens; the context is cropped to block_size.
 
-        temperature 0 means greedy decoding (argmax).
+        temperature 0 means greedy decoding (argmax). Each step is the lecture's: the next token
+        is drawn from the logits of `self(idx[:, -block_size:])` at the last position, with
+        positions counted from 0 at the start of that window.
+
+        With use_cache (the default) the steps are computed with a key/value cache (`KVCache`):
+        the context is run through the model once (prefill) and each new token then costs one
+        position's worth of work, as long as the whole sequence fits in block_size. Once it
+        does not, the window slides by one token every step and, with learned absolute position
+        embeddings, *every* token of the window moves to a new position: its layer-0 input
+        (token + position embedding) changes, and so do all keys and values of every layer.
+        Nothing cached is valid any more, and there is no exact shortcut (the only part that
+        depends on a token and its position alone, layer 0's ln1/qkv, is a few percent of the
+        work). So each step past block_size runs the whole window again, as the lecture's loop
+        does, but fused and with only the last position through the last block's MLP and the
+        head. The tokens are those of the uncached loop: the same logits up to float rounding,
+        and the same sampling calls on the same generator (or the global RNG).
+
+        The cache is for inference: a model in training mode with dropout > 0 takes the uncached
+        loop (dropout on, as before). The module's training flag is never changed.
         """
+        if not use_cache or (self.training and self.config.dropout > 0) or max_new_tokens <= 0:
+            return self._generate_uncached(idx, max_new_tokens, temperature, top_k, generator)
+        B, T = idx.shape
+        if T == 0:
+            raise ValueError("generate needs at least one token of context")
+        block_size = self.config.block_size
+        out = torch.empty(
+            (B, T + max_new_tokens),
+            dtype=torch.promote_types(idx.dtype, torch.long),
+            device=idx.device,
+        )
+        out[:, :T] = idx
+        cache = KVCache(self.config, B, self.token_embedding_table.weight.dtype, idx.device)
+        logits = self.forward_last(idx[:, -block_size:], cache)  # prefill: (B, vocab_size)
+        for t in range(T, T + max_new_tokens):
+            out[:, t : t + 1] = sample_next(logits, temperature, top_k, generator)  # (B, 1)
+            if t + 1 == T + max_new_tokens:
+                break
+            if cache.length < block_size:
+                logits = self.forward_last(out[:, t : t + 1], cache)  # one new position
+            else:
+                # the window slid: all positions changed, run the new window from position 0
+                logits = self.forward_last(out[:, t + 1 - block_size : t + 1])
+        return out
+
+    @torch.no_grad()
+    def _generate_uncached(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """The lecture's loop: a full forward of the cropped context for every new token."""
         for _ in range(max_new_tokens):
             idx_cond = idx[:, -self.config.block_size :]  # (B, <=block_size)
             logits, _ = self(idx_cond)

@@ -2,6 +2,11 @@
 
 URIs stay strings on purpose (a `Path` would collapse the `//` of `s3://`). Every write is
 all-or-nothing: a reader never sees a half-written object under its final name.
+
+Objects: put_bytes, put_file, get_bytes, get_file, exists, list_uris, sha256, size. Files for
+Parquet and checkpoints: open_read (random access) and ``with open_write(uri) as f``; and
+arrow_filesystem for pyarrow.dataset. preflight(uri) checks a store is usable before a run.
+S3 settings (endpoint, credentials, region) come from the standard AWS_* places: see storage.s3.
 """
 
 from storage.uri import (

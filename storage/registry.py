@@ -7,7 +7,10 @@ and loads it with weights_only=True like any other.
 
 from __future__ import annotations
 
+import re
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -52,19 +55,27 @@ def log_model(tracker: Tracker, run_id: str, checkpoint_path: str | Path) -> str
     import torch
 
     requirements = [f"torch=={torch.__version__.split('+')[0]}", "numpy", "tokenizers", "pyarrow"]
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(tracker.tracking_uri)
-    try:
-        with mlflow.start_run(run_id=run_id):
-            info = mlflow.pyfunc.log_model(
-                name="model",
-                python_model=GPTTextGenerator(),
-                artifacts={"checkpoint": str(checkpoint_path)},
-                pip_requirements=requirements,
-            )
-    finally:
-        mlflow.set_tracking_uri(previous)
+    with _pointed_at(tracker), mlflow.start_run(run_id=run_id):
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=GPTTextGenerator(),
+            artifacts={"checkpoint": str(checkpoint_path)},
+            pip_requirements=requirements,
+        )
     return info.model_uri
+
+
+@contextmanager
+def _pointed_at(tracker: Tracker) -> Iterator[None]:
+    """MLflow's fluent API and models:/ URIs follow the global tracking and registry URIs."""
+    previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    mlflow.set_tracking_uri(tracker.tracking_uri)
+    mlflow.set_registry_uri(tracker.tracking_uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous[0])
+        mlflow.set_registry_uri(previous[1])
 
 
 def register(tracker: Tracker, name: str, model_uri: str, run_id: str, tags: dict) -> str:
@@ -72,7 +83,12 @@ def register(tracker: Tracker, name: str, model_uri: str, run_id: str, tags: dic
     client = tracker.client
     if client.search_registered_models(filter_string=f"name = '{name}'") == []:
         client.create_registered_model(name, description="gptpipe models trained on one corpus")
-    version = client.create_model_version(name, model_uri, run_id=run_id, tags=tags)
+    # an MLflow 3 logged model (models:/m-<id>) must name its model_id too
+    model_id = model_uri.split("/", 1)[1] if model_uri.startswith("models:/m-") else None
+    with _pointed_at(tracker):  # the client resolves models:/m-<id> through the global URIs
+        version = client.create_model_version(
+            name, model_uri, run_id=run_id, tags=tags, model_id=model_id
+        )
     return str(version.version)
 
 
@@ -84,12 +100,30 @@ def current_champion(tracker: Tracker, name: str):
         return None
 
 
-def download_checkpoint(tracker: Tracker, model_uri: str, dest: str | Path) -> Path:
-    """The checkpoint inside an MLflow model (runs:/, models:/NAME/1, models:/NAME@alias)."""
-    try:
-        local = mlflow.artifacts.download_artifacts(
-            artifact_uri=model_uri, dst_path=str(dest), tracking_uri=tracker.tracking_uri
+def artifact_location(tracker: Tracker, model_uri: str) -> str:
+    """Where a model's files are: models:/NAME/VERSION, models:/NAME@ALIAS or models:/m-<id>."""
+    client = tracker.client
+    source = model_uri
+    match = re.fullmatch(r"models:/([^/@]+)(?:/(\d+)|@([\w-]+))", model_uri)
+    if match and not match.group(1).startswith("m-"):
+        name, version, alias = match.groups()
+        found = (
+            client.get_model_version(name, version)
+            if version
+            else client.get_model_version_by_alias(name, alias)
         )
+        source = found.source
+    if source.startswith("models:/m-"):
+        return client.get_logged_model(source.split("/", 1)[1]).artifact_location
+    return source
+
+
+def download_checkpoint(tracker: Tracker, model_uri: str, dest: str | Path) -> Path:
+    """The checkpoint inside an MLflow model (models:/NAME/1, models:/NAME@alias, runs:/...)."""
+    try:
+        location = artifact_location(tracker, model_uri)
+        with _pointed_at(tracker):
+            local = mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=str(dest))
     except mlflow.exceptions.MlflowException as exc:
         first = (str(exc).strip().splitlines() or ["not found"])[0][:300]
         raise GptpipeError(f"cannot fetch {model_uri} from MLflow: {first}") from None

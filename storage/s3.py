@@ -58,10 +58,12 @@ MULTIPART_CHUNKSIZE = 16 * MiB
 MAX_ATTEMPTS = 5
 CONNECT_TIMEOUT_S = 5
 READ_TIMEOUT_S = 60
-# preflight must answer fast, even for an endpoint that swallows packets: about 2 x 2 s + backoff.
+# preflight must fail fast even when the endpoint swallows packets or never answers: at most
+# 2 attempts x 3 s + up to 1 s of backoff.
 PREFLIGHT_MAX_ATTEMPTS = 2
 PREFLIGHT_CONNECT_TIMEOUT_S = 2
-PREFLIGHT_READ_TIMEOUT_S = 5
+PREFLIGHT_READ_TIMEOUT_S = 3
+LIST_PAGE_SIZE = 1000  # keys per ListObjectsV2 page (S3's maximum); tests lower it
 _CHUNK = MiB
 
 _CREDENTIAL_CODES = {
@@ -89,6 +91,14 @@ class S3Location:
     @property
     def uri(self) -> str:
         return f"s3://{self.bucket}/{self.key}" if self.key else f"s3://{self.bucket}"
+
+
+def _object(uri: str) -> S3Location:
+    """parse() for operations on one object: the key may not be empty."""
+    loc = parse(uri)
+    if not loc.key:
+        raise GptpipeError(f"{uri} names a bucket, not an object: use s3://bucket/key")
+    return loc
 
 
 def parse(uri: str) -> S3Location:
@@ -120,17 +130,23 @@ def _env_region() -> str | None:
 
 
 def _settings_fingerprint() -> str:
-    """Everything in the environment that picks endpoint, region or credentials, hashed.
+    """Everything that picks endpoint, region, credentials and client tuning, hashed.
 
-    Clients are cached under this, so a changed variable (another test, another profile) gets
-    new clients, and no secret is kept in clear as a dict key.
+    Clients are cached under this, so a changed variable (another test, another profile) or
+    module constant gets new clients, and no secret is kept in clear as a dict key. The process
+    id is part of it because boto3 clients must not be shared across a fork (DDP ranks).
     """
     names = (
         "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION",
         "AWS_PROFILE", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
         "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE",
     )  # fmt: skip
-    return hashlib.sha256("\0".join(os.environ.get(n, "") for n in names).encode()).hexdigest()
+    tuning = (
+        MAX_ATTEMPTS, CONNECT_TIMEOUT_S, READ_TIMEOUT_S,
+        PREFLIGHT_MAX_ATTEMPTS, PREFLIGHT_CONNECT_TIMEOUT_S, PREFLIGHT_READ_TIMEOUT_S,
+    )  # fmt: skip
+    parts = [os.environ.get(n, "") for n in names] + [str(v) for v in (*tuning, os.getpid())]
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()
 
 
 def _client_config(attempts: int, connect_s: float, read_s: float, path_style: bool) -> Config:
@@ -210,25 +226,29 @@ def _connection() -> _Connection:
 
 def _connect() -> _Connection:
     endpoint = endpoint_url()
-    try:
-        session = boto3.session.Session()
-    except bex.ProfileNotFound as exc:
-        raise GptpipeError(f"AWS profile {exc.kwargs.get('profile')!r} is not configured") from None
-    region = _env_region() or session.region_name or "us-east-1"
 
-    def client(attempts: int, connect_s: float, read_s: float):
+    def client(session, region: str, attempts: int, connect_s: float, read_s: float):
         config = _client_config(attempts, connect_s, read_s, path_style=endpoint is not None)
         return session.client("s3", region_name=region, endpoint_url=endpoint, config=config)
 
-    return _Connection(
-        session=session,
-        client=client(MAX_ATTEMPTS, CONNECT_TIMEOUT_S, READ_TIMEOUT_S),
-        preflight_client=client(
-            PREFLIGHT_MAX_ATTEMPTS, PREFLIGHT_CONNECT_TIMEOUT_S, PREFLIGHT_READ_TIMEOUT_S
-        ),
-        endpoint=endpoint,
-        region=region,
-    )
+    try:
+        session = boto3.session.Session()
+        region = _env_region() or session.region_name or "us-east-1"
+        return _Connection(
+            session=session,
+            client=client(session, region, MAX_ATTEMPTS, CONNECT_TIMEOUT_S, READ_TIMEOUT_S),
+            preflight_client=client(
+                session,
+                region,
+                PREFLIGHT_MAX_ATTEMPTS,
+                PREFLIGHT_CONNECT_TIMEOUT_S,
+                PREFLIGHT_READ_TIMEOUT_S,
+            ),
+            endpoint=endpoint,
+            region=region,
+        )
+    except bex.ProfileNotFound as exc:
+        raise GptpipeError(f"AWS profile {exc.kwargs.get('profile')!r} is not configured") from None
 
 
 def reset_clients() -> None:
@@ -293,7 +313,7 @@ def _message(exc: BaseException, loc: S3Location, conn: _Connection) -> str | No
     if isinstance(exc, bex.EndpointConnectionError | bex.ConnectTimeoutError):
         return _scrub(f"cannot reach the S3 endpoint {conn.where}: {exc}")
     if isinstance(exc, bex.ReadTimeoutError):
-        return f"the S3 endpoint {conn.where} did not answer in time for {loc.uri}"
+        return f"the S3 endpoint {conn.where} did not answer in time for {subject}"
     if isinstance(exc, bex.NoCredentialsError | bex.PartialCredentialsError):
         return _NO_CREDENTIALS
     if isinstance(exc, bex.BotoCoreError):
@@ -313,10 +333,19 @@ def _errors(loc: S3Location, conn: _Connection) -> Iterator[None]:
         raise GptpipeError(message) from None
 
 
-def _arrow_error(exc: OSError, loc: S3Location, action: str) -> GptpipeError:
+def _arrow_error(exc: OSError, loc: S3Location, conn: _Connection) -> GptpipeError:
+    """pyarrow reports S3 failures as OSError with the AWS SDK's error name in the text."""
+    text = str(exc)
     if isinstance(exc, FileNotFoundError):
         return GptpipeError(f"not found: {loc.uri}")
-    return GptpipeError(_scrub(f"cannot {action} {loc.uri}: {exc}"))
+    if "ACCESS_DENIED" in text:
+        return GptpipeError(
+            f"S3 refused the credentials for {loc.uri} (AccessDenied): check AWS_ACCESS_KEY_ID / "
+            "AWS_SECRET_ACCESS_KEY"
+        )
+    if "NETWORK_CONNECTION" in text:
+        return GptpipeError(_scrub(f"cannot reach the S3 endpoint {conn.where}: {text}"))
+    return GptpipeError(_scrub(f"cannot read {loc.uri}: {text}"))
 
 
 # ----------------------------------------------------------------------------- the backend
@@ -326,7 +355,7 @@ class S3Backend:
     """Same methods as LocalBackend; ``where`` is the s3:// URI itself."""
 
     def put_bytes(self, uri: str, data: bytes) -> None:
-        loc, conn = parse(uri), _connection()
+        loc, conn = _object(uri), _connection()
         with _errors(loc, conn):
             if len(data) < MULTIPART_THRESHOLD:
                 conn.client.put_object(Bucket=loc.bucket, Key=loc.key, Body=data)
@@ -336,7 +365,7 @@ class S3Backend:
                 )
 
     def put_file(self, uri: str, source: Path) -> None:
-        loc, conn = parse(uri), _connection()
+        loc, conn = _object(uri), _connection()
         try:
             with open(source, "rb"):  # a clear error for a missing or unreadable source
                 pass
@@ -348,13 +377,13 @@ class S3Backend:
             conn.client.upload_file(str(source), loc.bucket, loc.key, Config=_transfer_config())
 
     def get_bytes(self, uri: str) -> bytes:
-        loc, conn = parse(uri), _connection()
+        loc, conn = _object(uri), _connection()
         with _errors(loc, conn):
             return conn.client.get_object(Bucket=loc.bucket, Key=loc.key)["Body"].read()
 
     def get_file(self, uri: str, dest: Path) -> None:
         """Download to a temporary file beside dest, renamed into place once complete."""
-        loc, conn = parse(uri), _connection()
+        loc, conn = _object(uri), _connection()
         with _errors(loc, conn):
             _atomic_write(
                 dest,
@@ -394,7 +423,7 @@ class S3Backend:
         out = []
         with _errors(loc, conn):
             pages = conn.client.get_paginator("list_objects_v2").paginate(
-                Bucket=loc.bucket, Prefix=prefix
+                Bucket=loc.bucket, Prefix=prefix, PaginationConfig={"PageSize": LIST_PAGE_SIZE}
             )
             for page in pages:
                 out.extend(
@@ -406,7 +435,7 @@ class S3Backend:
 
     def sha256(self, uri: str) -> str:
         """Streamed through hashlib in 1 MiB chunks: the object is never held whole."""
-        loc, conn = parse(uri), _connection()
+        loc, conn = _object(uri), _connection()
         digest = hashlib.sha256()
         with _errors(loc, conn):
             body = conn.client.get_object(Bucket=loc.bucket, Key=loc.key)["Body"]
@@ -416,20 +445,20 @@ class S3Backend:
         return digest.hexdigest()
 
     def size(self, uri: str) -> int:
-        loc, conn = parse(uri), _connection()
+        loc, conn = _object(uri), _connection()
         with _errors(loc, conn):
             return conn.client.head_object(Bucket=loc.bucket, Key=loc.key)["ContentLength"]
 
     def open_read(self, uri: str) -> BinaryIO:
         """A pyarrow random-access file: seeks and reads become ranged GETs, so Parquet readers
         fetch only the footer and the row groups they need."""
-        loc, conn = parse(uri), _connection()
+        loc, conn = _object(uri), _connection()
         with _errors(loc, conn):
             fs = conn.arrow_fs()
         try:
             return fs.open_input_file(f"{loc.bucket}/{loc.key}")
         except OSError as exc:
-            raise _arrow_error(exc, loc, "read") from None
+            raise _arrow_error(exc, loc, conn) from None
 
     @contextmanager
     def open_write(self, uri: str) -> Iterator[BinaryIO]:
@@ -443,9 +472,7 @@ class S3Backend:
         a multipart upload that boto3 aborts on failure. The spool goes to the temp folder
         (``TMPDIR``) and is removed in every case.
         """
-        loc, conn = parse(uri), _connection()
-        if not loc.key:
-            raise GptpipeError(f"{uri} names a bucket, not an object")
+        loc, conn = _object(uri), _connection()
         spool_dir = tempfile.mkdtemp(prefix="gptpipe-s3-")
         try:
             spool = Path(spool_dir) / "object"

@@ -55,7 +55,8 @@ def flatten_params(values: dict[str, Any]) -> dict[str, str]:
 def _client(tracking_uri: str | None):
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(tracking_uri=tracking_uri)
+    # the registry lives on the tracking server too (MLflow may default it elsewhere)
+    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
 
 
 class Tracker:

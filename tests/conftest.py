@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.fixtures_s3 import moto_server, s3_env  # noqa: F401 - shared fixtures
+
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
 
@@ -122,3 +124,55 @@ def run_cli(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 30
     return subprocess.run(
         [str(gptpipe), *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout
     )
+
+
+# The MLflow server's own S3 credentials; the pipeline's are another pair (see tests/fixtures_s3.py)
+MLFLOW_SERVER_SECRET = "mlflow-server-secret-0d1f9e"
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(moto_server, tmp_path_factory) -> str:  # noqa: F811
+    """A real `mlflow server` (sqlite backend, artifacts proxied to a bucket on the moto server)."""
+    import boto3
+
+    home = tmp_path_factory.mktemp("mlflow-server")
+    s3_settings = {
+        "AWS_ACCESS_KEY_ID": "mlflow-server-key",
+        "AWS_SECRET_ACCESS_KEY": MLFLOW_SERVER_SECRET,
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    boto3.client("s3", endpoint_url=moto_server, **{
+        "aws_access_key_id": s3_settings["AWS_ACCESS_KEY_ID"],
+        "aws_secret_access_key": MLFLOW_SERVER_SECRET,
+        "region_name": "us-east-1",
+    }).create_bucket(Bucket="mlflow-artifacts")  # fmt: skip
+    port = free_port()
+    env = {
+        **os.environ,
+        **s3_settings,
+        "MLFLOW_S3_ENDPOINT_URL": moto_server,
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+    }
+    for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "MLFLOW_TRACKING_URI"):
+        env.pop(name, None)
+    log = open(home / "server.log", "wb")  # noqa: SIM115 - closed at teardown
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server",
+         "--backend-store-uri", f"sqlite:///{home / 'mlflow.db'}",
+         "--artifacts-destination", "s3://mlflow-artifacts/mlartifacts",
+         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, cwd=home, start_new_session=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_http(f"{url}/health", 120, proc)
+        yield url
+    finally:
+        import signal
+
+        os.killpg(proc.pid, signal.SIGTERM)  # the server's workers go with it
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()

@@ -1,0 +1,98 @@
+"""Sampling speed: gptpipe's cached `GPT.generate` against the lecture's generate loop.
+
+The lecture's full config (block_size 256, n_embd 384, 6 heads, 6 layers, vocab 65) with random
+weights, the same on both sides (`GPT.from_lecture_state_dict` of the reference's state_dict),
+batch 1, float32, eval mode, temperature 1. Both sides run in one process in alternating rounds;
+the table shows median seconds per call, new tokens/s and the ratio. The lecture's loop is timed
+under torch.no_grad (the lecture's script calls it without, which is slower still).
+
+A case is PROMPT:NEW, a prompt of PROMPT tokens extended by NEW tokens. While the sequence fits
+in block_size the cache makes each new token cost one position; past block_size every step runs
+the whole 256-token window again on both sides (see `GPT.generate`), so that case's ratio is
+mostly the fused model's against the per-head one.
+
+    .venv/bin/python -m bench.generate [--rounds 5] [--cases 1:255 1:500] [--uncached]
+    .venv/bin/python -m bench.generate --quick    # 1:64 and 250:20, 3 rounds
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from bench.common import alternate, median
+from model.gpt import GPT
+from tests.lecture_reference import GPTLanguageModel
+
+LECTURE_SHAPE = dict(vocab_size=65, block_size=256, n_embd=384, n_head=6, n_layer=6)
+
+
+def parse_case(text: str) -> tuple[int, int]:
+    prompt, new = (int(part) for part in text.split(":"))
+    if prompt < 1 or new < 1:
+        raise argparse.ArgumentTypeError(f"a case is PROMPT:NEW with both >= 1, got {text}")
+    return prompt, new
+
+
+def make_sides(reference: GPTLanguageModel, ours: GPT, prompt: int, new: int, uncached: bool):
+    idx = torch.randint(65, (1, prompt), generator=torch.Generator().manual_seed(prompt))
+    generator = torch.Generator()
+
+    def lecture() -> None:
+        with torch.no_grad():
+            out = reference.generate(idx, new)
+        assert out.shape == (1, prompt + new)
+
+    def gptpipe(use_cache: bool = True) -> None:
+        out = ours.generate(idx, new, generator=generator, use_cache=use_cache)
+        assert out.shape == (1, prompt + new)
+
+    sides = {"lecture": lecture, "gptpipe": gptpipe}
+    if uncached:
+        sides["uncached"] = lambda: gptpipe(use_cache=False)
+    return sides
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5, help="alternating rounds per case")
+    parser.add_argument("--cases", nargs="+", type=parse_case, default=None, metavar="P:N")
+    parser.add_argument("--quick", action="store_true", help="cases 1:64 250:20, 3 rounds")
+    parser.add_argument(
+        "--uncached", action="store_true", help="also time gptpipe's generate without the cache"
+    )
+    args = parser.parse_args()
+    cases = args.cases or ([(1, 64), (250, 20)] if args.quick else [(1, 255), (1, 500)])
+    rounds = 3 if args.quick and args.rounds == 5 else args.rounds
+
+    torch.manual_seed(0)
+    reference = GPTLanguageModel(**LECTURE_SHAPE, dropout=0.0).eval()
+    ours = GPT.from_lecture_state_dict(reference.state_dict()).eval()
+    block_size = ours.config.block_size
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; lecture config "
+        f"(block_size {block_size}, n_embd 384, 6 heads, 6 layers, vocab 65), batch 1, float32; "
+        f"{rounds} alternating rounds per case, medians",
+        flush=True,
+    )
+    header = f"{'case':<18} {'side':<9} {'median s':>9} {'new tok/s':>10} {'vs lecture':>11}"
+    print(header)
+    for prompt, new in cases:
+        sides = make_sides(reference, ours, prompt, new, args.uncached)
+        for warm in make_sides(reference, ours, prompt, min(new, 4), args.uncached).values():
+            warm()  # a short warm-up call per side instead of a whole timed one
+        times = alternate(sides, rounds, warmup=0)
+        where = "<= block" if prompt + new <= block_size else "> block"
+        lecture_s = median(times["lecture"])
+        for name, values in times.items():
+            seconds = median(values)
+            print(
+                f"{f'{prompt}+{new} ({where})':<18} {name:<9} {seconds:>9.3f} "
+                f"{new / seconds:>10.1f} {lecture_s / seconds:>10.2f}x",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,145 @@
+"""The pipeline against real servers: S3 (moto over HTTP) for the store, an `mlflow server`."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import boto3
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import MLFLOW_SERVER_SECRET, run_cli
+
+TINY = [
+    "--preset", "seed",
+    "--set", "max_iters=60", "--set", "eval_interval=30", "--set", "eval_iters=5",
+    "--set", "batch_size=16", "--set", "log_interval=20",
+]  # fmt: skip
+STAGES = {"tokenize", "split", "train", "evaluate", "sample"}
+
+
+def _env(cli_env: dict[str, str]) -> dict[str, str]:
+    """The CLI's environment plus the AWS settings s3_env put into this process."""
+    env = {k: v for k, v in cli_env.items() if k != "MLFLOW_TRACKING_URI"}
+    env.update({k: v for k, v in os.environ.items() if k.startswith("AWS_")})
+    return env
+
+
+def _all_text_in_mlflow(client: MlflowClient, run_ids: list[str], tmp: Path) -> str:
+    """Params, tags, metric names and every artifact's bytes of the runs, as one string."""
+    chunks = []
+    for run_id in run_ids:
+        run = client.get_run(run_id)
+        chunks += [json.dumps(run.data.params), json.dumps(run.data.tags)]
+        chunks += list(run.data.metrics)
+        local = client.download_artifacts(run_id, "", str(tmp / run_id))
+        for path in Path(local).rglob("*"):
+            if path.is_file():
+                chunks.append(path.read_bytes().decode("utf-8", errors="replace"))
+    return "\n".join(chunks)
+
+
+@pytest.mark.slow
+def test_pipeline_on_s3_tracked_in_mlflow_server(
+    s3_env, mlflow_server, cli_env, small_corpus, tmp_path
+):
+    s3 = boto3.client("s3", endpoint_url=s3_env.endpoint)
+    s3.put_object(Bucket=s3_env.bucket, Key="corpus/small.txt", Body=small_corpus.read_bytes())
+    store = f"s3://{s3_env.bucket}/store"
+    env = _env(cli_env)
+
+    def run(run_id: str, *extra: str):
+        result = run_cli(
+            ["run", "--input", f"s3://{s3_env.bucket}/corpus/small.txt", "--store", store,
+             "--tracking-uri", mlflow_server, "--run-id", run_id, "--sample-tokens", "60",
+             *TINY, *extra],
+            env, tmp_path,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        return result
+
+    first = run("first")
+
+    # every stage's objects are in the bucket
+    keys = {
+        o["Key"]
+        for o in s3.list_objects_v2(Bucket=s3_env.bucket, Prefix="store/runs/first/")["Contents"]
+    }
+    for name in ("tokenizer.json", "tokens.parquet", "train.parquet", "val.parquet",
+                 "train/ckpt.pt", "train/summary.json", "samples.txt", "summary.json"):  # fmt: skip
+        assert f"store/runs/first/{name}" in keys, name
+    summary = json.loads(
+        s3.get_object(Bucket=s3_env.bucket, Key="store/runs/first/summary.json")["Body"].read()
+    )
+
+    # one parent run, one nested run per stage
+    client = MlflowClient(tracking_uri=mlflow_server)
+    experiment = client.get_experiment_by_name("gptpipe")
+    runs = client.search_runs([experiment.experiment_id], max_results=100)
+    parent = next(r for r in runs if r.info.run_name == "first")
+    assert parent.info.run_id == summary["mlflow"]["run_id"]
+    assert parent.info.status == "FINISHED"
+    children = {
+        r.info.run_name: r
+        for r in runs
+        if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
+    }
+    assert set(children) == STAGES
+    assert all(r.info.status == "FINISHED" for r in children.values())
+
+    # each stage records its inputs and outputs with sha256 and size, and its duration
+    tok = children["tokenize"].data
+    assert tok.params["tokenizer"] == "char" and tok.params["n_tokens"] == "60000"
+    assert tok.params["output.tokens.uri"] == f"{store}/runs/first/tokens.parquet"
+    assert len(tok.params["output.tokens.sha256"]) == 64
+    assert int(tok.params["output.tokens.bytes"]) > 0
+    assert "duration_s" in tok.metrics
+    assert children["tokenize"].inputs.dataset_inputs, "the corpus is logged as an MLflow input"
+    assert children["split"].data.params["n_train_tokens"] == "54000"
+
+    train = children["train"]
+    assert train.data.params["n_params"] == str(summary["n_params"])
+    assert train.data.params["world_size"] == "1" and train.data.params["device"] == "cpu"
+    assert train.data.params["n_embd"] == "64" and train.data.params["max_iters"] == "60"
+    assert "n_params_by_group.blocks_attention_qkv" in train.data.params
+    val_history = client.get_metric_history(train.info.run_id, "val_loss")
+    assert sorted(m.step for m in val_history) == [0, 30, 60]
+    assert val_history[-1].value < val_history[0].value
+    for name in ("lr", "tokens_per_sec", "mfu"):
+        assert {m.step for m in client.get_metric_history(train.info.run_id, name)} == {20, 40, 60}
+    train_artifacts = {a.path for a in client.list_artifacts(train.info.run_id)}
+    assert {"parameter_table.txt", "parameter_table.json"} <= train_artifacts
+
+    evaluate = children["evaluate"].data.metrics
+    assert evaluate["val_loss"] == pytest.approx(summary["val_loss"])
+    assert "samples.txt" in {a.path for a in client.list_artifacts(children["sample"].info.run_id)}
+
+    # the model is registered and holds the champion alias
+    name = summary["model"]["name"]
+    assert name == "gptpipe-small-char"
+    assert client.get_model_version_by_alias(name, "champion").version == "1"
+
+    # a worse model (fewer iterations) is registered but does not take the alias
+    second = run("second", "--set", "max_iters=5", "--set", "eval_interval=5")
+    assert "champion unchanged" in second.stdout
+    versions = client.search_model_versions(f"name = '{name}'")
+    assert {v.version for v in versions} == {"1", "2"}
+    assert client.get_model_version_by_alias(name, "champion").version == "1"
+
+    # sampling from the registry works
+    sampled = run_cli(["sample", "--model", f"models:/{name}@champion", "--tracking-uri",
+                       mlflow_server, "--max-new-tokens", "30", "--prompt", "ROMEO:"],
+                      env, tmp_path)  # fmt: skip
+    assert sampled.returncode == 0, sampled.stderr
+    assert sampled.stdout.startswith("ROMEO:")
+
+    # no secret anywhere in MLflow or in what the runs printed
+    run_ids = [r.info.run_id for r in client.search_runs([experiment.experiment_id])]
+    everything = _all_text_in_mlflow(client, run_ids, tmp_path / "artifacts")
+    printed = first.stdout + first.stderr + second.stdout + second.stderr
+    for secret in (s3_env.secret, MLFLOW_SERVER_SECRET):
+        assert secret not in everything
+        assert secret not in printed
+    assert "runs/first" in everything  # the search itself looked at real content
