@@ -134,15 +134,22 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     cfg = build_config(args.preset, args.config, args.set)
     check_nproc(args.nproc, cfg.device)
+    import storage
+
+    store = _absolute_if_local(args.store)
+    # an unusable store, input bucket or tracking server fails here, before any work
+    storage.preflight(store)
+    if args.input.startswith("s3://") and not storage.exists(args.input):
+        raise GptpipeError(f"--input {args.input}: no such object")
     tracker = Tracker(args.tracking_uri, args.experiment)
-    tracker.check()  # an unusable tracking server fails here, before any work
+    tracker.check()
     from flows.pipeline import pipeline
 
     _quiet_user_errors()
     summary = pipeline(
         source=args.input,
         config=cfg.to_dict(),
-        store=_absolute_if_local(args.store),
+        store=store,
         nproc=args.nproc,
         run_id=args.run_id,
         prompt=args.prompt,

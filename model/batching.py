@@ -8,7 +8,6 @@ of batch 2B sees, and a run resumed at step s draws what an uninterrupted run wo
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -20,7 +19,8 @@ from model.data import read_tokens, windows_at
 
 def load_ids(uri: str) -> torch.Tensor:
     """A token Parquet file from the store as one int64 tensor."""
-    ids, _ = read_tokens(io.BytesIO(storage.get_bytes(uri)))
+    with storage.open_read(uri) as f:
+        ids, _ = read_tokens(f)
     return torch.from_numpy(ids.astype(np.int64))
 
 

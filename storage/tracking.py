@@ -52,6 +52,26 @@ def flatten_params(values: dict[str, Any]) -> dict[str, str]:
     return out
 
 
+def _check_health(tracking_uri: str) -> None:
+    import urllib.error
+    import urllib.request
+
+    url = tracking_uri.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(url, timeout=10):
+            return
+    except urllib.error.HTTPError as exc:
+        if exc.code in (401, 403):
+            return  # a server behind auth answers; the real calls carry the credentials
+        reason = f"HTTP {exc.code}"
+    except (OSError, ValueError) as exc:
+        reason = str(getattr(exc, "reason", exc))
+    raise GptpipeError(
+        f"cannot reach the MLflow tracking server at {redact(tracking_uri)} ({reason}): "
+        "start it or fix --tracking-uri / MLFLOW_TRACKING_URI"
+    )
+
+
 def _client(tracking_uri: str | None):
     from mlflow.tracking import MlflowClient
 
@@ -80,7 +100,13 @@ class Tracker:
         return self._experiment_id
 
     def check(self) -> None:
-        """Fail early, with one line, when the tracking server cannot be used."""
+        """Fail early, with one line, when the tracking server cannot be used.
+
+        A server is first asked for /health with a short timeout: MLflow's own client retries a
+        dead server with backoff for minutes before it gives up.
+        """
+        if self.tracking_uri.startswith(("http://", "https://")):
+            _check_health(self.tracking_uri)
         try:
             self.experiment_id  # noqa: B018 - a real round trip
         except Exception as exc:

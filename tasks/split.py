@@ -1,7 +1,5 @@
 from __future__ import annotations
 
-import io
-
 from prefect import get_run_logger, task
 
 import storage
@@ -24,13 +22,14 @@ def split(
 ) -> dict:
     """First (1 - val_fraction) of the tokens for training, the rest for validation."""
     with stage_run(tracking, "split") as run:
-        ids, metadata = read_tokens(io.BytesIO(storage.get_bytes(tokens_uri)))
+        with storage.open_read(tokens_uri) as f:
+            ids, metadata = read_tokens(f)
         train_ids, val_ids = split_tokens(ids, val_fraction, block_size)
         outputs = {}
         for name, part in (("train", train_ids), ("val", val_ids)):
-            buffer = io.BytesIO()
-            write_tokens(part, buffer, {**metadata, "n_tokens": len(part), "split": name})
-            uri = storage.put_bytes(storage.join(run_uri, f"{name}.parquet"), buffer.getvalue())
+            uri = storage.join(run_uri, f"{name}.parquet")
+            with storage.open_write(uri) as f:
+                write_tokens(part, f, {**metadata, "n_tokens": len(part), "split": name})
             outputs[name] = describe(uri)
         record = {
             "val_fraction": val_fraction,

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import io
 from pathlib import PurePosixPath
 from urllib.parse import urlsplit
 
@@ -38,9 +37,9 @@ def tokenize(
             "n_tokens": len(ids),
             "source_sha256": source_sha256,
         }
-        buffer = io.BytesIO()
-        write_tokens(ids, buffer, metadata)
-        tokens_uri = storage.put_bytes(storage.join(run_uri, "tokens.parquet"), buffer.getvalue())
+        tokens_uri = storage.join(run_uri, "tokens.parquet")
+        with storage.open_write(tokens_uri) as f:
+            write_tokens(ids, f, metadata)
         outputs = {"tokenizer": describe(tokenizer_uri), "tokens": describe(tokens_uri)}
         manifest = {**metadata, "source": source, "outputs": outputs}
 
