@@ -4,20 +4,28 @@ The lecture's full config (block_size 256, n_embd 384, 6 heads, 6 layers, vocab 
 weights, the same on both sides (`GPT.from_lecture_state_dict` of the reference's state_dict),
 batch 1, float32, eval mode, temperature 1. Both sides run in one process in alternating rounds;
 the table shows median seconds per call, new tokens/s and the ratio. The lecture's loop is timed
-under torch.no_grad (the lecture's script calls it without, which is slower still).
+under torch.no_grad (the lecture's script calls it without, so it also records autograd
+graphs).
 
 A case is PROMPT:NEW, a prompt of PROMPT tokens extended by NEW tokens. While the sequence fits
 in block_size the cache makes each new token cost one position; past block_size every step runs
 the whole 256-token window again on both sides (see `GPT.generate`), so that case's ratio is
 mostly the fused model's against the per-head one.
 
-    .venv/bin/python -m bench.generate [--rounds 5] [--cases 1:255 1:500] [--uncached]
-    .venv/bin/python -m bench.generate --quick    # 1:64 and 250:20, 3 rounds
+A case that fits in block_size gets --rounds rounds (5), a longer one --long-rounds (3): on an
+idle 2-core machine the default run takes about 2 minutes, nearly all of it the lecture's loop and
+the 500-token case. Timings on a shared machine swing by several times with the other load (small
+ops suffer most), so the load average is printed before and after.
+
+    .venv/bin/python -m bench.generate [--rounds 5] [--long-rounds 3] [--cases 1:255 1:500]
+    .venv/bin/python -m bench.generate --quick    # 1:64 and 250:20, 3 rounds each
+    .venv/bin/python -m bench.generate --uncached # also gptpipe without the cache
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 
 import torch
 
@@ -56,7 +64,8 @@ def make_sides(reference: GPTLanguageModel, ours: GPT, prompt: int, new: int, un
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=5, help="alternating rounds per case")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds of a case within block")
+    parser.add_argument("--long-rounds", type=int, default=3, help="rounds of a longer case")
     parser.add_argument("--cases", nargs="+", type=parse_case, default=None, metavar="P:N")
     parser.add_argument("--quick", action="store_true", help="cases 1:64 250:20, 3 rounds")
     parser.add_argument(
@@ -64,7 +73,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     cases = args.cases or ([(1, 64), (250, 20)] if args.quick else [(1, 255), (1, 500)])
-    rounds = 3 if args.quick and args.rounds == 5 else args.rounds
+    rounds, long_rounds = (3, 3) if args.quick else (args.rounds, args.long_rounds)
 
     torch.manual_seed(0)
     reference = GPTLanguageModel(**LECTURE_SHAPE, dropout=0.0).eval()
@@ -73,7 +82,7 @@ def main() -> None:
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads; lecture config "
         f"(block_size {block_size}, n_embd 384, 6 heads, 6 layers, vocab 65), batch 1, float32; "
-        f"{rounds} alternating rounds per case, medians",
+        f"load average {os.getloadavg()[0]:.2f}",
         flush=True,
     )
     header = f"{'case':<18} {'side':<9} {'median s':>9} {'new tok/s':>10} {'vs lecture':>11}"
@@ -82,9 +91,11 @@ def main() -> None:
         sides = make_sides(reference, ours, prompt, new, args.uncached)
         for warm in make_sides(reference, ours, prompt, min(new, 4), args.uncached).values():
             warm()  # a short warm-up call per side instead of a whole timed one
-        times = alternate(sides, rounds, warmup=0)
-        where = "<= block" if prompt + new <= block_size else "> block"
+        fits = prompt + new <= block_size
+        times = alternate(sides, rounds if fits else long_rounds, warmup=0)
+        where = "<= block" if fits else "> block"
         lecture_s = median(times["lecture"])
+        print(f"{len(times['lecture'])} alternating rounds, medians:", flush=True)
         for name, values in times.items():
             seconds = median(values)
             print(
@@ -96,3 +107,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    print(f"load average {os.getloadavg()[0]:.2f}")

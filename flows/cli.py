@@ -91,6 +91,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="registered model name (default gptpipe-<corpus file name>-<tokenizer>)",
     )
     run.add_argument("--run-id", help="name of the run folder (default: time + random)")
+    run.add_argument(
+        "--refresh",
+        action="append",
+        default=[],
+        metavar="STAGE",
+        help="run a cached stage again: tokenize, split, train or all (repeatable)",
+    )
+    run.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted training (same data and config) from its last checkpoint",
+    )
     run.add_argument("--prompt", default="", help="prompt for the sample at the end")
     run.add_argument("--sample-tokens", type=int, default=500, help="tokens to sample (500)")
 
@@ -131,9 +143,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     from model.config import build_config
     from model.launch import check_nproc
     from storage.tracking import Tracker
+    from tasks.cache import check_refresh
 
     cfg = build_config(args.preset, args.config, args.set)
     check_nproc(args.nproc, cfg.device)
+    check_refresh(args.refresh)
     import storage
 
     store = _absolute_if_local(args.store)
@@ -157,6 +171,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         tracking_uri=tracker.tracking_uri,
         experiment=args.experiment,
         model_name=args.model_name,
+        refresh=args.refresh,
+        resume=args.resume,
     )
     print_summary(summary)
     return 0
@@ -190,6 +206,9 @@ def print_summary(summary: dict) -> None:
     lines.append(
         f"  model      {model['name']} version {model['version']} ({champion}: {model['reason']})"
     )
+    reused = [stage for stage, cached in summary["cached"].items() if cached]
+    if reused:
+        lines.append(f"  re-used from cache (same content and settings): {', '.join(reused)}")
     lines.append("  sample:")
     excerpt = summary["sample"][:300]
     lines += ["    " + line for line in excerpt.splitlines()]

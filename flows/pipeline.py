@@ -14,6 +14,7 @@ from prefect import flow, get_run_logger
 import storage
 from model.config import config_from_dict
 from storage.tracking import DEFAULT_EXPERIMENT, Tracker, model_name_for, redact
+from tasks.cache import check_refresh
 from tasks.evaluate import evaluate
 from tasks.register import register_model
 from tasks.sample import sample
@@ -43,6 +44,8 @@ def pipeline(
     tracking_uri: str | None = None,
     experiment: str = DEFAULT_EXPERIMENT,
     model_name: str | None = None,
+    refresh: list[str] | None = None,
+    resume: bool = False,
 ) -> dict:
     """Run every stage once; return (and store) the run's summary."""
     cfg = config_from_dict(config or {})
@@ -59,8 +62,8 @@ def pipeline(
                        "store": redact(run_uri)})  # fmt: skip
     logger.info("run %s -> %s (MLflow run %s)", run_id, run_uri, parent_id)
     try:
-        summary = _stages(cfg, source, run_uri, run_id, nproc, prompt, sample_tokens, tracking,
-                          model_name)  # fmt: skip
+        summary = _stages(cfg, source, store, run_uri, run_id, nproc, prompt, sample_tokens,
+                          tracking, model_name, check_refresh(refresh or []), resume)  # fmt: skip
     except BaseException:
         tracker.client.set_terminated(parent_id, "FAILED")
         raise
@@ -77,17 +80,54 @@ def pipeline(
     storage.put_bytes(
         storage.join(run_uri, "summary.json"), json.dumps(summary, indent=2).encode("utf-8")
     )
+    publish_report(summary)
     return summary
 
 
-def _stages(cfg, source, run_uri, run_id, nproc, prompt, sample_tokens, tracking, model_name):
-    tokenized = tokenize(source, run_uri, cfg.tokenizer, cfg.vocab_size, tracking)
-    tokens_uri = tokenized["outputs"]["tokens"]["uri"]
-    tokenizer_uri = tokenized["outputs"]["tokenizer"]["uri"]
-    splits = split(tokens_uri, run_uri, cfg.val_fraction, cfg.block_size, tracking)
+def publish_report(summary: dict) -> None:
+    """A Prefect markdown artifact: what a user watching the Prefect UI wants to see."""
+    from prefect.artifacts import create_markdown_artifact
+
+    mlflow_info, model = summary["mlflow"], summary["model"]
+    run_link = mlflow_info["run_url"] or f"{mlflow_info['run_id']} at {mlflow_info['tracking_uri']}"
+    reused = ", ".join(k for k, v in summary["cached"].items() if v) or "nothing"
+    fence = "`" * 3
+    lines = [
+        f"# gptpipe run {summary['run_id']}",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| final train loss (eval mode) | {summary['train_loss']:.4f} |",
+        f"| final val loss (eval mode) | {summary['val_loss']:.4f} |",
+        f"| parameters | {summary['n_params']:,} |",
+        f"| ranks | {summary['world_size']} |",
+        f"| MLflow run | {run_link} |",
+        f"| registered model | {model['name']} version {model['version']} |",
+        f"| re-used from cache | {reused} |",
+        "",
+        "| output | URI |",
+        "|---|---|",
+        *[f"| {name} | `{uri}` |" for name, uri in summary["outputs"].items()],
+        "",
+        "Sample:",
+        "",
+        fence,
+        summary["sample"][:400].replace(fence, fence.replace("`", "'")),
+        fence,
+    ]
+    create_markdown_artifact("\n".join(lines), key="gptpipe-run", description="pipeline run")
+
+
+def _stages(cfg, source, store, run_uri, run_id, nproc, prompt, sample_tokens, tracking,
+            model_name, refresh, resume):  # fmt: skip
+    tokenized = tokenize(source, store, cfg.tokenizer, cfg.vocab_size, tracking,
+                         refresh="tokenize" in refresh)  # fmt: skip
+    tokens, tokenizer = tokenized["outputs"]["tokens"], tokenized["outputs"]["tokenizer"]
+    splits = split(tokens, store, cfg.val_fraction, cfg.block_size, tracking,
+                   refresh="split" in refresh)  # fmt: skip
     train_uri, val_uri = splits["outputs"]["train"]["uri"], splits["outputs"]["val"]["uri"]
-    trained = train(cfg.to_dict(), train_uri, val_uri, tokenizer_uri, run_uri, nproc,
-                    tracking=tracking)  # fmt: skip
+    trained = train(cfg.to_dict(), splits, tokenizer, store, nproc, resume=resume,
+                    tracking=tracking, refresh="train" in refresh)  # fmt: skip
     checkpoint_uri = trained["checkpoint"]
     evaluated = evaluate(
         checkpoint_uri, train_uri, val_uri, cfg.eval_iters, cfg.batch_size, cfg.seed, tracking
@@ -101,7 +141,7 @@ def _stages(cfg, source, run_uri, run_id, nproc, prompt, sample_tokens, tracking
         trained["mlflow_run_id"],
         evaluated["val_loss"],
         val_uri,
-        tokenizer_uri,
+        tokenizer["uri"],
         cfg.eval_iters,
         cfg.batch_size,
         cfg.seed,
@@ -117,14 +157,19 @@ def _stages(cfg, source, run_uri, run_id, nproc, prompt, sample_tokens, tracking
         "train_loss": evaluated["train_loss"],
         "val_loss": evaluated["val_loss"],
         "outputs": {
-            "tokenizer": tokenizer_uri,
-            "tokens": tokens_uri,
+            "tokenizer": tokenizer["uri"],
+            "tokens": tokens["uri"],
             "train": train_uri,
             "val": val_uri,
             "checkpoint": checkpoint_uri,
             "samples": sampled["outputs"]["samples"]["uri"],
         },
         "sample": sampled["text"],
+        "cached": {
+            "tokenize": tokenized["cached"],
+            "split": splits["cached"],
+            "train": trained["cached"],
+        },  # fmt: skip
         "model": {**registered, "uri": trained["model_uri"]},
         "stages": {
             "tokenize": tokenized,

@@ -32,13 +32,58 @@ def check_nproc(nproc: int, device: str = "auto") -> None:
         )
 
 
-def train_command(nproc: int) -> list[str]:
+RDZV_BACKENDS = ("c10d", "static")
+
+
+def train_command(
+    nproc: int,
+    nnodes: int = 1,
+    node_rank: int = 0,
+    rdzv_endpoint: str | None = None,
+    rdzv_id: str = "gptpipe",
+    rdzv_backend: str = "c10d",
+) -> list[str]:
+    """The launcher: nproc ranks on this machine, times nnodes machines when nnodes > 1.
+
+    Several nodes meet through torchrun's rendezvous at rdzv_endpoint (HOST:PORT, the same on
+    every node). With the c10d backend (torchrun's documented, fault-tolerant way) the store is
+    hosted by the node whose address is HOST and global ranks are assigned at the rendezvous, so
+    node_rank is not passed (torchrun ignores it there). With the static backend node_rank R
+    gets global ranks R*nproc .. R*nproc+nproc-1: node 0 holds rank 0, which writes the outputs.
+    """
+    if nnodes > 1:
+        return [sys.executable, "-m", "torch.distributed.run",
+                *multinode_args(nnodes, node_rank, rdzv_endpoint, rdzv_id, rdzv_backend),
+                f"--nproc_per_node={nproc}", "-m", "model.train"]  # fmt: skip
     if nproc == 1:
         return [sys.executable, "-m", "model.train"]
     return [
         sys.executable, "-m", "torch.distributed.run",
         "--standalone", f"--nproc_per_node={nproc}", "-m", "model.train",
     ]  # fmt: skip
+
+
+def multinode_args(
+    nnodes: int, node_rank: int, rdzv_endpoint: str | None, rdzv_id: str, rdzv_backend: str
+) -> list[str]:
+    """torchrun's flags for one node of nnodes; checks them with one-line errors."""
+    if rdzv_backend not in RDZV_BACKENDS:
+        raise GptpipeError(
+            f"rdzv_backend must be one of {', '.join(RDZV_BACKENDS)}, got {rdzv_backend!r}"
+        )
+    if not 0 <= node_rank < nnodes:
+        raise GptpipeError(f"node_rank must be in 0..{nnodes - 1}, got {node_rank}")
+    host, sep, port = (rdzv_endpoint or "").rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise GptpipeError(
+            f"training on {nnodes} nodes needs rdzv_endpoint HOST:PORT (the same on every "
+            f"node), got {rdzv_endpoint!r}"
+        )
+    args = [f"--nnodes={nnodes}", f"--rdzv_backend={rdzv_backend}",
+            f"--rdzv_endpoint={rdzv_endpoint}"]  # fmt: skip
+    if rdzv_backend == "static":
+        return [*args, f"--node_rank={node_rank}"]
+    return [*args, f"--rdzv_id={rdzv_id}"]
 
 
 def launch_training(
@@ -51,10 +96,21 @@ def launch_training(
     resume: bool = False,
     on_line: Callable[[str], None] = print,
     extra_env: dict[str, str] | None = None,
+    nnodes: int = 1,
+    node_rank: int = 0,
+    rdzv_endpoint: str | None = None,
+    rdzv_id: str = "gptpipe",
+    rdzv_backend: str = "c10d",
 ) -> dict:
-    """Run training to the end, passing each output line to on_line; return its summary."""
+    """Run training to the end, passing each output line to on_line; return its summary.
+
+    With nnodes > 1, call this on every node (same arguments but node_rank); out_uri should be a
+    store every node reaches (s3://, a shared filesystem): global rank 0 writes the checkpoint and
+    the summary there. A node that cannot see them returns {"node_rank": R} only.
+    """
     check_nproc(nproc, cfg.device)
-    cmd = train_command(nproc) + [
+    launcher = train_command(nproc, nnodes, node_rank, rdzv_endpoint, rdzv_id, rdzv_backend)
+    cmd = launcher + [
         "--train", train_uri, "--val", val_uri, "--tokenizer", tokenizer_uri, "--out", out_uri,
         "--config-json", json.dumps(cfg.to_dict()),
     ]  # fmt: skip
@@ -78,4 +134,7 @@ def launch_training(
         if errors:
             raise GptpipeError(errors[0].removeprefix("error: "))
         raise RuntimeError(f"training exited with code {code}; last output:\n" + "\n".join(tail))
-    return json.loads(storage.get_bytes(storage.join(out_uri, SUMMARY_NAME)))
+    summary_uri = storage.join(out_uri, SUMMARY_NAME)
+    if nnodes > 1 and not storage.exists(summary_uri):
+        return {"node_rank": node_rank}  # rank 0 ran on another node and wrote elsewhere
+    return json.loads(storage.get_bytes(summary_uri))

@@ -117,7 +117,6 @@ def train(
         history = list(ckpt.get("history", []))
         torch.set_rng_state(ckpt["rng"]["torch"])
         p0(f"resumed from step {step} ({ckpt_uri})")
-    torch.manual_seed(seed_for(cfg.seed, info.rank, step))  # dropout differs per rank
 
     use_cuda = info.device.type == "cuda"
     if use_cuda:
@@ -201,6 +200,9 @@ def train(
         if step % cfg.eval_interval == 0 and not (history and history[-1]["step"] == step):
             evaluate_now(step)
             window_start, window_steps = time.perf_counter(), 0
+        # dropout's randomness is a function of (seed, rank, step), like the batches, so a run
+        # resumed from a checkpoint continues exactly as an uninterrupted one
+        torch.manual_seed(seed_for(cfg.seed, info.rank, step))
         lr = get_lr(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -233,6 +235,7 @@ def train(
             window_start, window_steps = time.perf_counter(), 0
         if cfg.checkpoint_interval and step % cfg.checkpoint_interval == 0 and step < cfg.max_iters:
             checkpoint_now(step)
+            p0(f"checkpoint at step {step}: {ckpt_uri}")
     train_seconds = time.perf_counter() - train_start
     final = history[-1] if history and history[-1]["step"] == step else evaluate_now(step)
     checkpoint_now(step)

@@ -1,63 +1,88 @@
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 
 from prefect import get_run_logger, task
+from prefect.runtime import task_run
 
 import storage
 from model.config import config_from_dict
 from model.launch import launch_training
+from model.train import SUMMARY_NAME
 from storage.tracking import RUN_ID_ENV
+from tasks.cache import cache_key, load_manifest, save_manifest, stage_dir
 from tasks.common import describe, stage_run, tracker_for
 
 
-@task(name="train")
+@task(name="train", retries=1, retry_delay_seconds=5)
 def train(
     config: dict,
-    train_uri: str,
-    val_uri: str,
-    tokenizer_uri: str,
-    run_uri: str,
+    split: dict,
+    tokenizer: dict,
+    store: str,
     nproc: int = 1,
     resume: bool = False,
     tracking: dict | None = None,
+    refresh: bool = False,
 ) -> dict:
-    """Train on nproc ranks (rank 0 logs to MLflow), then log the weights as an MLflow model."""
+    """Train on nproc ranks (rank 0 logs to MLflow), then log the weights as an MLflow model.
+
+    Keyed on the split data, the tokenizer, the config, nproc and the training code: the same
+    inputs re-use a finished training. A retry of this task, or `--resume`, continues from the
+    folder's last checkpoint instead of starting again.
+    """
     logger = get_run_logger()
-    out_uri = storage.join(run_uri, "train")
+    outputs = split["outputs"]
+    key = cache_key("train", train=outputs["train"]["sha256"], val=outputs["val"]["sha256"],
+                    tokenizer=tokenizer["sha256"], config=config, nproc=nproc)  # fmt: skip
+    folder = stage_dir(store, "train", key)
+    resume = resume or task_run.run_count > 1
     with stage_run(tracking, "train") as run:
-        extra_env = {}
-        if run.run_id:
-            extra_env = {RUN_ID_ENV: run.run_id, "MLFLOW_TRACKING_URI": tracking["uri"]}
-        summary = launch_training(
-            config_from_dict(config),
-            train_uri,
-            val_uri,
-            tokenizer_uri,
-            out_uri,
-            nproc=nproc,
-            resume=resume,
-            on_line=logger.info,
-            extra_env=extra_env,
-        )
+        manifest = None if refresh else load_manifest(folder)
+        cached = manifest is not None
+        if cached:
+            summary = json.loads(storage.get_bytes(storage.join(folder, SUMMARY_NAME)))
+            logger.info("train: re-using %s (cached: same data, config and code)", folder)
+            run.log_params({"cached": True, "cache_key": key, "n_params": summary["n_params"],
+                            "world_size": summary["world_size"]})  # fmt: skip
+        else:
+            extra_env = {}
+            if run.run_id:
+                extra_env = {RUN_ID_ENV: run.run_id, "MLFLOW_TRACKING_URI": tracking["uri"]}
+            summary = launch_training(
+                config_from_dict(config),
+                outputs["train"]["uri"],
+                outputs["val"]["uri"],
+                tokenizer["uri"],
+                folder,
+                nproc=nproc,
+                resume=resume,
+                on_line=logger.info,
+                extra_env=extra_env,
+            )
+            run.log_params({"cached": False, "cache_key": key})
         checkpoint = describe(summary["checkpoint"])
+        if not cached:
+            save_manifest(folder, {"checkpoint": checkpoint, "config": config, "nproc": nproc})
         run.record_io(
-            {
-                "train": describe(train_uri),
-                "val": describe(val_uri),
-                "tokenizer": describe(tokenizer_uri),
-            },
+            {"train": outputs["train"], "val": outputs["val"], "tokenizer": tokenizer},
             {"checkpoint": checkpoint},
         )
-        model_uri = None
-        tracker = tracker_for(tracking)
-        if tracker is not None:
-            from storage.registry import log_model
-
-            with tempfile.TemporaryDirectory() as tmp:
-                local = storage.get_file(summary["checkpoint"], Path(tmp) / "ckpt.pt")
-                model_uri = log_model(tracker, run.run_id, local)
+        model_uri = _log_model(tracking, run.run_id, summary["checkpoint"])
+        if model_uri:
             logger.info("logged the model to MLflow as %s", model_uri)
-    return {**summary, "outputs": {"checkpoint": checkpoint}, "model_uri": model_uri,
-            "mlflow_run_id": run.run_id}  # fmt: skip
+    return {**summary, "cached": cached, "outputs": {"checkpoint": checkpoint},
+            "model_uri": model_uri, "mlflow_run_id": run.run_id}  # fmt: skip
+
+
+def _log_model(tracking: dict | None, run_id: str | None, checkpoint_uri: str) -> str | None:
+    tracker = tracker_for(tracking)
+    if tracker is None:
+        return None
+    from storage.registry import log_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        local = storage.get_file(checkpoint_uri, Path(tmp) / "ckpt.pt")
+        return log_model(tracker, run_id, local)

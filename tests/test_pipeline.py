@@ -17,14 +17,16 @@ TINY = [
 ]  # fmt: skip
 
 
-def run_pipeline(small_corpus: Path, env: dict, cwd: Path, nproc: int):
+def run_pipeline(small_corpus: Path, env: dict, cwd: Path, nproc: int, run_id: str = "",
+                 extra: tuple | list = ()):  # fmt: skip
+    run_id = run_id or f"e2e-{nproc}"
     result = run_cli(
         ["run", "--input", str(small_corpus), *TINY, "--nproc", str(nproc),
-         "--run-id", f"e2e-{nproc}", "--sample-tokens", "80", "--store", str(cwd / "store")],
+         "--run-id", run_id, "--sample-tokens", "80", "--store", str(cwd / "store"), *extra],
         env, cwd,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    run_dir = cwd / "store" / "runs" / f"e2e-{nproc}"
+    run_dir = cwd / "store" / "runs" / run_id
     return result, run_dir, json.loads((run_dir / "summary.json").read_text())
 
 
@@ -34,14 +36,16 @@ def test_gptpipe_run_end_to_end(small_corpus, cli_env, tmp_path, nproc):
     result, run_dir, summary = run_pipeline(small_corpus, cli_env, tmp_path, nproc)
     output = result.stdout + result.stderr
 
-    # every stage wrote its outputs into the run's folder
-    for name in ("tokenizer.json", "tokens.parquet", "train.parquet", "val.parquet",
-                 "train/ckpt.pt", "train/summary.json", "samples.txt"):  # fmt: skip
-        assert (run_dir / name).is_file(), name
-    ids, meta = read_tokens(str(run_dir / "tokens.parquet"))
-    assert len(ids) == 60_000 and meta["vocab_size"] == summary["stages"]["tokenize"]["vocab_size"]
-    n_train = summary["stages"]["split"]["n_train_tokens"]
-    assert n_train == 54_000 and summary["stages"]["split"]["n_val_tokens"] == 6_000
+    # every stage wrote its outputs into the store; the run's folder has the samples and summary
+    outputs = summary["outputs"]
+    for name in ("tokenizer", "tokens", "train", "val", "checkpoint", "samples"):
+        assert Path(outputs[name]).is_file(), name
+    assert outputs["samples"] == str(run_dir / "samples.txt")
+    ids, meta = read_tokens(outputs["tokens"])
+    assert len(ids) == 60_000
+    assert meta["vocab_size"] == summary["stages"]["tokenize"]["metadata"]["vocab_size"]
+    split_meta = summary["stages"]["split"]["metadata"]
+    assert split_meta["n_train_tokens"] == 54_000 and split_meta["n_val_tokens"] == 6_000
 
     # training ran on the asked ranks, learned something, and the evaluation is eval-mode
     assert summary["world_size"] == nproc
@@ -54,14 +58,14 @@ def test_gptpipe_run_end_to_end(small_corpus, cli_env, tmp_path, nproc):
     # the closing summary names the run, the losses and where each output is
     assert f"run e2e-{nproc}:" in result.stdout
     assert f"val {summary['val_loss']:.4f}" in result.stdout
-    assert str(run_dir / "train" / "ckpt.pt") in result.stdout
+    assert outputs["checkpoint"] in result.stdout
     assert "Traceback" not in output
 
 
 @pytest.mark.slow
 def test_sample_command_is_deterministic_and_checks_the_prompt(small_corpus, cli_env, tmp_path):
-    _, run_dir, _ = run_pipeline(small_corpus, cli_env, tmp_path, 1)
-    ckpt = str(run_dir / "train" / "ckpt.pt")
+    _, _, summary = run_pipeline(small_corpus, cli_env, tmp_path, 1)
+    ckpt = summary["outputs"]["checkpoint"]
 
     def sample(*extra: str):
         return run_cli(["sample", "--checkpoint", ckpt, "--max-new-tokens", "60", *extra],
@@ -77,3 +81,27 @@ def test_sample_command_is_deterministic_and_checks_the_prompt(small_corpus, cli
     assert unknown.returncode == 2
     assert "'\u00e9'" in unknown.stderr and "'\u20ac'" in unknown.stderr
     assert unknown.stderr.startswith("error:") and "Traceback" not in unknown.stderr
+
+
+@pytest.mark.slow
+def test_second_run_reuses_cached_stages(small_corpus, cli_env, tmp_path):
+    """Stages are keyed on content: the same data and settings re-use the stored results."""
+    first, _, one = run_pipeline(small_corpus, cli_env, tmp_path, 1, run_id="a")
+    assert one["cached"] == {"tokenize": False, "split": False, "train": False}
+    stamps = {name: Path(one["outputs"][name]).stat().st_mtime_ns
+              for name in ("tokens", "train", "checkpoint")}  # fmt: skip
+
+    second, _, two = run_pipeline(small_corpus, cli_env, tmp_path, 1, run_id="b")
+    assert two["cached"] == {"tokenize": True, "split": True, "train": True}
+    assert "re-used from cache (same content and settings): tokenize, split, train" in second.stdout
+    assert "tokenize: re-using" in second.stdout + second.stderr
+    for name, stamp in stamps.items():
+        assert two["outputs"][name] == one["outputs"][name]
+        assert Path(two["outputs"][name]).stat().st_mtime_ns == stamp, f"{name} was rewritten"
+
+    # a training setting re-runs training only; --refresh re-runs a stage with unchanged inputs
+    changed = ["--set", "learning_rate=0.002", "--refresh", "tokenize"]
+    _, _, three = run_pipeline(small_corpus, cli_env, tmp_path, 1, run_id="c", extra=changed)
+    assert three["cached"] == {"tokenize": False, "split": True, "train": False}
+    assert three["outputs"]["checkpoint"] != one["outputs"]["checkpoint"]
+    assert three["outputs"]["tokens"] == one["outputs"]["tokens"]  # same content, same key

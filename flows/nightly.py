@@ -1,0 +1,56 @@
+"""The nightly retrain: the whole pipeline on the newest data, deployed by deploy/prefect.yaml.
+
+It runs the `pipeline` flow as a subflow, which registers the new model version and moves the
+`champion` alias only when the new model's val loss beats the champion's on the same val data.
+Unset `source` and `store` fall back to $GPTPIPE_INPUT and $GPTPIPE_STORE (so a worker's
+environment can point every run at the team's bucket), then to the pipeline's own defaults.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prefect import flow, get_run_logger
+
+from flows.pipeline import DEFAULT_STORE, TINY_SHAKESPEARE_URL, new_run_id, pipeline
+from model.config import build_config
+from storage.tracking import DEFAULT_EXPERIMENT
+
+
+@flow(name="nightly-retrain")
+def nightly_retrain(
+    source: str | None = None,
+    preset: str | None = None,
+    overrides: list[str] | None = None,
+    nproc: int = 1,
+    batch_size: int | None = None,
+    store: str | None = None,
+    tracking_uri: str | None = None,
+    experiment: str = DEFAULT_EXPERIMENT,
+    model_name: str | None = None,
+    run_id: str | None = None,
+) -> dict:
+    """Retrain on the newest data; `champion` moves only if the new model is better."""
+    logger = get_run_logger()
+    extra = [f"batch_size={batch_size}"] if batch_size is not None else []
+    cfg = build_config(preset, None, [*(overrides or []), *extra])
+    source = source or os.environ.get("GPTPIPE_INPUT") or TINY_SHAKESPEARE_URL
+    store = store or os.environ.get("GPTPIPE_STORE") or DEFAULT_STORE
+    if "://" not in store:
+        store = os.path.abspath(store)  # relative to the deployment's working directory
+    summary = pipeline(
+        source=source,
+        config=cfg.to_dict(),
+        store=store,
+        nproc=nproc,
+        run_id=run_id or f"nightly-{new_run_id()}",
+        tracking_uri=tracking_uri,
+        experiment=experiment,
+        model_name=model_name,
+    )
+    model = summary["model"]
+    logger.info(
+        "%s version %s: %s (%s)", model["name"], model["version"],
+        "now champion" if model["champion"] else "champion unchanged", model["reason"],
+    )  # fmt: skip
+    return summary
