@@ -29,6 +29,7 @@ def nightly_retrain(
     experiment: str = DEFAULT_EXPERIMENT,
     model_name: str | None = None,
     run_id: str | None = None,
+    sample_tokens: int = 500,
 ) -> dict:
     """Retrain on the newest data; `champion` moves only if the new model is better."""
     logger = get_run_logger()
@@ -47,6 +48,7 @@ def nightly_retrain(
         tracking_uri=tracking_uri,
         experiment=experiment,
         model_name=model_name,
+        sample_tokens=sample_tokens,
     )
     model = summary["model"]
     logger.info(
