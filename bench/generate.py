@@ -15,7 +15,8 @@ mostly the fused model's against the per-head one.
 A case that fits in block_size gets --rounds rounds (5), a longer one --long-rounds (3): on an
 idle 2-core machine the default run takes about 2 minutes, nearly all of it the lecture's loop and
 the 500-token case. Timings on a shared machine swing by several times with the other load (small
-ops suffer most), so the load average is printed before and after.
+ops suffer most), so the load average is printed before and after; --threads 1 is much less
+sensitive to it.
 
     .venv/bin/python -m bench.generate [--rounds 5] [--long-rounds 3] [--cases 1:255 1:500]
     .venv/bin/python -m bench.generate --quick    # 1:64 and 250:20, 3 rounds each
@@ -69,12 +70,17 @@ def main() -> None:
     parser.add_argument("--cases", nargs="+", type=parse_case, default=None, metavar="P:N")
     parser.add_argument("--quick", action="store_true", help="cases 1:64 250:20, 3 rounds")
     parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads (default: torch's)"
+    )
+    parser.add_argument(
         "--uncached", action="store_true", help="also time gptpipe's generate without the cache"
     )
     args = parser.parse_args()
     cases = args.cases or ([(1, 64), (250, 20)] if args.quick else [(1, 255), (1, 500)])
     rounds, long_rounds = (3, 3) if args.quick else (args.rounds, args.long_rounds)
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     reference = GPTLanguageModel(**LECTURE_SHAPE, dropout=0.0).eval()
     ours = GPT.from_lecture_state_dict(reference.state_dict()).eval()

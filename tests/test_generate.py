@@ -43,6 +43,15 @@ def lecture_greedy(ref: GPTLanguageModel, idx: torch.Tensor, n: int) -> torch.Te
     return idx
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These models are tiny: one thread is as fast, and immune to a busy machine's other load."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def seed_pair():
     return pair(SEED_SHAPE)

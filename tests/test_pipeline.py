@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -60,6 +61,17 @@ def test_gptpipe_run_end_to_end(small_corpus, cli_env, tmp_path, nproc):
     assert f"val {summary['val_loss']:.4f}" in result.stdout
     assert outputs["checkpoint"] in result.stdout
     assert "Traceback" not in output
+
+    # the flow published its report as a Prefect markdown artifact
+    request = urllib.request.Request(
+        f"{cli_env['PREFECT_API_URL']}/artifacts/filter",
+        data=json.dumps({"artifacts": {"key": {"any_": ["gptpipe-run"]}}}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        reports = [a["data"] for a in json.load(response) if f"run e2e-{nproc}" in a["data"]]
+    assert reports and f"{summary['val_loss']:.4f}" in reports[0]
+    assert summary["mlflow"]["run_id"] in reports[0]
 
 
 @pytest.mark.slow

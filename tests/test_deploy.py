@@ -1,0 +1,372 @@
+"""deploy/: the files refer to each other correctly, and the nightly deployment runs for real.
+
+The fast tests read prefect.yaml, the work-pool job templates, compose.yaml, the env file example
+and the Dockerfiles (no docker engine needed). The slow test deploys deploy/prefect.yaml to a real
+Prefect server with `prefect deploy`, and has a real process worker run the nightly deployment.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+import yaml
+from prefect.utilities.templating import apply_values, find_placeholders
+
+REPO = Path(__file__).resolve().parents[1]
+DEPLOY = REPO / "deploy"
+DOCKER_TEMPLATE = DEPLOY / "gpu-docker-job-template.json"
+K8S_TEMPLATE = DEPLOY / "gpu-kubernetes-job-template.json"
+# the pools the docs tell users to create, by name and type
+POOLS = {
+    "local": "prefect work-pool create local --type process",
+    "gpu": "prefect work-pool create gpu --type docker "
+    "--base-job-template deploy/gpu-docker-job-template.json",
+}
+
+
+def load_yaml(path: Path) -> dict:
+    return yaml.safe_load(path.read_text(encoding="utf-8"))
+
+
+def prefect_yaml() -> dict:
+    return load_yaml(DEPLOY / "prefect.yaml")
+
+
+def compose() -> dict:
+    return load_yaml(DEPLOY / "compose.yaml")
+
+
+def env_example() -> dict[str, str]:
+    pairs = {}
+    for line in (DEPLOY / ".env.example").read_text(encoding="utf-8").splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            key, sep, value = line.partition("=")
+            assert sep, f".env.example: not KEY=VALUE: {line!r}"
+            pairs[key.strip()] = value
+    return pairs
+
+
+def variable_defaults(template: dict) -> dict:
+    props = template["variables"]["properties"]
+    return {name: spec.get("default") for name, spec in props.items()}
+
+
+def command_text(service: dict) -> str:
+    command = service.get("command", "")
+    return " ".join(command) if isinstance(command, list) else command
+
+
+def option(service: dict, name: str) -> str:
+    """The value after `name` in a service's command list."""
+    command = service["command"]
+    return command[command.index(name) + 1]
+
+
+# ----------------------------------------------------------------------------- prefect.yaml
+
+
+def test_deployments_point_at_a_real_flow_and_take_its_parameters():
+    config = prefect_yaml()
+    deployments = {d["name"]: d for d in config["deployments"]}
+    assert set(deployments) == {"nightly-retrain", "nightly-retrain-gpu"}
+    for name, deployment in deployments.items():
+        # entrypoints resolve against the folder `prefect deploy` runs in: the project root
+        path, _, function = deployment["entrypoint"].partition(":")
+        assert (REPO / path).is_file(), f"{name}: {path} does not exist"
+        module = importlib.import_module(path.removesuffix(".py").replace("/", "."))
+        flow = getattr(module, function)
+        assert flow.name == "nightly-retrain"
+        signature = inspect.signature(flow.fn).parameters
+        assert {"nproc", "batch_size"} <= set(deployment["parameters"]), name
+        assert set(deployment["parameters"]) <= set(signature), name
+        schedule = deployment["schedules"][0]
+        assert (schedule["cron"], schedule["timezone"]) == ("0 2 * * *", "UTC")
+    assert deployments["nightly-retrain"]["work_pool"]["name"] == "local"
+    assert deployments["nightly-retrain-gpu"]["work_pool"]["name"] == "gpu"
+
+
+def test_work_pools_of_the_deployments_are_documented():
+    used = {d["work_pool"]["name"] for d in prefect_yaml()["deployments"]}
+    assert used == set(POOLS)
+    docs = "".join(
+        p.read_text(encoding="utf-8") for p in (REPO / "docs" / "deploy.md", REPO / "README.md")
+        if p.is_file()
+    )  # fmt: skip
+    for pool, create in POOLS.items():
+        assert create in docs, f"the docs do not say how to create the {pool!r} pool: {create}"
+        assert create in (DEPLOY / "prefect.yaml").read_text(encoding="utf-8")
+
+
+def test_pull_step_goes_to_the_checkout_the_image_has():
+    (step,) = prefect_yaml()["pull"]
+    directory = step["prefect.deployments.steps.set_working_directory"]["directory"]
+    (placeholder,) = find_placeholders(directory)
+    assert placeholder.name == "$GPTPIPE_HOME"  # read from the flow run's environment
+    dockerfile = (DEPLOY / "Dockerfile").read_text(encoding="utf-8")
+    workdir = re.search(r"^WORKDIR (\S+)", dockerfile, re.M).group(1)
+    assert f"GPTPIPE_HOME={workdir}" in dockerfile
+
+
+def test_gpu_deployment_env_names_compose_services():
+    services = compose()["services"]
+    (gpu,) = [d for d in prefect_yaml()["deployments"] if d["work_pool"]["name"] == "gpu"]
+    env = gpu["work_pool"]["job_variables"]["env"]
+    for key in ("MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL"):
+        assert urlparse(env[key]).hostname in services, key
+    assert urlparse(env["GPTPIPE_STORE"]).netloc in created_buckets()
+
+
+# ----------------------------------------------------------------------------- job templates
+
+
+@pytest.mark.parametrize("path", [DOCKER_TEMPLATE, K8S_TEMPLATE], ids=lambda p: p.name)
+def test_job_templates_declare_every_variable_they_use(path):
+    """The rule the Prefect server applies to a base job template (it answers 422 otherwise)."""
+    template = json.loads(path.read_text(encoding="utf-8"))
+    assert set(template) == {"job_configuration", "variables"}
+    used = {p.name for p in find_placeholders(json.dumps(template["job_configuration"]))}
+    assert used <= set(template["variables"]["properties"]), path.name
+
+
+def test_docker_template_requests_all_gpus():
+    template = json.loads(DOCKER_TEMPLATE.read_text(encoding="utf-8"))
+    config = apply_values(template["job_configuration"], variable_defaults(template))
+    (request,) = config["container_create_kwargs"]["device_requests"]
+    # `docker run --gpus all`: count -1 = all GPUs, through the nvidia runtime
+    assert request == {"driver": "nvidia", "count": -1, "capabilities": [["gpu"]]}
+    assert config["container_create_kwargs"]["shm_size"]
+    # flow-run containers: the worker image of compose.yaml, on compose's network
+    services = compose()["services"]
+    assert config["image"] == services["worker"]["image"] == services["worker-gpu"]["image"]
+    assert config["networks"] == [compose()["networks"]["default"]["name"]]
+    # a deployment can ask for fewer GPUs
+    two = apply_values(template["job_configuration"], {**variable_defaults(template),
+                                                       "gpu_count": 2})  # fmt: skip
+    assert two["container_create_kwargs"]["device_requests"][0]["count"] == 2
+
+
+def test_kubernetes_template_limits_gpus():
+    template = json.loads(K8S_TEMPLATE.read_text(encoding="utf-8"))
+    config = apply_values(template["job_configuration"], variable_defaults(template))
+    pod = config["job_manifest"]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod[
+        "tolerations"
+    ]
+    (shm,) = [v for v in pod["volumes"] if v["name"] == "dshm"]
+    assert shm["emptyDir"]["medium"] == "Memory"
+    assert {"name": "dshm", "mountPath": "/dev/shm"} in container["volumeMounts"]
+
+
+# ----------------------------------------------------------------------------- compose
+
+
+def created_buckets() -> set[str]:
+    script = command_text(compose()["services"]["create-buckets"])
+    (mb,) = [line for line in script.splitlines() if "mc mb" in line]
+    return {word.split("/", 1)[1] for word in mb.split() if word.startswith("local/")}
+
+
+def test_compose_builds_from_files_that_exist():
+    for name, service in compose()["services"].items():
+        build = service.get("build")
+        if build is None:
+            continue
+        context = (DEPLOY / build["context"]).resolve()
+        assert context == REPO, name
+        assert (context / build["dockerfile"]).is_file(), name
+        for arg in build.get("args", {}):
+            assert re.search(rf"^ARG {arg}\b", (context / build["dockerfile"]).read_text(),
+                             re.M), f"{name}: build arg {arg} is not an ARG"  # fmt: skip
+    services = compose()["services"]
+    assert services["worker"]["build"]["dockerfile"] == "deploy/Dockerfile"
+
+
+def test_env_example_has_every_variable_compose_uses():
+    text = (DEPLOY / "compose.yaml").read_text(encoding="utf-8")
+    interpolated = set(re.findall(r"(?<!\$)\$\{(\w+)", text))  # compose reads deploy/.env
+    example = env_example()
+    assert interpolated <= set(example), interpolated - set(example)
+    # services with `env_file: .env` read their own variables from it
+    services = compose()["services"]
+    readers = [s for s in services.values() if s.get("env_file") == ".env"]
+    assert {"postgres", "minio", "create-buckets"} <= {
+        name for name, s in services.items() if s.get("env_file") == ".env"
+    }
+    inside = {v for s in readers for v in re.findall(r"\$\$(\w+)", command_text(s))}
+    needs = {"POSTGRES_USER", "POSTGRES_PASSWORD", "POSTGRES_DB", "MINIO_ROOT_USER",
+             "MINIO_ROOT_PASSWORD"}  # fmt: skip
+    loop_vars = {"bucket"}
+    assert (inside - loop_vars) | needs <= set(example)
+    # the real .env is never committed
+    assert "deploy/.env" in (REPO / ".gitignore").read_text(encoding="utf-8").splitlines()
+
+
+def test_compose_ports_are_loopback_only():
+    for name, service in compose()["services"].items():
+        for port in service.get("ports", []):
+            assert str(port).startswith("127.0.0.1:"), f"{name}: {port}"
+
+
+def test_mlflow_stores_artifacts_in_a_bucket_the_mc_job_creates():
+    services = compose()["services"]
+    mlflow = services["mlflow"]
+    env = mlflow["environment"]
+    endpoint = urlparse(env["MLFLOW_S3_ENDPOINT_URL"])
+    assert endpoint.hostname == "minio" and endpoint.port == 9000
+    assert "127.0.0.1:9000:9000" in services["minio"]["ports"]
+    destination = urlparse(option(mlflow, "--artifacts-destination"))
+    assert destination.scheme == "s3" and destination.netloc in created_buckets()
+    assert {"mlflow", "gptpipe"} <= created_buckets()
+    script = command_text(services["create-buckets"])
+    assert "mc alias set local http://minio:9000" in script
+    assert env["MLFLOW_BACKEND_STORE_URI"].startswith("postgresql://")
+    assert "@postgres:5432/" in env["MLFLOW_BACKEND_STORE_URI"]
+    assert mlflow["depends_on"]["create-buckets"]["condition"] == "service_completed_successfully"
+    # other containers reach it as mlflow:5000: its Host-header check must allow that
+    assert "mlflow:5000" in env["MLFLOW_SERVER_ALLOWED_HOSTS"].split(",")
+
+
+def test_workers_talk_to_the_services_of_the_stack():
+    services = compose()["services"]
+    server_port = int(option(services["prefect-server"], "--port"))
+    mlflow_port = int(option(services["mlflow"], "--port"))
+    pools = {d["work_pool"]["name"] for d in prefect_yaml()["deployments"]}
+    for name in ("worker", "worker-gpu"):
+        worker = services[name]
+        api = urlparse(worker["environment"]["PREFECT_API_URL"])
+        assert (api.hostname, api.port, api.path) == ("prefect-server", server_port, "/api")
+        assert option(worker, "--pool") in pools
+        assert worker["depends_on"]["prefect-server"]["condition"] == "service_healthy"
+    assert option(services["worker"], "--type") == "process"
+    assert option(services["worker-gpu"], "--type") == "docker"
+    assert "/var/run/docker.sock:/var/run/docker.sock" in services["worker-gpu"]["volumes"]
+    env = services["worker"]["environment"]
+    tracking = urlparse(env["MLFLOW_TRACKING_URI"])
+    assert (tracking.hostname, tracking.port) == ("mlflow", mlflow_port)
+    assert urlparse(env["AWS_ENDPOINT_URL"]).hostname == "minio"
+    assert urlparse(env["GPTPIPE_STORE"]).netloc in created_buckets()
+
+
+def test_dockerfile_copies_paths_that_exist_and_the_ignore_file_lets_them_through():
+    dockerfile = (DEPLOY / "Dockerfile").read_text(encoding="utf-8")
+    assert re.search(r"^ARG BASE_IMAGE=\S+", dockerfile, re.M)
+    assert re.search(r"^FROM \$\{BASE_IMAGE\}", dockerfile, re.M)
+    ignore = (DEPLOY / "Dockerfile.dockerignore").read_text(encoding="utf-8").splitlines()
+    copied = []
+    for line in re.findall(r"^COPY (.+)$", dockerfile, re.M):
+        *sources, _dest = line.split()
+        copied += sources
+    assert {"pyproject.toml", "model/", "flows/", "tasks/", "storage/", "configs/"} <= set(copied)
+    for source in copied:
+        assert (REPO / source).exists(), source
+        assert f"!{source}" in ignore, f"{source} is filtered out of the build context"
+    # the project's packages are what gets installed, and the pyproject includes each of them
+    packages = re.search(r"include = \[(.*?)\]", (REPO / "pyproject.toml").read_text()).group(1)
+    for package in re.findall(r'"(\w+)\*"', packages):
+        assert f"{package}/" in copied, package
+    assert re.search(r"^RUN pip install -e \. ", dockerfile, re.M)
+
+
+# ----------------------------------------------------------------------------- for real
+
+
+def prefect(args: list[str], env: dict, cwd: Path, timeout: float = 120):
+    result = subprocess.run(
+        [sys.executable, "-m", "prefect", *args], env=env, cwd=cwd, capture_output=True,
+        text=True, timeout=timeout,
+    )  # fmt: skip
+    assert result.returncode == 0, f"prefect {' '.join(args)}:\n{result.stdout}\n{result.stderr}"
+    return result.stdout
+
+
+@pytest.mark.slow
+def test_deploy_and_run_the_nightly_deployment(prefect_server, small_corpus, tmp_path):
+    home = tmp_path / "prefect-home"
+    env = {
+        **os.environ,
+        "PREFECT_API_URL": prefect_server,
+        "PREFECT_HOME": str(home),
+        "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(home / "storage"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_CLI_PROMPT": "false",
+        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+        "PYTHONUNBUFFERED": "1",
+        # resolved into the gpu deployment's job variables when `prefect deploy` runs
+        "GPTPIPE_S3_ACCESS_KEY_ID": "deploy-test-key",
+        "GPTPIPE_S3_SECRET_ACCESS_KEY": "deploy-test-secret",
+    }
+    for name in ("GPTPIPE_HOME", "GPTPIPE_STORE", "GPTPIPE_INPUT", "MLFLOW_TRACKING_URI"):
+        env.pop(name, None)
+
+    # the pools as the docs create them; the server checks the docker template (422 if invalid)
+    prefect(["work-pool", "create", "local", "--type", "process", "--overwrite"], env, REPO)
+    prefect(["work-pool", "create", "gpu", "--type", "docker", "--base-job-template",
+             str(DOCKER_TEMPLATE), "--overwrite"], env, REPO)  # fmt: skip
+    prefect(["work-pool", "create", "gpu-k8s", "--type", "kubernetes", "--base-job-template",
+             str(K8S_TEMPLATE), "--overwrite"], env, REPO)  # fmt: skip
+
+    # from the project root: entrypoints in prefect.yaml are relative to it
+    prefect(["--no-prompt", "deploy", "--all", "--prefect-file", "deploy/prefect.yaml"], env, REPO)
+    gpu = json.loads(prefect(["deployment", "inspect", "nightly-retrain/nightly-retrain-gpu",
+                              "--output", "json"], env, REPO))  # fmt: skip
+    assert gpu["work_pool_name"] == "gpu"
+    assert gpu["parameters"]["nproc"] == 1 and "batch_size" in gpu["parameters"]
+    assert gpu["job_variables"]["env"]["AWS_ACCESS_KEY_ID"] == "deploy-test-key"
+    assert gpu["schedules"][0]["schedule"]["cron"] == "0 2 * * *"
+
+    store = tmp_path / "store"
+    params = {
+        "source": str(small_corpus),
+        "preset": "seed",
+        "overrides": ["max_iters=20", "eval_interval=10", "eval_iters=2"],
+        "batch_size": 16,
+        "store": str(store),
+        "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "run_id": "deploy-test",
+        "sample_tokens": 40,
+    }
+    run_args = ["deployment", "run", "nightly-retrain/nightly-retrain"]
+    for key, value in params.items():
+        run_args += ["--param", f"{key}={json.dumps(value)}"]
+    created = prefect(run_args, env, REPO)
+    flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", created).group(1)
+
+    # a real process worker, started elsewhere: the pull step takes it to $GPTPIPE_HOME
+    worker_cwd = tmp_path / "worker"
+    worker_cwd.mkdir()
+    worker = subprocess.run(
+        [sys.executable, "-m", "prefect", "worker", "start", "--pool", "local", "--run-once"],
+        env={**env, "GPTPIPE_HOME": str(REPO)}, cwd=worker_cwd, capture_output=True, text=True,
+        timeout=240,
+    )  # fmt: skip
+    log = worker.stdout + worker.stderr
+    assert worker.returncode == 0, log[-6000:]
+
+    deadline, state = time.monotonic() + 60, None
+    while time.monotonic() < deadline:
+        state = json.loads(prefect(["flow-run", "inspect", flow_run_id, "--output", "json"],
+                                   env, REPO))["state"]["type"]  # fmt: skip
+        if state in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+            break
+        time.sleep(1)
+    assert state == "COMPLETED", log[-6000:]
+
+    summary = json.loads((store / "runs" / "deploy-test" / "summary.json").read_text())
+    assert summary["world_size"] == 1 and summary["config"]["batch_size"] == 16
+    assert summary["stages"]["train"]["step"] == 20
+    for name, uri in summary["outputs"].items():
+        assert Path(uri).is_file(), f"{name}: {uri}"
+    assert summary["model"]["version"] and "champion" in summary["model"]
+    assert "Running 1 deployment pull step(s)" in log
