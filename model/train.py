@@ -30,6 +30,8 @@ from model.errors import GptpipeError
 from model.evaluate import estimate_loss
 from model.gpt import GPT
 from model.params import group_subtotals_flat, parameter_table
+from model.plots import loss_curve_png
+from model.progress import Progress
 from model.tokenizer import tokenizer_from_json
 from storage.tracking import training_run
 
@@ -173,7 +175,9 @@ def train(
         record = {"step": at_step, "train_loss": losses["train"], "val_loss": losses["val"]}
         history.append(record)
         run.log_metrics({"train_loss": losses["train"], "val_loss": losses["val"]}, at_step)
-        p0(f"step {at_step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+        progress.write(
+            f"step {at_step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
+        )
         return record
 
     def checkpoint_now(at_step: int) -> None:
@@ -193,6 +197,7 @@ def train(
                 },
             )
 
+    progress = Progress(cfg.max_iters, step, enabled=info.is_main)
     model.train()
     window_start, window_steps, tokens_per_sec, mfu = time.perf_counter(), 0, 0.0, 0.0
     train_start = time.perf_counter()
@@ -220,6 +225,7 @@ def train(
         optimizer.zero_grad(set_to_none=True)
         step += 1
         window_steps += 1
+        progress.update()
         if step % cfg.log_interval == 0 or step == cfg.max_iters:
             loss_value = loss.item()  # the only host sync of the step, and only at log steps
             elapsed = time.perf_counter() - window_start
@@ -228,16 +234,14 @@ def train(
             run.log_metrics(
                 {"loss": loss_value, "lr": lr, "tokens_per_sec": tokens_per_sec, "mfu": mfu}, step
             )
-            p0(
-                f"iter {step}/{cfg.max_iters}: loss {loss_value:.4f}, lr {lr:.2e}, "
-                f"{tokens_per_sec:,.0f} tokens/s, mfu {100 * mfu:.1f}%"
-            )
+            progress.log(step, loss_value, lr, tokens_per_sec, mfu)
             window_start, window_steps = time.perf_counter(), 0
         if cfg.checkpoint_interval and step % cfg.checkpoint_interval == 0 and step < cfg.max_iters:
             checkpoint_now(step)
-            p0(f"checkpoint at step {step}: {ckpt_uri}")
+            progress.write(f"checkpoint at step {step}: {ckpt_uri}")
     train_seconds = time.perf_counter() - train_start
     final = history[-1] if history and history[-1]["step"] == step else evaluate_now(step)
+    progress.close()
     checkpoint_now(step)
     summary = {
         "step": step,
@@ -253,6 +257,9 @@ def train(
         "history": history,
     }
     if info.is_main:
+        curve = loss_curve_png(history, f"{raw_model.num_params():,} parameters")
+        storage.put_bytes(storage.join(out_uri, "loss_curve.png"), curve)
+        run.log_artifact_bytes(curve, "loss_curve.png")
         storage.put_bytes(
             storage.join(out_uri, SUMMARY_NAME), json.dumps(summary, indent=2).encode()
         )

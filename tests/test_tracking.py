@@ -109,7 +109,7 @@ def test_pipeline_on_s3_tracked_in_mlflow_server(
     for name in ("lr", "tokens_per_sec", "mfu"):
         assert {m.step for m in client.get_metric_history(train.info.run_id, name)} == {20, 40, 60}
     train_artifacts = {a.path for a in client.list_artifacts(train.info.run_id)}
-    assert {"parameter_table.txt", "parameter_table.json"} <= train_artifacts
+    assert {"parameter_table.txt", "parameter_table.json", "loss_curve.png"} <= train_artifacts
 
     evaluate = children["evaluate"].data.metrics
     assert evaluate["val_loss"] == pytest.approx(summary["val_loss"])
