@@ -53,7 +53,11 @@ def prepare(work: Path, nanogpt: Path) -> dict[str, str]:
     shutil.copy(CORPUS, data / "input.txt")
     shutil.copy(nanogpt / "configurator.py", work / "configurator.py")  # train.py opens it from cwd
     subprocess.run([sys.executable, "prepare.py"], cwd=data, check=True, capture_output=True)
+    return prepare_ours(work)
 
+
+def prepare_ours(work: Path) -> dict[str, str]:
+    """gptpipe's tokenizer and train/val Parquet of the corpus, under work/gptpipe-data."""
     from model.data import split_tokens, write_tokens
     from model.tokenizer import train_tokenizer
 

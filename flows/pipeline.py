@@ -6,6 +6,7 @@ Each stage logs into its own MLflow run nested under the pipeline's run.
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import time
 
@@ -48,11 +49,15 @@ def pipeline(
     resume: bool = False,
 ) -> dict:
     """Run every stage once; return (and store) the run's summary."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     cfg = config_from_dict(config or {})
     run_id = run_id or new_run_id()
+    # a scheduled run fails here, before any work, like the CLI does before it starts the flow
+    storage.preflight(store)
+    tracker = Tracker(tracking_uri, experiment)
+    tracker.check()
     run_uri = storage.join(store, "runs", run_id)
     logger = get_run_logger()
-    tracker = Tracker(tracking_uri, experiment)
     parent_id = tracker.start_run(
         run_id, tags={"gptpipe.run_id": run_id, "gptpipe.store": redact(run_uri)}
     )

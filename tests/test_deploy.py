@@ -194,7 +194,10 @@ def test_compose_builds_from_files_that_exist():
 
 
 def test_env_example_has_every_variable_compose_uses():
-    text = (DEPLOY / "compose.yaml").read_text(encoding="utf-8")
+    text = "".join(
+        (DEPLOY / name).read_text(encoding="utf-8")
+        for name in ("compose.yaml", "compose.auth.yaml")
+    )
     interpolated = set(re.findall(r"(?<!\$)\$\{(\w+)", text))  # compose reads deploy/.env
     example = env_example()
     assert interpolated <= set(example), interpolated - set(example)
@@ -236,6 +239,21 @@ def test_mlflow_stores_artifacts_in_a_bucket_the_mc_job_creates():
     assert mlflow["depends_on"]["create-buckets"]["condition"] == "service_completed_successfully"
     # other containers reach it as mlflow:5000: its Host-header check must allow that
     assert "mlflow:5000" in env["MLFLOW_SERVER_ALLOWED_HOSTS"].split(",")
+
+
+def test_auth_overlay_changes_only_what_basic_auth_needs():
+    base, overlay = compose()["services"], load_yaml(DEPLOY / "compose.auth.yaml")["services"]
+    assert set(overlay) <= set(base)
+    command = overlay["mlflow"]["command"]
+    assert command[command.index("--app-name") + 1] == "basic-auth"
+    rest = command[: command.index("--app-name")] + command[command.index("--app-name") + 2 :]
+    assert rest == base["mlflow"]["command"]  # compose replaces a command: keep the others
+    ini = overlay["mlflow"]["environment"]["MLFLOW_AUTH_CONFIG_PATH"]
+    (mount,) = [v for v in overlay["mlflow"]["volumes"] if v.split(":")[1] == ini]
+    assert (DEPLOY / mount.split(":")[0]).is_file()
+    assert {"MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"} <= set(
+        overlay["worker"]["environment"]
+    )
 
 
 def test_workers_talk_to_the_services_of_the_stack():
