@@ -1,0 +1,81 @@
+"""Tokenization throughput: gptpipe's char tokenizer to Parquet against the lecture's encode, and
+the BPE encoder on 1 and all cores.
+
+    .venv/bin/python -m bench.tokenize [--rounds 5] [--copies 8]
+
+The corpus is repeated `--copies` times (about 9 MB at 8) so that timings are not all start-up.
+The lecture's encode is `[stoi[c] for c in s]`; gptpipe's side includes writing the Parquet file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+from bench.common import alternate, median
+from bench.vs_nanogpt import CORPUS, REPO
+from model.data import write_tokens
+from model.tokenizer import CharTokenizer, train_tokenizer
+
+
+def bpe_worker(copies: int, rounds: int) -> None:
+    import time
+
+    text = CORPUS.read_text(encoding="utf-8")
+    tok = train_tokenizer("bpe", text, 1024)
+    big = text * copies
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        tok.encode(big)
+        times.append(time.perf_counter() - start)
+    print(json.dumps({"mb_per_s": len(big.encode()) / 1e6 / statistics.median(times)}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--copies", type=int, default=8)
+    parser.add_argument("--bpe-worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.bpe_worker:
+        bpe_worker(args.copies, args.rounds)
+        return
+    text = CORPUS.read_text(encoding="utf-8") * args.copies
+    megabytes = len(text.encode()) / 1e6
+    chars = sorted(set(text))
+    stoi = {ch: i for i, ch in enumerate(chars)}
+    tok = CharTokenizer.train(text)
+
+    def lecture() -> None:
+        [stoi[c] for c in text]  # the lecture's encode
+
+    def gptpipe() -> None:
+        write_tokens(tok.encode(text), io.BytesIO(), {"vocab_size": tok.vocab_size})
+
+    times = alternate({"lecture": lecture, "gptpipe": gptpipe}, args.rounds)
+    a, b = megabytes / median(times["lecture"]), megabytes / median(times["gptpipe"])
+    print(f"char, {megabytes:.1f} MB: lecture encode {a:,.1f} MB/s, "
+          f"gptpipe encode + Parquet {b:,.1f} MB/s, ratio {b / a:.1f}x")  # fmt: skip
+
+    rates = {}
+    for threads in ("1", str(os.cpu_count())):
+        env = {**os.environ, "RAYON_NUM_THREADS": threads, "TOKENIZERS_PARALLELISM": "true"}
+        out = subprocess.run(
+            [sys.executable, "-m", "bench.tokenize", "--bpe-worker", "--copies",
+             str(args.copies), "--rounds", str(args.rounds)],
+            cwd=REPO, env=env, capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        rates[threads] = json.loads(out.stdout)["mb_per_s"]
+    one, many = rates["1"], rates[str(os.cpu_count())]
+    print(f"bpe (vocab 1024) encode: 1 thread {one:.1f} MB/s, {os.cpu_count()} threads "
+          f"{many:.1f} MB/s, ratio {many / one:.2f}x")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
