@@ -20,6 +20,14 @@ from model.config import TrainConfig
 from model.errors import GptpipeError
 from model.train import SUMMARY_NAME
 
+# MLflow's client retries a dead server for minutes by default; a training's rank 0 should give
+# up on a call sooner (it keeps its metrics and sends failed ones again at the end). Settings in
+# the environment win.
+MLFLOW_CLIENT_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
+}
+
 
 def check_nproc(nproc: int, device: str = "auto") -> None:
     if nproc < 1:
@@ -116,7 +124,7 @@ def launch_training(
     ]  # fmt: skip
     if resume:
         cmd.append("--resume")
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(extra_env or {})}
+    env = {**MLFLOW_CLIENT_DEFAULTS, **os.environ, "PYTHONUNBUFFERED": "1", **(extra_env or {})}
     tail: collections.deque[str] = collections.deque(maxlen=40)
     errors: list[str] = []
     with subprocess.Popen(

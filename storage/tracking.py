@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -245,21 +246,63 @@ class NullRun:
 
 
 class TrainingRun(StageRun):
-    """Metrics are sent in the background so that the training loop never waits on MLflow."""
+    """The train stage's run as seen from rank 0: training never waits on MLflow or dies of it.
+
+    Metrics go out in the background. If the server is away, a call fails with a warning on
+    stderr and training goes on; failed metric batches are sent again at the end of training
+    (the server may be back by then), and every evaluation is kept in the checkpoint and
+    summary.json all the same.
+    """
 
     def __init__(self, tracker: Tracker, run_id: str):
         super().__init__(tracker, run_id)
-        self._pending: list = []
+        self._sent: list = []  # (metrics, step, background operation or None)
+
+    @staticmethod
+    def _safely(what: str, call, *args, **kwargs) -> tuple[bool, Any]:
+        try:
+            return True, call(*args, **kwargs)
+        except Exception as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            print(f"warning: MLflow {what} failed, training goes on: {first}", file=sys.stderr,
+                  flush=True)  # fmt: skip
+            return False, None
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        self._safely("log_params", super().log_params, params)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self._safely("log_text", super().log_text, text, artifact_file)
+
+    def log_dict(self, data: dict, artifact_file: str) -> None:
+        self._safely("log_dict", super().log_dict, data, artifact_file)
+
+    def log_artifact_bytes(self, data: bytes, artifact_file: str) -> None:
+        self._safely("log_artifact", super().log_artifact_bytes, data, artifact_file)
 
     def log_metrics(self, metrics: dict[str, float], step: int = 0, synchronous: bool = False):
-        operation = super().log_metrics(metrics, step, synchronous=synchronous)
-        if operation is not None:
-            self._pending.append(operation)
+        _, operation = self._safely("log_metrics", super().log_metrics, metrics, step, False)
+        self._sent.append((metrics, step, operation))
 
     def close(self) -> None:
-        for operation in self._pending:
-            operation.wait()
-        self._pending.clear()
+        """Wait for the metrics in flight, then send again, once, those that failed."""
+        failed = [
+            (metrics, step)
+            for metrics, step, operation in self._sent
+            if operation is None or not self._safely("metrics upload", operation.wait)[0]
+        ]
+        self._sent.clear()
+        if not failed:
+            return
+        resent = sum(
+            self._safely("log_metrics", StageRun.log_metrics, self, metrics, step, True)[0]
+            for metrics, step in failed
+        )
+        message = (
+            f"warning: {len(failed)} metric batch(es) failed while MLflow was away; "
+            f"{resent} of them sent at the end of training"
+        )
+        print(message, file=sys.stderr, flush=True)
 
 
 def training_run(is_main: bool) -> TrainingRun | NullRun:
