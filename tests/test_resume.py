@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -83,3 +84,47 @@ def test_sigkilled_rank_resumes_to_the_uninterrupted_result(char_dataset, tmp_pa
     assert [v for c in curves[0] for v in c[1:]] == pytest.approx(
         [v for c in curves[1] for v in c[1:]]
     )
+
+
+def descendants(pid: int) -> list[int]:
+    found, frontier = [], [pid]
+    while frontier:
+        kids = [c for p in frontier for c in children(p)]
+        found += kids
+        frontier = kids
+    return found
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+@pytest.mark.slow
+def test_pipeline_retries_a_killed_training_from_its_checkpoint(small_corpus, cli_env, tmp_path):
+    """A rank SIGKILLed inside `gptpipe run`: Prefect retries the train task, which resumes."""
+    gptpipe = Path(sys.executable).with_name("gptpipe")
+    sets = ["max_iters=400", "checkpoint_interval=100", "eval_interval=200", "eval_iters=2",
+            "log_interval=100", "batch_size=16"]  # fmt: skip
+    proc = subprocess.Popen(
+        [str(gptpipe), "run", "--input", str(small_corpus), "--preset", "seed", "--nproc", "2",
+         "--store", str(tmp_path / "store"), "--run-id", "killed", "--sample-tokens", "20",
+         *[x for s in sets for x in ("--set", s)]],
+        env=cli_env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    output, killed = [], None
+    for line in proc.stdout:
+        output.append(line)
+        if killed is None and "checkpoint at step 100" in line:
+            family = descendants(proc.pid)
+            launcher = next(p for p in family if "torch.distributed.run" in cmdline(p))
+            killed = children(launcher)[0]
+            os.kill(killed, signal.SIGKILL)
+    text = "".join(output)
+    assert proc.wait(timeout=300) == 0, text[-4000:]
+    assert killed is not None
+    assert "resumed from step" in text
+    summary = json.loads((tmp_path / "store" / "runs" / "killed" / "summary.json").read_text())
+    assert summary["stages"]["train"]["step"] == 400
