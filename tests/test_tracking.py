@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import urllib.request
 from pathlib import Path
 
 import boto3
@@ -38,6 +39,17 @@ def _all_text_in_mlflow(client: MlflowClient, run_ids: list[str], tmp: Path) -> 
         for path in Path(local).rglob("*"):
             if path.is_file():
                 chunks.append(path.read_bytes().decode("utf-8", errors="replace"))
+    return "\n".join(chunks)
+
+
+def _all_text_in_prefect(api: str) -> str:
+    """Every flow run's parameters and every artifact on the Prefect server, as one string."""
+    chunks = []
+    for path in ("flow_runs/filter", "artifacts/filter", "task_runs/filter"):
+        request = urllib.request.Request(f"{api}/{path}", data=b"{}",
+                                         headers={"Content-Type": "application/json"})  # fmt: skip
+        with urllib.request.urlopen(request, timeout=30) as response:
+            chunks.append(response.read().decode())
     return "\n".join(chunks)
 
 
@@ -138,7 +150,10 @@ def test_pipeline_on_s3_tracked_in_mlflow_server(
     run_ids = [r.info.run_id for r in client.search_runs([experiment.experiment_id])]
     everything = _all_text_in_mlflow(client, run_ids, tmp_path / "artifacts")
     printed = first.stdout + first.stderr + second.stdout + second.stderr
+    in_prefect = _all_text_in_prefect(cli_env["PREFECT_API_URL"])
+    assert "first" in in_prefect  # the flow runs' parameters and artifacts were really read
     for secret in (s3_env.secret, MLFLOW_SERVER_SECRET):
         assert secret not in everything
         assert secret not in printed
+        assert secret not in in_prefect
     assert summary["outputs"]["tokens"] in everything  # the search looked at real content
