@@ -6,10 +6,14 @@ pickled objects, so loading an untrusted file cannot run code.
 
 from __future__ import annotations
 
+import hashlib
 import io
+import os
 import pickle
 import re
+import sys
 import tempfile
+import threading
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -31,6 +35,79 @@ def save_checkpoint(uri: str, payload: dict[str, Any]) -> None:
         storage.put_file(uri, path)
 
 
+def local_copy_path(uri: str) -> Path:
+    """Where rank 0 keeps the latest checkpoint on its own disk: the file itself for a local store,
+    else a folder per checkpoint URI under $GPTPIPE_CACHE_DIR (default ~/.cache/gptpipe)."""
+    if "://" not in uri or uri.startswith("file://"):
+        return storage.local_path(uri)
+    root = Path(os.environ.get("GPTPIPE_CACHE_DIR", Path.home() / ".cache" / "gptpipe"))
+    return root / "checkpoints" / hashlib.sha256(uri.encode()).hexdigest()[:20] / CHECKPOINT_NAME
+
+
+class CheckpointWriter:
+    """Rank 0's checkpoints: saved to local disk at once, uploaded to the store in the background.
+
+    The training loop never waits on the store. When an upload fails (the store is away), training
+    goes on with a warning and the local copy stays; `finish()` waits for the last upload and, if
+    it failed, raises an error that says where the checkpoint was kept, so that `--resume` (which
+    takes the newer of the stored and the local copy) can continue once the store is back.
+    """
+
+    def __init__(self, uri: str):
+        self.uri = uri
+        self.local = local_copy_path(uri)
+        self.remote = "://" in uri and not uri.startswith("file://")
+        self._upload: threading.Thread | None = None
+        self._error: str | None = None
+
+    def save(self, payload: dict[str, Any]) -> None:
+        self.wait()  # one upload at a time; the last one is usually long done
+        self.local.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.local.with_name(f".{self.local.name}.tmp")
+        try:
+            torch.save({"format_version": FORMAT_VERSION, **payload}, tmp)
+            os.replace(tmp, self.local)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise GptpipeError(f"could not write the checkpoint {self.local}: {exc}") from None
+        if self.remote:
+            self._error = None
+            self._upload = threading.Thread(target=self._put, daemon=True)
+            self._upload.start()
+
+    def _put(self) -> None:
+        try:
+            storage.put_file(self.uri, self.local)
+        except Exception as exc:  # the store is away: keep training, keep the local copy
+            self._error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            print(f"warning: could not upload the checkpoint to {self.uri} ({self._error}); "
+                  f"kept at {self.local}", file=sys.stderr, flush=True)  # fmt: skip
+
+    def wait(self) -> None:
+        if self._upload is not None:
+            self._upload.join()
+            self._upload = None
+
+    def finish(self) -> None:
+        self.wait()
+        if self._error:
+            raise GptpipeError(
+                f"could not upload the final checkpoint to {self.uri} ({self._error}); it is kept "
+                f"at {self.local}: run again with --resume once the store is back"
+            )
+
+
+def latest_checkpoint(uri: str, map_location: str | torch.device = "cpu") -> dict | None:
+    """The newer (by step) of the stored checkpoint and this machine's local copy, if any."""
+    found = []
+    if storage.exists(uri):
+        found.append(load_checkpoint(uri, map_location))
+    local = local_copy_path(uri)
+    if "://" in uri and local.is_file():
+        found.append(load_checkpoint(str(local), map_location))
+    return max(found, key=lambda c: int(c["step"]), default=None)
+
+
 def load_checkpoint(uri: str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     raw = storage.get_bytes(uri)
     if not raw.startswith(b"PK\x03\x04"):  # torch.save writes a zip archive
@@ -43,6 +120,7 @@ def load_checkpoint(uri: str, map_location: str | torch.device = "cpu") -> dict[
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, KeyError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        first = first.split(". ")[0]  # torch goes on with advice on how checkpoints get corrupted
         raise GptpipeError(
             f"{uri} is not a readable checkpoint (corrupt or truncated): {first}"
         ) from None

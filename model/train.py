@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import storage
 from model import dist
 from model.batching import BatchSampler, load_ids, seed_for
-from model.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
+from model.checkpoint import CHECKPOINT_NAME, CheckpointWriter, latest_checkpoint
 from model.config import TrainConfig, build_config, config_from_dict
 from model.errors import GptpipeError
 from model.evaluate import estimate_loss
@@ -111,8 +111,9 @@ def train(
 
     step = 0
     history: list[dict[str, float]] = []
-    if resume and storage.exists(ckpt_uri):
-        ckpt = load_checkpoint(ckpt_uri, map_location=info.device)
+    writer = CheckpointWriter(ckpt_uri)
+    ckpt = latest_checkpoint(ckpt_uri, map_location=info.device) if resume else None
+    if ckpt is not None:
         raw_model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         step = int(ckpt["step"])
@@ -182,8 +183,7 @@ def train(
 
     def checkpoint_now(at_step: int) -> None:
         if info.is_main:
-            save_checkpoint(
-                ckpt_uri,
+            writer.save(
                 {
                     "model": raw_model.state_dict(),
                     "optimizer": optimizer.state_dict(),
@@ -257,6 +257,7 @@ def train(
         "history": history,
     }
     if info.is_main:
+        writer.finish()  # the final checkpoint is in the store before the summary says so
         curve = loss_curve_png(history, f"{raw_model.num_params():,} parameters")
         storage.put_bytes(storage.join(out_uri, "loss_curve.png"), curve)
         run.log_artifact_bytes(curve, "loss_curve.png")

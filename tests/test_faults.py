@@ -52,3 +52,42 @@ def test_training_goes_on_while_mlflow_is_away(mlflow_server, char_dataset, tmp_
     history = MlflowClient(mlflow_server).get_metric_history(run_id, "val_loss")
     assert sorted({m.step for m in history}) == [0, 100, 200, 300, 400]
     assert "sent at the end of training" in stderr
+
+
+@pytest.mark.slow
+def test_store_away_at_the_end_keeps_the_checkpoint_and_resume_finishes(
+    s3_env, char_dataset, tmp_path
+):
+    """Checkpoint uploads fail while S3 is away: a clear error, the local copy kept, and
+    `--resume` continues from it once the store is back."""
+    out = f"s3://{s3_env.bucket}/train-out"
+    config = {**CONFIG, "max_iters": 200, "checkpoint_interval": 100}
+    with FaultyProxy(s3_env.endpoint) as proxy:
+        env = {**os.environ, "AWS_ENDPOINT_URL": proxy.url, "GPTPIPE_CACHE_DIR": str(tmp_path),
+               "PYTHONUNBUFFERED": "1"}  # fmt: skip
+        cmd = [sys.executable, "-m", "model.train", "--train", char_dataset["train.parquet"],
+               "--val", char_dataset["val.parquet"], "--tokenizer", char_dataset["tokenizer.json"],
+               "--out", out, "--config-json", json.dumps(config)]  # fmt: skip
+        proxy.inject("drop", times=float("inf"), match=lambda request: "ckpt.pt" in request)
+        away = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert away.returncode == 2, away.stdout + away.stderr
+        errors = [line for line in away.stderr.splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1 and "--resume" in errors[0] and str(tmp_path) in errors[0]
+        assert "Traceback" not in away.stderr
+        assert not _exists(s3_env, "train-out/ckpt.pt"), "no partial object under the final key"
+
+        proxy.inject("drop", times=0)  # the store is back
+        back = subprocess.run([*cmd, "--resume"], env=env, capture_output=True, text=True,
+                              timeout=300)  # fmt: skip
+        assert back.returncode == 0, back.stdout + back.stderr
+        assert "resumed from step 200" in back.stdout
+    assert _exists(s3_env, "train-out/ckpt.pt") and _exists(s3_env, "train-out/summary.json")
+
+
+def _exists(s3_env, key: str) -> bool:
+    import boto3
+
+    listing = boto3.client("s3", endpoint_url=s3_env.endpoint).list_objects_v2(
+        Bucket=s3_env.bucket, Prefix=key
+    )
+    return any(o["Key"] == key for o in listing.get("Contents", []))
