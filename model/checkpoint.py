@@ -11,8 +11,8 @@ import io
 import os
 import pickle
 import re
+import shutil
 import sys
-import tempfile
 import threading
 import zipfile
 from pathlib import Path
@@ -28,11 +28,10 @@ FORMAT_VERSION = 1
 
 
 def save_checkpoint(uri: str, payload: dict[str, Any]) -> None:
-    """Write through a local temporary file so large checkpoints never sit whole in memory twice."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / CHECKPOINT_NAME
-        torch.save({"format_version": FORMAT_VERSION, **payload}, path)
-        storage.put_file(uri, path)
+    """Save and upload one checkpoint, waiting for the upload."""
+    writer = CheckpointWriter(uri)
+    writer.save(payload)
+    writer.finish()
 
 
 def local_copy_path(uri: str) -> Path:
@@ -67,9 +66,14 @@ class CheckpointWriter:
         try:
             torch.save({"format_version": FORMAT_VERSION, **payload}, tmp)
             os.replace(tmp, self.local)
-        except OSError as exc:
+        except (OSError, RuntimeError) as exc:  # torch reports a full disk as a RuntimeError
             tmp.unlink(missing_ok=True)
-            raise GptpipeError(f"could not write the checkpoint {self.local}: {exc}") from None
+            free = shutil.disk_usage(self.local.parent).free
+            reason = getattr(exc, "strerror", None) or str(exc).splitlines()[0]
+            raise GptpipeError(
+                f"could not write the checkpoint {self.local}: {reason} "
+                f"({free / 1e6:.1f} MB free on that disk)"
+            ) from None
         if self.remote:
             self._error = None
             self._upload = threading.Thread(target=self._put, daemon=True)

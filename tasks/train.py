@@ -13,10 +13,10 @@ from model.launch import launch_training
 from model.train import SUMMARY_NAME
 from storage.tracking import RUN_ID_ENV
 from tasks.cache import cache_key, load_manifest, save_manifest, stage_dir
-from tasks.common import describe, stage_run, tracker_for
+from tasks.common import describe, retry_unless_user_error, stage_run, tracker_for
 
 
-@task(name="train", retries=1, retry_delay_seconds=5)
+@task(name="train", retries=1, retry_delay_seconds=5, retry_condition_fn=retry_unless_user_error)
 def train(
     config: dict,
     split: dict,

@@ -91,3 +91,39 @@ def _exists(s3_env, key: str) -> bool:
         Bucket=s3_env.bucket, Prefix=key
     )
     return any(o["Key"] == key for o in listing.get("Contents", []))
+
+
+@pytest.fixture()
+def tiny_disk(tmp_path):
+    """A 1 MiB tmpfs: room for the data, none for a checkpoint (needs root to mount)."""
+    mount = tmp_path / "tiny-disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)],
+                          capture_output=True, text=True)  # fmt: skip
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({done.stderr.strip()}): needs root")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=False)
+
+
+@pytest.mark.slow
+def test_full_disk_is_a_clear_error_and_leaves_no_half_file(tiny_disk, small_corpus, cli_env,
+                                                            tmp_path):  # fmt: skip
+    from tests.conftest import run_cli
+
+    result = run_cli(["run", "--input", str(small_corpus), "--preset", "seed", "--store",
+                      str(tiny_disk), "--set", "max_iters=20", "--set", "eval_interval=10",
+                      "--set", "eval_iters=2"], cli_env, tmp_path)  # fmt: skip
+    assert result.returncode == 2, result.stdout[-3000:] + result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, result.stderr[-2000:]
+    assert "could not write the checkpoint" in errors[0] and "MB free on that disk" in errors[0]
+    assert "Traceback" not in result.stdout + result.stderr
+    leftovers = [p for p in tiny_disk.rglob("*") if p.is_file()]
+    assert not [p for p in leftovers if p.name.endswith(".tmp") or p.name.startswith(".")]
+    assert not [p for p in leftovers if p.name == "ckpt.pt"]
+    # what was written completely is whole: the token data reads back
+    from model.data import read_tokens
+
+    tokens = [p for p in leftovers if p.name == "tokens.parquet"]
+    assert tokens and len(read_tokens(str(tokens[0]))[0]) == 60_000
