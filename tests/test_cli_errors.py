@@ -49,3 +49,11 @@ def test_bad_config_fails_before_any_work(args, fragment, small_corpus, cli_env,
                       *args], cli_env, tmp_path, timeout=60)  # fmt: skip
     assert_clean_error(result, fragment)
     assert not (tmp_path / "store").exists()
+
+
+@pytest.mark.parametrize("command", [[], ["run"], ["sample"], ["inspect"]])
+def test_help_shows_examples(command, cli_env, tmp_path):
+    result = run_cli([*command, "--help"], cli_env, tmp_path, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "examples:" in result.stdout
+    assert f"gptpipe {command[0] if command else 'run'} " in result.stdout.split("examples:")[1]
