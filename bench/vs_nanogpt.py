@@ -37,7 +37,7 @@ def nanogpt_args(preset: str, iters: int, eval_interval: int) -> list[str]:
         "--device=cpu", "--compile=False", f"--block_size={cfg.block_size}",
         f"--batch_size={cfg.batch_size}", f"--n_layer={cfg.n_layer}", f"--n_head={cfg.n_head}",
         f"--n_embd={cfg.n_embd}", f"--dropout={cfg.dropout}", f"--max_iters={iters}",
-        f"--lr_decay_iters={iters}", f"--eval_interval={eval_interval}",
+        f"--lr_decay_iters={max(iters, 2000)}", f"--eval_interval={eval_interval}",
         f"--eval_iters={cfg.eval_iters}", "--log_interval=1",
     ]  # fmt: skip
     if preset == "cpu":
