@@ -127,7 +127,7 @@ def time_to_quality(nanogpt: Path, work: Path, data) -> tuple[float | None, floa
         # both sides print their evaluation lines as they go; re-run with timestamps is
         # overkill, so use the line's position in the iteration count and the total wall time
         total = time.perf_counter() - start
-        steps = [(int(s), float(v)) for s, v in re.findall(pattern, stdout)]
+        steps = [(int(s), float(v)) for s, v in re.findall(pattern, stdout, re.M)]
         last = max(s for s, _ in steps)
         hit = next((s for s, v in steps if v <= TARGET_VAL), None)
         return None if hit is None else total * hit / last

@@ -148,11 +148,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = build_config(args.preset, args.config, args.set)
     check_nproc(args.nproc, cfg.device)
     check_refresh(args.refresh)
+    if args.sample_tokens < 0:
+        raise GptpipeError(f"--sample-tokens must not be negative, got {args.sample_tokens}")
     import storage
 
     store = _absolute_if_local(args.store)
     # an unusable store, input bucket or tracking server fails here, before any work
     storage.preflight(store)
+    if args.run_id:
+        finished = storage.join(store, "runs", args.run_id, "summary.json")  # checks the name too
+        if storage.exists(finished):
+            raise GptpipeError(
+                f"--run-id {args.run_id}: the store already has a finished run of that name "
+                f"({finished}); choose another --run-id so that its outputs are kept"
+            )
     if args.input.startswith("s3://") and not storage.exists(args.input):
         raise GptpipeError(f"--input {args.input}: no such object")
     tracker = Tracker(args.tracking_uri, args.experiment)

@@ -123,11 +123,22 @@ def publish_report(summary: dict) -> None:
     create_markdown_artifact("\n".join(lines), key="gptpipe-run", description="pipeline run")
 
 
+def _check_prompt(prompt: str, tokenizer_uri: str) -> None:
+    from model.errors import GptpipeError
+    from model.tokenizer import tokenizer_from_json
+
+    unknown = tokenizer_from_json(storage.get_bytes(tokenizer_uri).decode()).unknown_chars(prompt)
+    if unknown:
+        shown = ", ".join(repr(c) for c in unknown)
+        raise GptpipeError(f"--prompt has characters the tokenizer does not know: {shown}")
+
+
 def _stages(cfg, source, store, run_uri, run_id, nproc, prompt, sample_tokens, tracking,
             model_name, refresh, resume):  # fmt: skip
     tokenized = tokenize(source, store, cfg.tokenizer, cfg.vocab_size, tracking,
                          refresh="tokenize" in refresh)  # fmt: skip
     tokens, tokenizer = tokenized["outputs"]["tokens"], tokenized["outputs"]["tokenizer"]
+    _check_prompt(prompt, tokenizer["uri"])  # before training, not after it
     splits = split(tokens, store, cfg.val_fraction, cfg.block_size, tracking,
                    refresh="split" in refresh)  # fmt: skip
     train_uri, val_uri = splits["outputs"]["train"]["uri"], splits["outputs"]["val"]["uri"]

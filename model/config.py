@@ -8,6 +8,7 @@ layer is checked with a message that says which key is wrong and what it accepts
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -101,6 +102,10 @@ class TrainConfig:
             f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}",
         )
         _require(self.device in DEVICES, f"device must be one of {', '.join(DEVICES)}")
+        _require(-(2**63) <= self.seed < 2**64, f"seed must fit in 64 bits, got {self.seed}")
+        for name in ("beta1", "beta2"):  # AdamW's own check would fail only inside training
+            value = getattr(self, name)
+            _require(0.0 <= value < 1.0, f"{name} must be in [0, 1), got {value}")
         _require(
             0.0 < self.val_fraction < 1.0,
             f"val_fraction must be between 0 and 1 (exclusive), got {self.val_fraction}",
@@ -160,7 +165,12 @@ def _coerce(key: str, value: Any, origin: str) -> Any:
         if kind.startswith("float"):
             if isinstance(value, bool):
                 raise ValueError
-            return float(text)
+            number = float(text)
+            if not math.isfinite(number):  # inf and nan parse, but no setting takes them
+                raise GptpipeError(
+                    f"{origin}: {key}={text!r} is not valid, expected a finite number"
+                )
+            return number
         if kind.startswith("bool"):
             if isinstance(value, bool):
                 return value
@@ -186,7 +196,11 @@ def _read_yaml(path: Path, origin: str) -> dict[str, Any]:
     except OSError as exc:
         raise GptpipeError(f"{origin}: cannot read {path}: {exc.strerror or exc}") from None
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        detail = str(exc).replace("\n", " ")
+        mark = getattr(exc, "problem_mark", None)
+        if isinstance(exc, yaml.MarkedYAMLError) and mark is not None and exc.problem:
+            detail = f"line {mark.line + 1}, column {mark.column + 1}: {exc.problem}"
+        else:
+            detail = " ".join(str(exc).split())
         raise GptpipeError(f"{origin}: {path} is not valid YAML: {detail}") from None
     if data is None:
         return {}

@@ -32,6 +32,10 @@ MLFLOW_CLIENT_DEFAULTS = {
 def check_nproc(nproc: int, device: str = "auto") -> None:
     if nproc < 1:
         raise GptpipeError(f"--nproc must be at least 1, got {nproc}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise GptpipeError(
+            "device=cuda, but no CUDA GPU is visible here: use --set device=cpu (or auto)"
+        )
     wants_gpu = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if wants_gpu and nproc > torch.cuda.device_count():
         raise GptpipeError(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -25,10 +26,18 @@ def load_model(uri: str, device: str = "auto") -> LoadedModel:
     """A model in eval mode with its tokenizer, from a checkpoint URI."""
     torch_device = pick_device(device)
     ckpt = load_checkpoint(uri, map_location=torch_device)
-    model = GPT(GPTConfig(**ckpt["model_config"]))
-    model.load_state_dict(ckpt["model"])
+    try:
+        model = GPT(GPTConfig(**ckpt["model_config"]))
+        model.load_state_dict(ckpt["model"])
+        tokenizer = tokenizer_from_json(ckpt["tokenizer"])
+    except (KeyError, TypeError, RuntimeError, GptpipeError) as exc:
+        # a checkpoint from another program, or edited: missing keys, weights of another shape;
+        # load_state_dict's message is a heading, then one line per weight that does not fit
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [repr(exc)]
+        detail = f"no {exc}" if isinstance(exc, KeyError) else lines[min(1, len(lines) - 1)]
+        raise GptpipeError(f"{uri} is not a usable gptpipe checkpoint: {detail[:300]}") from None
     model.to(torch_device).eval()
-    return LoadedModel(model, tokenizer_from_json(ckpt["tokenizer"]), ckpt)
+    return LoadedModel(model, tokenizer, ckpt)
 
 
 def sample_text(
@@ -46,16 +55,21 @@ def sample_text(
     """
     if max_new_tokens < 0:
         raise GptpipeError(f"max_new_tokens must not be negative, got {max_new_tokens}")
-    if temperature < 0:
-        raise GptpipeError(f"temperature must not be negative, got {temperature}")
+    if not (temperature >= 0 and math.isfinite(temperature)):  # rejects nan and inf too
+        raise GptpipeError(f"temperature must be a finite number >= 0, got {temperature}")
     if top_k is not None and top_k < 1:
         raise GptpipeError(f"top_k must be at least 1, got {top_k}")
+    if not -(2**63) <= seed < 2**64:  # what torch.Generator.manual_seed accepts
+        raise GptpipeError(f"seed must fit in 64 bits, got {seed}")
     tokenizer, model = loaded.tokenizer, loaded.model
     notes: list[str] = []
     unknown = tokenizer.unknown_chars(prompt)
     if unknown:
         shown = ", ".join(repr(c) for c in unknown)
-        raise GptpipeError(f"the prompt has characters the tokenizer does not know: {shown}")
+        raise GptpipeError(
+            f"the prompt has characters the tokenizer does not know: {shown}; use only "
+            "characters of the training corpus"
+        )
     start = prompt if prompt else ("\n" if not tokenizer.unknown_chars("\n") else "")
     ids = tokenizer.encode(start) if start else [0]
     block_size = model.config.block_size

@@ -80,6 +80,25 @@ def make_optimizer(model: GPT, cfg: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=True)
 
 
+def _check_resumable(ckpt: dict, ckpt_uri: str, tokenizer_json: str, tokenizer_uri: str,
+                     model: GPT) -> None:  # fmt: skip
+    """Refuse to continue a checkpoint of another tokenizer or shape (it would be overwritten)."""
+    saved = tokenizer_from_json(ckpt["tokenizer"]).to_json()
+    if saved != tokenizer_from_json(tokenizer_json).to_json():
+        raise GptpipeError(
+            f"{ckpt_uri} was trained with another tokenizer than {tokenizer_uri}: resume with "
+            "the tokenizer it was made with, or use a new --out folder"
+        )
+    stored, wanted = ckpt.get("model_config", {}), model.config.__dict__
+    keys = ("vocab_size", "block_size", "n_embd", "n_head", "n_layer", "bias")
+    differ = [f"{k} {stored.get(k)} vs {wanted[k]}" for k in keys if stored.get(k) != wanted[k]]
+    if differ:
+        raise GptpipeError(
+            f"{ckpt_uri} holds a model of another shape ({', '.join(differ)}): resume with the "
+            "config it was made with, or use a new --out folder"
+        )
+
+
 # ----------------------------------------------------------------------------- the loop
 
 
@@ -114,6 +133,7 @@ def train(
     writer = CheckpointWriter(ckpt_uri)
     ckpt = latest_checkpoint(ckpt_uri, map_location=info.device) if resume else None
     if ckpt is not None:
+        _check_resumable(ckpt, ckpt_uri, tokenizer_json, tokenizer_uri, raw_model)
         raw_model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         step = int(ckpt["step"])
