@@ -7,7 +7,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -16,24 +16,45 @@ from model.errors import GptpipeError
 _CHUNK = 1 << 20
 
 
-def _atomic_write(path: Path, write) -> None:
+@contextmanager
+def _open_atomic(path: Path) -> Iterator[BinaryIO]:
+    """A temporary file beside ``path``, renamed onto it only if the block completes.
+
+    Exceptions raised by the block pass through unchanged (after the temporary file is removed);
+    the filesystem's own errors (creating, syncing, renaming) become GptpipeError.
+    """
+
+    def failed(exc: OSError) -> GptpipeError:
+        return GptpipeError(f"could not write {path}: {exc.strerror or exc}")
+
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as exc:
-        raise GptpipeError(f"could not write {path}: {exc.strerror or exc}") from None
+        raise failed(exc) from None
     try:
-        with os.fdopen(fd, "wb") as f:
+        with os.fdopen(fd, "w+b") as f:
+            yield f
+            try:
+                f.flush()
+                os.fsync(f.fileno())
+            except OSError as exc:
+                raise failed(exc) from None
+        try:
+            os.replace(tmp, path)
+        except OSError as exc:
+            raise failed(exc) from None
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write with `write(f)`; our own write errors (a full disk) become GptpipeError too."""
+    try:
+        with _open_atomic(path) as f:
             write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
     except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
         raise GptpipeError(f"could not write {path}: {exc.strerror or exc}") from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class LocalBackend:
@@ -92,29 +113,9 @@ class LocalBackend:
         except IsADirectoryError:
             raise GptpipeError(f"{path} is a directory, expected a file") from None
 
-    @contextmanager
-    def open_write(self, path: Path) -> Iterator[BinaryIO]:
-        """A temporary file beside ``path``, renamed onto it only if the block completes.
-
-        Exceptions raised by the block pass through unchanged (after the temporary file is
-        removed); only our own filesystem errors become GptpipeError.
-        """
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        except OSError as exc:
-            raise GptpipeError(f"could not write {path}: {exc.strerror or exc}") from None
-        try:
-            with os.fdopen(fd, "w+b") as f:
-                yield f
-                f.flush()
-                os.fsync(f.fileno())
-            try:
-                os.replace(tmp, path)
-            except OSError as exc:
-                raise GptpipeError(f"could not write {path}: {exc.strerror or exc}") from None
-        finally:
-            Path(tmp).unlink(missing_ok=True)
+    def open_write(self, path: Path) -> AbstractContextManager[BinaryIO]:
+        """A temporary file beside ``path``, renamed onto it only if the block completes."""
+        return _open_atomic(path)
 
     def arrow_filesystem(self, path: Path) -> tuple[Any, str]:
         from pyarrow import fs as pafs

@@ -21,22 +21,8 @@ from model.config import config_from_dict
 from model.errors import GptpipeError
 from model.launch import launch_training, train_command
 from tests.conftest import free_port
+from tests.test_ddp import BASE  # the same tiny config
 
-# the tiny config of tests/test_ddp.py
-BASE = {
-    "block_size": 32,
-    "n_embd": 32,
-    "n_head": 4,
-    "n_layer": 2,
-    "dropout": 0.0,
-    "max_iters": 6,
-    "eval_interval": 100,
-    "eval_iters": 2,
-    "log_interval": 3,
-    "checkpoint_interval": 0,
-    "learning_rate": 3e-3,
-    "device": "cpu",
-}
 # one thread per rank: two "nodes" share this machine's cores
 ENV = {"OMP_NUM_THREADS": "1"}
 
