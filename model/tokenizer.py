@@ -95,8 +95,9 @@ class CharTokenizer:
         cps = _codepoints("".join(vocab)).astype(np.int64)
         # Lookup table code point -> id, -1 for "unknown". Its last slot is a sentinel: code points
         # beyond the table are clipped onto it, so they come out as -1 too.
-        self._table = np.full(int(cps.max()) + 2, -1, dtype=np.int64)
-        self._table[cps] = np.arange(len(vocab), dtype=np.int64)
+        self._table = np.full(max(int(cps.max()) + 2, 128), -1, dtype=np.int32)
+        self._table[cps] = np.arange(len(vocab), dtype=np.int32)
+        self._ascii_table = self._table[:128]
         # id -> character as a fixed-width UTF-32 array: decode is a take + one bytes decode.
         self._itos = np.array(vocab, dtype="<U1")
 
@@ -116,8 +117,14 @@ class CharTokenizer:
         return self._table.take(cps.astype(np.intp))
 
     def encode(self, text: str, *, what: str = "text") -> np.ndarray:
-        """Ids of ``text`` (int64). ``what`` names the text in the error for unknown characters."""
-        ids = self._lookup(_codepoints(text))
+        """Ids of ``text`` (int32). ``what`` names the text in the error for unknown characters.
+
+        ASCII text (most corpora) takes a fast path: one byte per character instead of four.
+        """
+        if text.isascii():
+            ids = self._ascii_table.take(np.frombuffer(text.encode("ascii"), dtype=np.uint8))
+        else:
+            ids = self._lookup(_codepoints(text))
         if ids.size and ids.min() < 0:
             raise GptpipeError(
                 f"{what} has characters the tokenizer does not know: "
