@@ -50,7 +50,7 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from flows.pipeline import DEFAULT_STORE, TINY_SHAKESPEARE_URL
+    from flows.defaults import DEFAULT_STORE, TINY_SHAKESPEARE_URL
 
     parser = argparse.ArgumentParser(
         prog="gptpipe",
@@ -141,11 +141,12 @@ def _quiet_user_errors() -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from model.config import build_config
+
+    cfg = build_config(args.preset, args.config, args.set)  # before the heavy imports below
     from model.launch import check_nproc
     from storage.tracking import Tracker
     from tasks.cache import check_refresh
 
-    cfg = build_config(args.preset, args.config, args.set)
     check_nproc(args.nproc, cfg.device)
     check_refresh(args.refresh)
     if args.sample_tokens < 0:

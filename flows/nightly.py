@@ -12,7 +12,8 @@ import os
 
 from prefect import flow, get_run_logger
 
-from flows.pipeline import DEFAULT_STORE, TINY_SHAKESPEARE_URL, new_run_id, pipeline
+from flows.defaults import DEFAULT_STORE, TINY_SHAKESPEARE_URL
+from flows.pipeline import new_run_id, pipeline
 from model.config import build_config
 from storage.tracking import DEFAULT_EXPERIMENT
 

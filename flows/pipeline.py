@@ -13,6 +13,7 @@ import time
 from prefect import flow, get_run_logger
 
 import storage
+from flows.defaults import DEFAULT_STORE, TINY_SHAKESPEARE_URL
 from model.config import config_from_dict
 from storage.tracking import DEFAULT_EXPERIMENT, Tracker, model_name_for, redact
 from tasks.cache import check_refresh
@@ -22,11 +23,6 @@ from tasks.sample import sample
 from tasks.split import split
 from tasks.tokenize import tokenize
 from tasks.train import train
-
-TINY_SHAKESPEARE_URL = (
-    "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
-)
-DEFAULT_STORE = "./gptpipe-store"
 
 
 def new_run_id() -> str:
