@@ -21,6 +21,14 @@ def retry_unless_user_error(task, task_run, state) -> bool:
     return False
 
 
+# how the stages that read and write the store retry: twice, with backoff, unless the input is bad
+IO_RETRIES = {
+    "retries": 2,
+    "retry_delay_seconds": [2, 10],
+    "retry_condition_fn": retry_unless_user_error,
+}
+
+
 def describe(uri: str) -> dict[str, str | int]:
     """An artifact reference as stages record it: URI, sha256 and size."""
     return {"uri": uri, "sha256": storage.sha256(uri), "bytes": storage.size(uri)}

@@ -3,11 +3,10 @@ from __future__ import annotations
 from prefect import get_run_logger, task
 
 from model.evaluate import evaluate_checkpoint
-from tasks.common import describe, retry_unless_user_error, stage_run
+from tasks.common import IO_RETRIES, describe, stage_run
 
 
-@task(name="evaluate", retries=2, retry_delay_seconds=[2, 10],
-      retry_condition_fn=retry_unless_user_error)  # fmt: skip
+@task(name="evaluate", **IO_RETRIES)
 def evaluate(
     checkpoint_uri: str,
     train_uri: str,

@@ -6,11 +6,10 @@ import storage
 from model.checkpoint import load_checkpoint
 from model.evaluate import evaluate_checkpoint
 from storage.registry import CHAMPION, FetchedCheckpoint, current_champion, register
-from tasks.common import retry_unless_user_error, tracker_for
+from tasks.common import IO_RETRIES, tracker_for
 
 
-@task(name="register", retries=2, retry_delay_seconds=[2, 10],
-      retry_condition_fn=retry_unless_user_error)  # fmt: skip
+@task(name="register", **IO_RETRIES)
 def register_model(
     tracking: dict,
     name: str,

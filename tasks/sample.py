@@ -4,11 +4,10 @@ from prefect import get_run_logger, task
 
 import storage
 from model.sample import load_model, sample_text
-from tasks.common import describe, retry_unless_user_error, stage_run
+from tasks.common import IO_RETRIES, describe, stage_run
 
 
-@task(name="sample", retries=2, retry_delay_seconds=[2, 10],
-      retry_condition_fn=retry_unless_user_error)  # fmt: skip
+@task(name="sample", **IO_RETRIES)
 def sample(
     checkpoint_uri: str,
     run_uri: str,

@@ -5,15 +5,10 @@ from prefect import get_run_logger, task
 import storage
 from model.data import read_tokens, split_tokens, write_tokens
 from tasks.cache import cache_key, load_manifest, save_manifest, stage_dir
-from tasks.common import describe, retry_unless_user_error, stage_run
+from tasks.common import IO_RETRIES, describe, stage_run
 
 
-@task(
-    name="split",
-    retries=2,
-    retry_delay_seconds=[2, 10],
-    retry_condition_fn=retry_unless_user_error,
-)
+@task(name="split", **IO_RETRIES)
 def split(
     tokens: dict,
     store: str,

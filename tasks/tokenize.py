@@ -9,15 +9,10 @@ import storage
 from model.data import decode_corpus, load_text, sha256_bytes, write_tokens
 from model.tokenizer import train_tokenizer
 from tasks.cache import cache_key, load_manifest, save_manifest, stage_dir
-from tasks.common import describe, retry_unless_user_error, stage_run
+from tasks.common import IO_RETRIES, describe, stage_run
 
 
-@task(
-    name="tokenize",
-    retries=2,
-    retry_delay_seconds=[2, 10],
-    retry_condition_fn=retry_unless_user_error,
-)
+@task(name="tokenize", **IO_RETRIES)
 def tokenize(
     source: str,
     store: str,
