@@ -138,7 +138,6 @@ def train(
         optimizer.load_state_dict(ckpt["optimizer"])
         step = int(ckpt["step"])
         history = list(ckpt.get("history", []))
-        torch.set_rng_state(ckpt["rng"]["torch"])
         p0(f"resumed from step {step} ({ckpt_uri})")
 
     use_cuda = info.device.type == "cuda"

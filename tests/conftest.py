@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -37,6 +39,25 @@ def wait_for_http(url: str, timeout: float, proc: subprocess.Popen | None = None
         except OSError:
             time.sleep(0.3)
     raise TimeoutError(f"{url} did not answer within {timeout} s")
+
+
+@contextlib.contextmanager
+def served(cmd: list[str], health_url: str, timeout: float, log_path: Path, **popen):
+    """A server process for the block: started, waited for until health_url answers, then
+    stopped with its whole process group (servers that fork workers leave none behind)."""
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True, **popen)  # fmt: skip
+        try:
+            wait_for_http(health_url, timeout, proc)
+            yield proc
+        finally:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
 
 
 @pytest.fixture(scope="session")
@@ -84,23 +105,11 @@ def prefect_server(tmp_path_factory) -> str:
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_UI_ENABLED": "false",
     }
-    log = open(home / "server.log", "wb")  # noqa: SIM115 - closed at teardown
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-         "--port", str(port)],
-        env=env, stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
     url = f"http://127.0.0.1:{port}/api"
-    try:
-        wait_for_http(f"{url}/health", 90, proc)
+    cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+           "--port", str(port)]  # fmt: skip
+    with served(cmd, f"{url}/health", 90, home / "server.log", env=env):
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
 
 
 @pytest.fixture()
@@ -155,24 +164,10 @@ def mlflow_server(moto_server, tmp_path_factory) -> str:  # noqa: F811
     }
     for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "MLFLOW_TRACKING_URI"):
         env.pop(name, None)
-    log = open(home / "server.log", "wb")  # noqa: SIM115 - closed at teardown
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server",
-         "--backend-store-uri", f"sqlite:///{home / 'mlflow.db'}",
-         "--artifacts-destination", "s3://mlflow-artifacts/mlartifacts",
-         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, cwd=home, start_new_session=True,
-    )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for_http(f"{url}/health", 120, proc)
+    cmd = [sys.executable, "-m", "mlflow", "server",
+           "--backend-store-uri", f"sqlite:///{home / 'mlflow.db'}",
+           "--artifacts-destination", "s3://mlflow-artifacts/mlartifacts",
+           "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]  # fmt: skip
+    with served(cmd, f"{url}/health", 120, home / "server.log", env=env, cwd=home):
         yield url
-    finally:
-        import signal
-
-        os.killpg(proc.pid, signal.SIGTERM)  # the server's workers go with it
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()

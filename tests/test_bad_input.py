@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import free_port, run_cli, wait_for_http
+from tests.conftest import free_port, run_cli, served
 from tests.test_cli_errors import assert_clean_error
 
 NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
@@ -471,14 +471,8 @@ def moto_with_auth(tmp_path):
     """
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    log = open(tmp_path / "moto.log", "wb")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        wait_for_http(f"{url}/moto-api/", 30, proc)
+    cmd = [str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)]
+    with served(cmd, f"{url}/moto-api/", 30, tmp_path / "moto.log"):
         import boto3
 
         s3 = boto3.client(
@@ -493,13 +487,6 @@ def moto_with_auth(tmp_path):
         with urllib.request.urlopen(request, timeout=10) as response:
             assert response.status == 200
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
 
 
 def test_refused_s3_credentials(moto_with_auth, small_corpus, cli_env, tmp_path):
