@@ -49,8 +49,22 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _byte_size(text: str) -> int:
+    """'65536', '64K', '32M' or '1G' as a number of bytes."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    number, unit = (text[:-1], text[-1].upper()) if text[-1:].upper() in units else (text, "")
+    try:
+        value = int(float(number) * units.get(unit, 1))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 65536, 64K, 32M)") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     from flows.defaults import DEFAULT_STORE, TINY_SHAKESPEARE_URL
+    from flows.engines import TASK_RUNNERS
 
     parser = argparse.ArgumentParser(
         prog="gptpipe",
@@ -75,7 +89,43 @@ def build_parser() -> argparse.ArgumentParser:
         "--input",
         default=TINY_SHAKESPEARE_URL,
         metavar="SRC",
-        help="corpus: a local file or an http(s) URL (default: Tiny Shakespeare's URL)",
+        help="corpus: a file, a directory, a glob, an http(s) URL, an s3:// object or an "
+        "s3://bucket/prefix/ of many files (taken in sorted order; default: Tiny Shakespeare's "
+        "URL)",
+    )
+    run.add_argument(
+        "--shard-size",
+        type=_byte_size,
+        default=None,
+        metavar="BYTES",
+        help="target size of the corpus shards tokenized in parallel, e.g. 64M (default 32M)",
+    )
+    run.add_argument(
+        "--val-shards",
+        type=int,
+        default=0,
+        metavar="N",
+        help="validate on the last N whole shards instead of the last val_fraction of tokens",
+    )
+    run.add_argument(
+        "--task-runner",
+        default="default",
+        choices=TASK_RUNNERS,
+        help="where mapped tasks run: Prefect's thread pool (default), a Dask cluster "
+        "(prefect-dask) or a Ray cluster (prefect-ray)",
+    )
+    run.add_argument(
+        "--workers",
+        type=int,
+        help="worker processes of the local Dask or Ray cluster (default: one per core)",
+    )
+    run.add_argument(
+        "--dask-address",
+        metavar="ADDR",
+        help="a running Dask scheduler (implies --task-runner dask)",
+    )
+    run.add_argument(
+        "--ray-address", metavar="ADDR", help="a running Ray cluster (implies --task-runner ray)"
     )
     _add_config_args(run)
     run.add_argument("--nproc", type=int, default=1, help="training ranks (default 1)")
@@ -143,6 +193,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from model.config import build_config
 
     cfg = build_config(args.preset, args.config, args.set)  # before the heavy imports below
+    from flows.engines import check_task_runner
     from model.launch import check_nproc
     from storage.tracking import Tracker
     from tasks.cache import check_refresh
@@ -163,14 +214,21 @@ def cmd_run(args: argparse.Namespace) -> int:
                 f"--run-id {args.run_id}: the store already has a finished run of that name "
                 f"({finished}); choose another --run-id so that its outputs are kept"
             )
-    if args.input.startswith("s3://") and not storage.exists(args.input):
-        raise GptpipeError(f"--input {args.input}: no such object")
+    runner = _task_runner_name(args)
+    check_task_runner(runner, args.dask_address or args.ray_address, args.workers)
+    if args.input.startswith("s3://"):
+        from model.corpus import list_inputs
+
+        list_inputs(args.input)  # an object, or a prefix with objects under it
     tracker = Tracker(args.tracking_uri, args.experiment)
     tracker.check()
+    from flows.engines import with_task_runner
     from flows.pipeline import pipeline
+    from model.corpus import DEFAULT_SHARD_BYTES
 
     _quiet_user_errors()
-    summary = pipeline(
+    flow = with_task_runner(pipeline, runner, args.dask_address or args.ray_address, args.workers)
+    summary = flow(
         source=args.input,
         config=cfg.to_dict(),
         store=store,
@@ -183,9 +241,20 @@ def cmd_run(args: argparse.Namespace) -> int:
         model_name=args.model_name,
         refresh=args.refresh,
         resume=args.resume,
+        shard_bytes=args.shard_size or DEFAULT_SHARD_BYTES,
+        val_shards=args.val_shards,
     )
     print_summary(summary)
     return 0
+
+
+def _task_runner_name(args: argparse.Namespace) -> str:
+    if args.dask_address and args.ray_address:
+        raise GptpipeError("give --dask-address or --ray-address, not both")
+    implied = "dask" if args.dask_address else "ray" if args.ray_address else None
+    if implied and args.task_runner not in ("default", implied):
+        raise GptpipeError(f"--{implied}-address goes with --task-runner {implied}")
+    return implied or args.task_runner
 
 
 def _absolute_if_local(store: str) -> str:

@@ -15,6 +15,7 @@ from prefect import flow, get_run_logger
 import storage
 from flows.defaults import DEFAULT_STORE, TINY_SHAKESPEARE_URL
 from model.config import config_from_dict
+from model.corpus import DEFAULT_SHARD_BYTES
 from storage.tracking import DEFAULT_EXPERIMENT, Tracker, model_name_for, redact
 from tasks.cache import check_refresh
 from tasks.evaluate import evaluate
@@ -43,6 +44,8 @@ def pipeline(
     model_name: str | None = None,
     refresh: list[str] | None = None,
     resume: bool = False,
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
+    val_shards: int = 0,
 ) -> dict:
     """Run every stage once; return (and store) the run's summary."""
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -64,7 +67,8 @@ def pipeline(
     logger.info("run %s -> %s (MLflow run %s)", run_id, run_uri, parent_id)
     try:
         summary = _stages(cfg, source, store, run_uri, run_id, nproc, prompt, sample_tokens,
-                          tracking, model_name, check_refresh(refresh or []), resume)  # fmt: skip
+                          tracking, model_name, check_refresh(refresh or []), resume,
+                          shard_bytes, val_shards)  # fmt: skip
     except BaseException:
         tracker.client.set_terminated(parent_id, "FAILED")
         raise
@@ -130,13 +134,13 @@ def _check_prompt(prompt: str, tokenizer_uri: str) -> None:
 
 
 def _stages(cfg, source, store, run_uri, run_id, nproc, prompt, sample_tokens, tracking,
-            model_name, refresh, resume):  # fmt: skip
+            model_name, refresh, resume, shard_bytes, val_shards):  # fmt: skip
     tokenized = tokenize(source, store, cfg.tokenizer, cfg.vocab_size, tracking,
-                         refresh="tokenize" in refresh)  # fmt: skip
+                         refresh="tokenize" in refresh, shard_bytes=shard_bytes)  # fmt: skip
     tokens, tokenizer = tokenized["outputs"]["tokens"], tokenized["outputs"]["tokenizer"]
     _check_prompt(prompt, tokenizer["uri"])  # before training, not after it
     splits = split(tokens, store, cfg.val_fraction, cfg.block_size, tracking,
-                   refresh="split" in refresh)  # fmt: skip
+                   refresh="split" in refresh, val_shards=val_shards)  # fmt: skip
     train_uri, val_uri = splits["outputs"]["train"]["uri"], splits["outputs"]["val"]["uri"]
     trained = train(cfg.to_dict(), splits, tokenizer, store, nproc, resume=resume,
                     tracking=tracking, refresh="train" in refresh)  # fmt: skip

@@ -10,18 +10,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
-import storage
-from model.data import read_tokens, windows_at
+from model.data import windows_at
+from model.dataset import TokenDataset, open_dataset
 
 
-def load_ids(uri: str) -> torch.Tensor:
-    """A token Parquet file from the store as one int64 tensor."""
-    with storage.open_read(uri) as f:
-        ids, _ = read_tokens(f)
-    return torch.from_numpy(ids.astype(np.int64))
+def load_dataset(uri: str) -> TokenDataset:
+    """A dataset manifest or token file from the store, held in memory when it fits and streamed
+    by row group otherwise (see model.dataset)."""
+    return open_dataset(uri)
 
 
 def seed_for(*parts: int) -> int:
@@ -36,7 +34,7 @@ def seed_for(*parts: int) -> int:
 class BatchSampler:
     """One rank's slices of the per-step global batch (see the module docstring)."""
 
-    data: dict[str, torch.Tensor]
+    data: dict[str, torch.Tensor | TokenDataset]  # a 1-D int64 tensor or a (sharded) dataset
     batch_size: int
     block_size: int
     seed: int
@@ -53,7 +51,10 @@ class BatchSampler:
             len(data) - self.block_size, (n_slices * self.batch_size,), generator=self.generator
         )
         ix = ix[slot * self.batch_size : (slot + 1) * self.batch_size]  # (B,)
-        x, y = windows_at(data, ix, self.block_size)
+        if isinstance(data, TokenDataset):
+            x, y = data.windows(ix, self.block_size)
+        else:
+            x, y = windows_at(data, ix, self.block_size)
         if self.device.type == "cuda":
             return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(
                 self.device, non_blocking=True

@@ -88,21 +88,25 @@ def _download(url: str) -> bytes:
     )
 
 
-def decode_corpus(raw: bytes, source: str) -> str:
-    """Strict UTF-8 decode; rejects empty and binary input, naming the source and byte offset."""
+def decode_corpus(raw: bytes, source: str, offset: int = 0) -> str:
+    """Strict UTF-8 decode; rejects empty and binary input, naming the source and byte offset.
+
+    ``offset`` is where ``raw`` starts in ``source`` (a shard may be a piece of a file).
+    """
     if not raw:
         raise GptpipeError(f"input {source} is empty; pass a non-empty UTF-8 text file")
     nul = raw.find(b"\x00")
     if nul >= 0:
         raise GptpipeError(
-            f"input {source} looks binary (NUL byte at offset {nul}); pass a UTF-8 text file"
+            f"input {source} looks binary (NUL byte at offset {offset + nul}); pass a UTF-8 text "
+            "file"
         )
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise GptpipeError(
             f"input {source} is not UTF-8 text: invalid byte 0x{raw[exc.start]:02x} at offset "
-            f"{exc.start}; convert it to UTF-8"
+            f"{offset + exc.start}; convert it to UTF-8"
         ) from None
 
 
@@ -175,8 +179,9 @@ def write_tokens(
         tmp.unlink(missing_ok=True)
 
 
-def read_tokens(where: Where) -> tuple[np.ndarray, dict[str, str | int]]:
-    """Read a token file: (ids in their stored dtype, uint16 or uint32; the metadata dict)."""
+def open_token_file(where: Where) -> tuple[pq.ParquetFile, dict[str, str | int]]:
+    """Open a token file and check its format, without reading its ids (readers that stream row
+    groups start here): (the ParquetFile, the metadata dict)."""
     name = _name(where)
     if isinstance(where, str | os.PathLike) and not Path(where).is_file():
         raise GptpipeError(f"token file not found: {name}")
@@ -188,17 +193,36 @@ def read_tokens(where: Where) -> tuple[np.ndarray, dict[str, str | int]]:
         metadata = json.loads(schema_meta[META_KEY])
         if "ids" not in pf.schema_arrow.names:
             raise ValueError("no 'ids' column")
-        column = pf.read(columns=["ids"]).column("ids")
-        if not pa.types.is_unsigned_integer(column.type) or column.null_count:
-            raise ValueError(f"'ids' column has type {column.type} or nulls")
-        ids = column.to_numpy()
-        if not ids.flags.writeable:  # zero-copy views of Arrow buffers are read-only
-            ids = ids.copy()
-        if metadata.get("n_tokens", len(ids)) != len(ids):
-            raise ValueError(f"metadata n_tokens={metadata['n_tokens']} but {len(ids)} ids")
+        ids_type = pf.schema_arrow.field("ids").type
+        if not pa.types.is_unsigned_integer(ids_type):
+            raise ValueError(f"'ids' column has type {ids_type}")
+        n_rows = pf.metadata.num_rows
+        if metadata.get("n_tokens", n_rows) != n_rows:
+            raise ValueError(f"metadata n_tokens={metadata['n_tokens']} but {n_rows} ids")
     except (OSError, ValueError, KeyError, pa.ArrowException) as exc:
         raise GptpipeError(f"{name} is not a readable Parquet token file: {exc}") from None
-    return ids, metadata
+    return pf, metadata
+
+
+def column_ids(column: pa.ChunkedArray | pa.Array, name: str) -> np.ndarray:
+    """The ids of an Arrow ``ids`` column as a writable NumPy array (no nulls allowed)."""
+    if column.null_count:
+        raise GptpipeError(f"{name} is not a readable Parquet token file: 'ids' has nulls")
+    ids = column.to_numpy()
+    if not ids.flags.writeable:  # zero-copy views of Arrow buffers are read-only
+        ids = ids.copy()
+    return ids
+
+
+def read_tokens(where: Where) -> tuple[np.ndarray, dict[str, str | int]]:
+    """Read a token file: (ids in their stored dtype, uint16 or uint32; the metadata dict)."""
+    pf, metadata = open_token_file(where)
+    name = _name(where)
+    try:
+        column = pf.read(columns=["ids"]).column("ids")
+    except (OSError, ValueError, pa.ArrowException) as exc:
+        raise GptpipeError(f"{name} is not a readable Parquet token file: {exc}") from None
+    return column_ids(column, name), metadata
 
 
 # ---------------------------------------------------------------------------------------------

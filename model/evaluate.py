@@ -53,13 +53,13 @@ def evaluate_checkpoint(
     device: str = "auto",
 ) -> dict[str, float]:
     """Eval-mode loss of a saved model on each split in data_uris ({"val": uri, ...})."""
-    from model.batching import BatchSampler, load_ids
+    from model.batching import BatchSampler, load_dataset
     from model.dist import DistInfo, pick_device
     from model.sample import load_model
 
     loaded = load_model(checkpoint_uri, device)
     info = DistInfo(rank=0, local_rank=0, world_size=1, device=pick_device(device))
-    data = {split: load_ids(uri) for split, uri in data_uris.items()}
+    data = {split: load_dataset(uri) for split, uri in data_uris.items()}
     sampler = BatchSampler(
         data, batch_size, loaded.model.config.block_size, seed, 0, 1, 1, info.device
     )

@@ -11,6 +11,7 @@ S3 settings (endpoint, credentials, region) come from the standard AWS_* places:
 
 from storage.uri import (
     arrow_filesystem,
+    content_id,
     exists,
     get_bytes,
     get_file,
@@ -28,6 +29,7 @@ from storage.uri import (
 
 __all__ = [
     "arrow_filesystem",
+    "content_id",
     "exists",
     "get_bytes",
     "get_file",

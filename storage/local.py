@@ -99,6 +99,9 @@ class LocalBackend:
             raise GptpipeError(f"not found: {path}") from None
         return digest.hexdigest()
 
+    def content_id(self, path: Path) -> str:
+        return f"sha256:{self.sha256(path)}"
+
     def size(self, path: Path) -> int:
         try:
             return path.stat().st_size

@@ -444,6 +444,12 @@ class S3Backend:
                     digest.update(chunk)
         return digest.hexdigest()
 
+    def content_id(self, uri: str) -> str:
+        loc, conn = _object(uri), _connection()
+        with _errors(loc, conn):
+            head = conn.client.head_object(Bucket=loc.bucket, Key=loc.key)
+        return f"etag:{head['ETag'].strip(chr(34))}:{head['ContentLength']}"
+
     def size(self, uri: str) -> int:
         loc, conn = _object(uri), _connection()
         with _errors(loc, conn):

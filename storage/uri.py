@@ -94,6 +94,13 @@ def size(uri: str) -> int:
     return backend.size(where)
 
 
+def content_id(uri: str) -> str:
+    """An identity of an object's content that is cheap to get: ``sha256:<hex>`` for a local file
+    (hashed), ``etag:<etag>:<size>`` on S3 (from a HEAD; a changed object gets a new ETag)."""
+    backend, where = _backend(uri)
+    return backend.content_id(where)
+
+
 def open_read(uri: str) -> BinaryIO:
     """A binary, seekable, random-access file to read (close it, or use it in ``with``).
 

@@ -20,9 +20,10 @@ MANIFEST = "manifest.json"
 STAGES = ("tokenize", "split", "train")
 # the code each stage's result depends on, relative to the repository's model/ package
 _CODE = {
-    "tokenize": ("tokenizer.py", "data.py"),
-    "split": ("data.py",),
-    "train": ("gpt.py", "train.py", "batching.py", "evaluate.py", "dist.py", "checkpoint.py"),
+    "tokenize": ("tokenizer.py", "data.py", "corpus.py", "dataset.py"),
+    "split": ("data.py", "dataset.py"),
+    "train": ("gpt.py", "train.py", "batching.py", "dataset.py", "evaluate.py", "dist.py",
+              "checkpoint.py"),
 }
 
 

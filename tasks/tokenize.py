@@ -1,18 +1,117 @@
+"""The tokenize stage: a corpus (one file or many) -> a sharded token dataset, cached on content.
+
+The stage runs in the flow and maps Prefect tasks over the corpus's shards, so the flow's task
+runner decides where they run (threads by default, a Dask or Ray cluster when asked):
+
+1. plan: list the input files, key the result on their content, cut the shards (one task);
+2. vocabulary: char - the characters of each shard (mapped), merged; bpe - trained on a bounded
+   sample of the shards (one task);
+3. encode: each shard to its own Parquet token file (mapped);
+4. the dataset manifest (shard URIs, sha256, token counts, order), then `manifest.json` last.
+"""
+
 from __future__ import annotations
 
-from pathlib import PurePosixPath
-from urllib.parse import urlsplit
+import hashlib
+import json
 
-from prefect import get_run_logger, task
+from prefect import get_run_logger, task, unmapped
 
 import storage
-from model.data import decode_corpus, load_text, sha256_bytes, write_tokens
-from model.tokenizer import train_tokenizer
+from model.corpus import (
+    DEFAULT_SHARD_BYTES,
+    list_inputs,
+    pieces_from_dicts,
+    pieces_to_dicts,
+    plan_shards,
+    read_range,
+    read_shard,
+    stage_download,
+)
+from model.data import write_tokens
+from model.dataset import SHARD_ROW_GROUP_SIZE, make_manifest, write_manifest
+from model.tokenizer import CharTokenizer, tokenizer_from_json, train_tokenizer
 from tasks.cache import cache_key, load_manifest, save_manifest, stage_dir
 from tasks.common import IO_RETRIES, describe, stage_run
 
+# BPE learns its merges from at most this much text, taken evenly from the shards' beginnings.
+BPE_SAMPLE_BYTES = 64 << 20
 
-@task(name="tokenize", **IO_RETRIES)
+
+@task(name="plan-shards", **IO_RETRIES)
+def plan(source: str, store: str, settings: dict, shard_bytes: int, refresh: bool) -> dict:
+    """The input's files and content key; the cached result, or the shards to tokenize."""
+    files_source = stage_download(source, store) if source.startswith(("http://", "https://")) \
+        else source  # fmt: skip
+    files = list_inputs(files_source)
+    content = [storage.content_id(f.uri) for f in files]
+    source_id = hashlib.sha256(json.dumps(content).encode()).hexdigest()
+    key = cache_key("tokenize", source_id=source_id, shard_bytes=shard_bytes, **settings)
+    folder = stage_dir(store, "tokenize", key)
+    manifest = None if refresh else load_manifest(folder)
+    shards = [] if manifest else [pieces_to_dicts(p) for p in plan_shards(files, shard_bytes)]
+    return {
+        "key": key,
+        "folder": folder,
+        "source_id": source_id,
+        "files": [
+            {"uri": f.uri, "bytes": f.size, "content_id": c}
+            for f, c in zip(files, content, strict=True)
+        ],
+        "manifest": manifest,
+        "shards": shards,
+    }
+
+
+@task(name="shard-chars", **IO_RETRIES)
+def shard_chars(pieces: list[dict]) -> str:
+    """The distinct characters of one shard, sorted (the map half of the char vocabulary)."""
+    return "".join(CharTokenizer.train(read_shard(pieces_from_dicts(pieces))).vocab)
+
+
+@task(name="train-bpe", **IO_RETRIES)
+def train_bpe(shards: list[list[dict]], vocab_size: int, sample_bytes: int) -> str:
+    """A BPE tokenizer learned on a bounded sample: each shard's beginning, cut at a safe cut."""
+    per_shard = max(sample_bytes // len(shards), 1)
+    sample = "".join(_shard_prefix(pieces_from_dicts(p), per_shard) for p in shards)
+    return train_tokenizer("bpe", sample, vocab_size).to_json()
+
+
+def _shard_prefix(pieces, n_bytes: int) -> str:
+    """About the first n_bytes of a shard, ending at a safe cut (all of it when it is shorter)."""
+    from model.corpus import _SAFE_CUT, Piece
+
+    if sum(p.end - p.start for p in pieces) <= n_bytes:
+        return read_shard(pieces)
+    taken, left = [], n_bytes
+    for p in pieces:
+        if left <= 0:
+            break
+        taken.append(Piece(p.uri, p.start, min(p.end, p.start + left)))
+        left -= taken[-1].end - taken[-1].start
+    last = taken[-1]
+    tail = read_range(last.uri, last.start, last.end)
+    cuts = [m.start() for m in _SAFE_CUT.finditer(tail)]
+    if not cuts:
+        return read_shard(taken[:-1]) if len(taken) > 1 else ""
+    taken[-1] = Piece(last.uri, last.start, last.start + cuts[-1])
+    return read_shard(taken)
+
+
+@task(name="encode-shard", **IO_RETRIES)
+def encode_shard(index: int, pieces: list[dict], tokenizer_uri: str, folder: str) -> dict:
+    """One shard's text -> its Parquet token file; returns the shard's manifest entry."""
+    tok = tokenizer_from_json(storage.get_bytes(tokenizer_uri).decode("utf-8"))
+    text = read_shard(pieces_from_dicts(pieces))
+    ids = tok.encode(text, what=f"shard {index}")
+    uri = storage.join(folder, f"shard-{index:05d}.parquet")
+    metadata = {"tokenizer": tok.kind, "vocab_size": tok.vocab_size, "n_tokens": len(ids),
+                "shard": index}  # fmt: skip
+    with storage.open_write(uri) as f:
+        write_tokens(ids, f, metadata, row_group_size=SHARD_ROW_GROUP_SIZE)
+    return {**describe(uri), "n_tokens": len(ids), "source_chars": len(text), "pieces": pieces}
+
+
 def tokenize(
     source: str,
     store: str,
@@ -20,54 +119,75 @@ def tokenize(
     vocab_size: int | None,
     tracking: dict | None = None,
     refresh: bool = False,
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
+    bpe_sample_bytes: int = BPE_SAMPLE_BYTES,
 ) -> dict:
-    """Read the corpus, learn the tokenizer, store the token ids as Parquet (cached on content)."""
+    """Run the stage from a flow (see the module docstring); returns its manifest and outputs."""
     logger = get_run_logger()
     with stage_run(tracking, "tokenize") as run:
-        raw = load_text(source)
-        source_sha256 = sha256_bytes(raw)
-        key = cache_key("tokenize", source_sha256=source_sha256, tokenizer=tokenizer,
-                        vocab_size=vocab_size)  # fmt: skip
-        folder = stage_dir(store, "tokenize", key)
-        manifest = None if refresh else load_manifest(folder)
+        settings = {"tokenizer": tokenizer, "vocab_size": vocab_size}
+        if tokenizer == "bpe":
+            settings["bpe_sample_bytes"] = bpe_sample_bytes
+        planned = plan(source, store, settings, shard_bytes, refresh)
+        folder, manifest = planned["folder"], planned["manifest"]
         cached = manifest is not None
-        if manifest is None:
-            manifest = _tokenize(raw, source, source_sha256, tokenizer, vocab_size, folder)
+        if not cached:
+            manifest = _tokenize_shards(planned, tokenizer, vocab_size, bpe_sample_bytes)
+            manifest["source"] = source
             save_manifest(folder, manifest)
-        tokenizer_uri = manifest["outputs"]["tokenizer"]["uri"]
-
-        run.log_params({**manifest["metadata"], "source": source, "cached": cached,
-                        "cache_key": key})  # fmt: skip
-        run.record_io({"source": {"uri": source, "sha256": source_sha256, "bytes": len(raw)}},
-                      manifest["outputs"])  # fmt: skip
-        run.log_text(storage.get_bytes(tokenizer_uri).decode("utf-8"), "tokenizer.json")
+        meta = manifest["metadata"]
+        run.log_params({**meta, "source": source, "cached": cached, "cache_key": planned["key"],
+                        "n_files": len(planned["files"])})  # fmt: skip
+        total_bytes = sum(f["bytes"] for f in planned["files"])
+        run.record_io({"source": {"uri": source, "content_sha256": planned["source_id"],
+                                  "bytes": total_bytes}}, manifest["outputs"])  # fmt: skip
+        run.log_text(storage.get_bytes(manifest["outputs"]["tokenizer"]["uri"]).decode(),
+                     "tokenizer.json")  # fmt: skip
         run.log_dict(manifest, "dataset_manifest.json")
-        name = PurePosixPath(urlsplit(source).path).name or "corpus"
-        run.log_dataset(source, name, source_sha256, context="tokenize")
-    meta = manifest["metadata"]
+        run.log_dataset(source, _dataset_name(source), planned["source_id"], context="tokenize")
     if cached:
         logger.info("tokenize: re-using %s (cached: same source and settings)", folder)
     else:
-        logger.info("tokenized %s: %d %s tokens (vocab %d) -> %s", source, meta["n_tokens"],
-                    meta["tokenizer"], meta["vocab_size"], folder)  # fmt: skip
+        logger.info("tokenized %s: %d %s tokens (vocab %d) in %d shard(s) from %d file(s) -> %s",
+                    source, meta["n_tokens"], meta["tokenizer"], meta["vocab_size"],
+                    meta["n_shards"], len(planned["files"]), folder)  # fmt: skip
     return {**manifest, "cached": cached, "mlflow_run_id": run.run_id}
 
 
-def _tokenize(raw, source, source_sha256, kind, vocab_size, folder) -> dict:
-    text = decode_corpus(raw, source)
-    tok = train_tokenizer(kind, text, vocab_size)
-    ids = tok.encode(text)
+def _dataset_name(source: str) -> str:
+    from pathlib import PurePosixPath
+    from urllib.parse import urlsplit
+
+    return PurePosixPath(urlsplit(source.rstrip("/*")).path).name or "corpus"
+
+
+def _tokenize_shards(planned: dict, kind: str, vocab_size: int | None, sample_bytes: int) -> dict:
+    folder, shards = planned["folder"], planned["shards"]
+    if kind == "char":
+        charsets = shard_chars.map(shards).result()  # map ...
+        tok = CharTokenizer(sorted(set().union(*charsets)))  # ... reduce
+        tokenizer_json = tok.to_json()
+    else:
+        tokenizer_json = train_bpe(shards, vocab_size, sample_bytes)
     tokenizer_uri = storage.put_bytes(
-        storage.join(folder, "tokenizer.json"), tok.to_json().encode("utf-8")
+        storage.join(folder, "tokenizer.json"), tokenizer_json.encode("utf-8")
     )
+    tok = tokenizer_from_json(tokenizer_json)
+    entries = encode_shard.map(
+        range(len(shards)), shards, unmapped(tokenizer_uri), unmapped(folder)
+    ).result()
     metadata = {
         "tokenizer": tok.kind,
         "vocab_size": tok.vocab_size,
-        "n_tokens": len(ids),
-        "source_sha256": source_sha256,
+        "n_tokens": sum(e["n_tokens"] for e in entries),
+        "n_shards": len(entries),
+        "source_id": planned["source_id"],
     }
-    tokens_uri = storage.join(folder, "tokens.parquet")
-    with storage.open_write(tokens_uri) as f:
-        write_tokens(ids, f, metadata)
-    outputs = {"tokenizer": describe(tokenizer_uri), "tokens": describe(tokens_uri)}
-    return {"metadata": metadata, "source": source, "outputs": outputs}
+    dataset_uri = write_manifest(
+        storage.join(folder, "dataset.json"),
+        make_manifest(
+            entries, tokenizer=tok.kind, vocab_size=tok.vocab_size, files=planned["files"]
+        ),  # fmt: skip
+    )
+    outputs = {"tokenizer": describe(tokenizer_uri), "tokens": describe(dataset_uri)}
+    return {"metadata": metadata, "outputs": outputs}

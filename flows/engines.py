@@ -1,0 +1,88 @@
+"""Where the pipeline's mapped tasks run: Prefect's default thread pool, a Dask cluster
+(prefect-dask) or a Ray cluster (prefect-ray). The engines are optional extras of the package:
+``pip install 'gptpipe[dask]'`` or ``'gptpipe[ray]'``.
+"""
+
+from __future__ import annotations
+
+import os
+
+from model.errors import GptpipeError
+
+TASK_RUNNERS = ("default", "dask", "ray")
+
+
+def check_task_runner(name: str, address: str | None, workers: int | None) -> None:
+    """Fail early, with what to fix, on settings that cannot make a task runner."""
+    if name not in TASK_RUNNERS:
+        raise GptpipeError(f"--task-runner {name}: choose one of {', '.join(TASK_RUNNERS)}")
+    if name == "default" and (address or workers):
+        raise GptpipeError(
+            "--dask-address and --workers need --task-runner dask or --task-runner ray"
+        )
+    if workers is not None and workers < 1:
+        raise GptpipeError(f"--workers must be at least 1, got {workers}")
+    if address and workers:
+        raise GptpipeError("--workers starts a local cluster; it cannot go with --dask-address")
+    if name != "default":
+        _import_runner(name)
+
+
+def _import_runner(name: str):
+    module, cls, extra = {
+        "dask": ("prefect_dask", "DaskTaskRunner", "dask"),
+        "ray": ("prefect_ray", "RayTaskRunner", "ray"),
+    }[name]
+    try:
+        return getattr(__import__(module), cls)
+    except ImportError:
+        raise GptpipeError(
+            f"--task-runner {name} needs the {module.replace('_', '-')} package: "
+            f"pip install 'gptpipe[{extra}]'"
+        ) from None
+
+
+def make_task_runner(name: str = "default", address: str | None = None,
+                     workers: int | None = None):  # fmt: skip
+    """A Prefect task runner, or None for the flow's default (a thread pool in this process)."""
+    check_task_runner(name, address, workers)
+    if name == "default":
+        return None
+    runner_class = _import_runner(name)
+    n_workers = workers or os.cpu_count() or 1
+    if name == "dask":
+        if address:
+            return runner_class(address=address)
+        # one single-threaded worker process per core: tokenizing holds the GIL
+        # memory_limit=0: no spill folder. Dask names it `storage` inside the worker's folder,
+        # which is first on the worker's sys.path and would shadow our `storage` package.
+        cluster = {"n_workers": n_workers, "threads_per_worker": 1, "processes": True,
+                   "dashboard_address": None, "memory_limit": 0}  # fmt: skip
+        return runner_class(cluster_kwargs=cluster)
+    if address:
+        return runner_class(address=address)
+    return runner_class(init_kwargs={"num_cpus": n_workers, "include_dashboard": False})
+
+
+def with_task_runner(flow, name: str = "default", address: str | None = None,
+                     workers: int | None = None):  # fmt: skip
+    """``flow`` set to run its tasks on the chosen engine."""
+    runner = make_task_runner(name, address, workers)
+    if runner is None:
+        return flow
+    share_temporary_server()
+    return flow.with_options(task_runner=runner)
+
+
+def share_temporary_server() -> None:
+    """Without a Prefect server configured, start Prefect's temporary one here and export its URL,
+    so that worker processes report their task runs to it instead of each starting their own."""
+    from prefect.settings import PREFECT_API_URL
+
+    if os.environ.get("PREFECT_API_URL") or PREFECT_API_URL.value():
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()  # the instance Prefect's own client uses in this process
+    server.start()
+    os.environ["PREFECT_API_URL"] = server.api_url
