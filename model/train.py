@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import storage
 from model import dist
-from model.batching import BatchSampler, load_ids, seed_for
+from model.batching import BatchSampler, load_dataset, seed_for
 from model.checkpoint import CHECKPOINT_NAME, CheckpointWriter, latest_checkpoint
 from model.config import TrainConfig, build_config, config_from_dict
 from model.errors import GptpipeError
@@ -115,7 +115,7 @@ def train(
     p0 = dist.print0
     tokenizer_json = storage.get_bytes(tokenizer_uri).decode("utf-8")
     tokenizer = tokenizer_from_json(tokenizer_json)
-    data = {"train": load_ids(train_uri), "val": load_ids(val_uri)}
+    data = {"train": load_dataset(train_uri), "val": load_dataset(val_uri)}
     for split, ids in data.items():
         if len(ids) < cfg.block_size + 1:
             raise GptpipeError(
