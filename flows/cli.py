@@ -23,6 +23,13 @@ examples:
   gptpipe sample --model models:/gptpipe-tinyshakespeare-char@champion
   gptpipe sample --checkpoint CKPT --temperature 0.8 --top-k 40 --max-new-tokens 1000 --seed 7
 """,
+    "tokenize": """\
+examples:
+  gptpipe tokenize --input 'corpus/*.txt' --store s3://bucket/gptpipe
+  gptpipe tokenize --input s3://bucket/texts/ --task-runner dask --workers 8 --shard-size 64M
+  gptpipe tokenize --input big.txt --set tokenizer=bpe --set vocab_size=4096 \\
+      --dask-address HOST:8786
+""",
     "inspect": """\
 examples:
   gptpipe inspect --preset lecture
@@ -62,10 +69,52 @@ def _byte_size(text: str) -> int:
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _add_data_args(parser: argparse.ArgumentParser) -> None:
+    """Where the corpus comes from, where outputs go, and where the mapped tasks run."""
     from flows.defaults import DEFAULT_STORE, TINY_SHAKESPEARE_URL
     from flows.engines import TASK_RUNNERS
 
+    parser.add_argument(
+        "--input",
+        default=TINY_SHAKESPEARE_URL,
+        metavar="SRC",
+        help="corpus: a file, a directory, a glob, an http(s) URL, an s3:// object or an "
+        "s3://bucket/prefix/ of many files (taken in sorted order; default: Tiny Shakespeare's "
+        "URL)",
+    )
+    parser.add_argument(
+        "--shard-size",
+        type=_byte_size,
+        default=None,
+        metavar="BYTES",
+        help="target size of the corpus shards tokenized in parallel, e.g. 64M (default 32M)",
+    )
+    parser.add_argument(
+        "--task-runner",
+        default="default",
+        choices=TASK_RUNNERS,
+        help="where mapped tasks run: Prefect's thread pool (default), a Dask cluster "
+        "(prefect-dask) or a Ray cluster (prefect-ray)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        help="worker processes of the local Dask or Ray cluster (default: one per core)",
+    )
+    parser.add_argument(
+        "--dask-address",
+        metavar="ADDR",
+        help="a running Dask scheduler (implies --task-runner dask)",
+    )
+    parser.add_argument(
+        "--ray-address", metavar="ADDR", help="a running Ray cluster (implies --task-runner ray)"
+    )
+    parser.add_argument(
+        "--store", default=DEFAULT_STORE, help=f"where outputs go (default {DEFAULT_STORE})"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gptpipe",
         description="Train, track and ship small GPT language models as a Prefect pipeline.",
@@ -85,21 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
 
     run = command("run", "run the pipeline: tokenize, split, train, evaluate, sample")
-    run.add_argument(
-        "--input",
-        default=TINY_SHAKESPEARE_URL,
-        metavar="SRC",
-        help="corpus: a file, a directory, a glob, an http(s) URL, an s3:// object or an "
-        "s3://bucket/prefix/ of many files (taken in sorted order; default: Tiny Shakespeare's "
-        "URL)",
-    )
-    run.add_argument(
-        "--shard-size",
-        type=_byte_size,
-        default=None,
-        metavar="BYTES",
-        help="target size of the corpus shards tokenized in parallel, e.g. 64M (default 32M)",
-    )
+    _add_data_args(run)
     run.add_argument(
         "--val-shards",
         type=int,
@@ -107,31 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="validate on the last N whole shards instead of the last val_fraction of tokens",
     )
-    run.add_argument(
-        "--task-runner",
-        default="default",
-        choices=TASK_RUNNERS,
-        help="where mapped tasks run: Prefect's thread pool (default), a Dask cluster "
-        "(prefect-dask) or a Ray cluster (prefect-ray)",
-    )
-    run.add_argument(
-        "--workers",
-        type=int,
-        help="worker processes of the local Dask or Ray cluster (default: one per core)",
-    )
-    run.add_argument(
-        "--dask-address",
-        metavar="ADDR",
-        help="a running Dask scheduler (implies --task-runner dask)",
-    )
-    run.add_argument(
-        "--ray-address", metavar="ADDR", help="a running Ray cluster (implies --task-runner ray)"
-    )
     _add_config_args(run)
     run.add_argument("--nproc", type=int, default=1, help="training ranks (default 1)")
-    run.add_argument(
-        "--store", default=DEFAULT_STORE, help=f"where outputs go (default {DEFAULT_STORE})"
-    )
     run.add_argument(
         "--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite)"
     )
@@ -170,6 +182,11 @@ def build_parser() -> argparse.ArgumentParser:
     smp.add_argument("--seed", type=int, default=1337, help="same seed, same text")
     smp.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
 
+    tok = command("tokenize", "tokenize a corpus into a sharded dataset (the first stage alone)")
+    _add_data_args(tok)
+    _add_config_args(tok)
+    tok.add_argument("--refresh", action="store_true", help="tokenize again even if cached")
+
     insp = command("inspect", "print the parameter table of a config")
     _add_config_args(insp)
     return parser
@@ -193,7 +210,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     from model.config import build_config
 
     cfg = build_config(args.preset, args.config, args.set)  # before the heavy imports below
-    from flows.engines import check_task_runner
     from model.launch import check_nproc
     from storage.tracking import Tracker
     from tasks.cache import check_refresh
@@ -214,21 +230,14 @@ def cmd_run(args: argparse.Namespace) -> int:
                 f"--run-id {args.run_id}: the store already has a finished run of that name "
                 f"({finished}); choose another --run-id so that its outputs are kept"
             )
-    runner = _task_runner_name(args)
-    check_task_runner(runner, args.dask_address or args.ray_address, args.workers)
-    if args.input.startswith("s3://"):
-        from model.corpus import list_inputs
-
-        list_inputs(args.input)  # an object, or a prefix with objects under it
+    _check_input(args)
     tracker = Tracker(args.tracking_uri, args.experiment)
     tracker.check()
-    from flows.engines import with_task_runner
     from flows.pipeline import pipeline
     from model.corpus import DEFAULT_SHARD_BYTES
 
     _quiet_user_errors()
-    flow = with_task_runner(pipeline, runner, args.dask_address or args.ray_address, args.workers)
-    summary = flow(
+    summary = _on_task_runner(pipeline, args)(
         source=args.input,
         config=cfg.to_dict(),
         store=store,
@@ -246,6 +255,55 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     print_summary(summary)
     return 0
+
+
+def cmd_tokenize(args: argparse.Namespace) -> int:
+    from model.config import build_config
+
+    cfg = build_config(args.preset, args.config, args.set)
+    import storage
+
+    store = _absolute_if_local(args.store)
+    storage.preflight(store)
+    _check_input(args)
+    from flows.tokenize import tokenize_corpus
+    from model.corpus import DEFAULT_SHARD_BYTES
+
+    _quiet_user_errors()
+    result = _on_task_runner(tokenize_corpus, args)(
+        source=args.input,
+        store=store,
+        tokenizer=cfg.tokenizer,
+        vocab_size=cfg.vocab_size,
+        shard_bytes=args.shard_size or DEFAULT_SHARD_BYTES,
+        refresh=args.refresh,
+    )
+    meta, outputs = result["metadata"], result["outputs"]
+    print(
+        f"\n{meta['n_tokens']:,} {meta['tokenizer']} tokens (vocab {meta['vocab_size']}) in "
+        f"{meta['n_shards']} shard(s){' (cached)' if result['cached'] else ''}\n"
+        f"  dataset    {outputs['tokens']['uri']}\n  tokenizer  {outputs['tokenizer']['uri']}",
+        flush=True,
+    )
+    return 0
+
+
+def _check_input(args: argparse.Namespace) -> None:
+    """The task runner settings and an s3:// input, checked before any work."""
+    from flows.engines import check_task_runner
+
+    check_task_runner(_task_runner_name(args), args.dask_address or args.ray_address, args.workers)
+    if args.input.startswith("s3://"):
+        from model.corpus import list_inputs
+
+        list_inputs(args.input)  # an object, or a prefix with objects under it
+
+
+def _on_task_runner(flow, args: argparse.Namespace):
+    from flows.engines import with_task_runner
+
+    address = args.dask_address or args.ray_address
+    return with_task_runner(flow, _task_runner_name(args), address, args.workers)
 
 
 def _task_runner_name(args: argparse.Namespace) -> str:
@@ -337,7 +395,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     args = build_parser().parse_args(argv)
-    handler = {"run": cmd_run, "sample": cmd_sample, "inspect": cmd_inspect}[args.command]
+    handler = {"run": cmd_run, "tokenize": cmd_tokenize, "sample": cmd_sample,
+               "inspect": cmd_inspect}[args.command]  # fmt: skip
     try:
         return handler(args)
     except GptpipeError as exc:

@@ -123,7 +123,7 @@ def test_full_disk_is_a_clear_error_and_leaves_no_half_file(tiny_disk, small_cor
     assert not [p for p in leftovers if p.name.endswith(".tmp") or p.name.startswith(".")]
     assert not [p for p in leftovers if p.name == "ckpt.pt"]
     # what was written completely is whole: the token data reads back
-    from model.data import read_tokens
+    from model.dataset import dataset_ids
 
-    tokens = [p for p in leftovers if p.name == "tokens.parquet"]
-    assert tokens and len(read_tokens(str(tokens[0]))[0]) == 60_000
+    tokens = [p for p in leftovers if p.name == "dataset.json"]
+    assert tokens and len(dataset_ids(str(tokens[0]))) == 60_000

@@ -1,0 +1,30 @@
+"""The tokenize stage alone, as a flow: `gptpipe tokenize`, and the bench of 1 vs 2 Dask workers.
+
+A corpus too big for one machine is tokenized once on a cluster (``--task-runner dask``); the
+pipeline's runs then find the dataset in the store under the same content key and re-use it.
+"""
+
+from __future__ import annotations
+
+from prefect import flow
+
+import storage
+from flows.defaults import DEFAULT_STORE
+from model.corpus import DEFAULT_SHARD_BYTES
+from tasks.tokenize import BPE_SAMPLE_BYTES, tokenize
+
+
+@flow(name="gptpipe-tokenize")
+def tokenize_corpus(
+    source: str,
+    store: str = DEFAULT_STORE,
+    tokenizer: str = "char",
+    vocab_size: int | None = None,
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
+    refresh: bool = False,
+    bpe_sample_bytes: int = BPE_SAMPLE_BYTES,
+) -> dict:
+    """Tokenize ``source`` into a sharded dataset in ``store``; returns the stage's manifest."""
+    storage.preflight(store)
+    return tokenize(source, store, tokenizer, vocab_size, None, refresh, shard_bytes,
+                    bpe_sample_bytes)  # fmt: skip
