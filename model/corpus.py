@@ -74,7 +74,7 @@ def _local_inputs(source: str) -> list[str]:
     if path.is_dir():
         files = sorted(
             str(p) for p in path.rglob("*")
-            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+            if p.is_file() and not _hidden(p.relative_to(path).as_posix())
         )  # fmt: skip
         if not files:
             raise GptpipeError(f"input directory {source} has no files; put text files in it")
@@ -84,10 +84,16 @@ def _local_inputs(source: str) -> list[str]:
     raise GptpipeError(f"input {source} is not a regular file or directory")
 
 
+def _hidden(relative: str) -> bool:
+    """Dot files and folders are not corpus (as `ls` and globs treat them)."""
+    return any(part.startswith(".") for part in relative.split("/"))
+
+
 def _s3_inputs(source: str) -> list[str]:
     if not source.endswith("/") and storage.exists(source):
         return [source]
-    uris = storage.list_uris(source)
+    prefix = source.rstrip("/") + "/"
+    uris = [u for u in storage.list_uris(source) if not _hidden(u[len(prefix) :])]
     if not uris:
         raise GptpipeError(f"--input {source}: no such object, and no objects under that prefix")
     return uris

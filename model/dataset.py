@@ -84,6 +84,7 @@ class TokenDataset:
     def __init__(self, manifest: dict, max_bytes: int | None = None):
         self.manifest = manifest
         self.max_bytes = max_resident_bytes() if max_bytes is None else max_bytes
+        self.streaming = False
         self._files: dict[int, Any] = {}  # shard index -> open pyarrow ParquetFile
         self._groups: list[tuple[int, int]] = []  # global row group -> (shard, group in shard)
         sizes = []
@@ -107,10 +108,7 @@ class TokenDataset:
         if self.n_tokens * 8 <= self.max_bytes:  # int64 in memory
             whole = np.concatenate([self._read_group(k) for k in range(len(self._groups))])
             self._resident = torch.from_numpy(whole.astype(np.int64))
-
-    @property
-    def streaming(self) -> bool:
-        return self._resident is None
+        self.streaming = self._resident is None
 
     def __len__(self) -> int:
         return self.n_tokens

@@ -122,6 +122,10 @@ def train(
                 f"the {split} split has {len(ids)} tokens, fewer than block_size + 1 "
                 f"({cfg.block_size + 1}): use a larger corpus or a smaller block_size"
             )
+        if ids.streaming:
+            groups = len(ids.group_starts) - 1
+            p0(f"{split}: {len(ids):,} tokens in {groups} row groups, more than "
+               f"{ids.max_bytes:,} bytes: streaming the row groups each batch samples")  # fmt: skip
     vocab_size = max(tokenizer.vocab_size, cfg.vocab_size or 0)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     raw_model = GPT(cfg.model_config(vocab_size)).to(info.device)

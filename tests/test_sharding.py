@@ -1,0 +1,377 @@
+"""Issue 7: many-file inputs, shards, the sharded dataset, the streaming loader, sharded splits,
+and the tokenize stage mapped over real Dask and Ray clusters."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from model.corpus import Piece, SourceFile, list_inputs, plan_shards, read_shard
+from model.data import split_tokens, windows_at, write_tokens
+from model.dataset import (
+    SHARD_ROW_GROUP_SIZE,
+    TokenDataset,
+    dataset_ids,
+    make_manifest,
+    read_manifest,
+    write_manifest,
+)
+from model.errors import GptpipeError
+from model.tokenizer import tokenizer_from_json, train_tokenizer
+from tests.conftest import run_cli
+
+SAFE = re.compile(rb"[\x21-\x7e]\n[\x21-\x7e]")
+
+
+@pytest.fixture(scope="module")
+def shakespeare(corpus_path) -> str:
+    return corpus_path.read_text(encoding="utf-8")[:300_000]
+
+
+@pytest.fixture()
+def many_files(shakespeare, tmp_path) -> tuple[Path, str]:
+    """40 files whose ends make every kind of boundary (blank lines, no final newline, leading
+    spaces), some nested, plus a hidden and an empty file that are not part of the corpus."""
+    folder = tmp_path / "texts"
+    (folder / "b-nested").mkdir(parents=True)
+    text = shakespeare[:120_000]
+    # files end at safe line breaks, but for three: no final newline, leading spaces, mid-line
+    safe = [m.start() + 2 for m in SAFE.finditer(text.encode())]  # all-ASCII text
+    cuts = [0, *sorted({next(c for c in safe if c >= k) for k in range(1_000, 115_000, 2_957)})]
+    cuts = [*cuts[:40], len(text)]
+    cuts[20] -= 5
+    pieces = [text[a:b] for a, b in zip(cuts, cuts[1:], strict=False)]
+    pieces[3] = pieces[3].rstrip("\n")  # a file without a final newline
+    pieces[7] = "   " + pieces[7]  # a file starting with spaces
+    names = [f"{'b-nested/' if 10 <= i < 15 else ''}{i:03d}.txt" for i in range(len(pieces))]
+    for name, piece in zip(names, pieces, strict=True):
+        (folder / name).write_text(piece, encoding="utf-8")
+    (folder / ".hidden.txt").write_text("not corpus", encoding="utf-8")
+    (folder / "empty.txt").write_text("", encoding="utf-8")
+    ordered = [folder / n for n in sorted(str(Path(n)) for n in names)]
+    return folder, "".join(p.read_text(encoding="utf-8") for p in sorted(ordered))
+
+
+def _files(paths) -> list[SourceFile]:
+    return [SourceFile(str(p), Path(p).stat().st_size) for p in paths]
+
+
+# ------------------------------------------------------------------------------ inputs, shards
+
+
+def test_a_directory_is_its_files_in_sorted_order(many_files):
+    folder, expected = many_files
+    files = list_inputs(str(folder))
+    names = [Path(f.uri).relative_to(folder).as_posix() for f in files]
+    assert names == sorted(names) and ".hidden.txt" not in names and "empty.txt" not in names
+    assert any(n.startswith("b-nested/") for n in names)
+    shards = plan_shards(files, 4_096)
+    assert "".join(read_shard(s) for s in shards) == expected
+
+
+def test_a_glob_takes_the_matching_files(many_files):
+    folder, _ = many_files
+    files = list_inputs(str(folder / "00*.txt"))
+    assert [Path(f.uri).name for f in files] == [f"{i:03d}.txt" for i in range(10)]
+    with pytest.raises(GptpipeError, match="matches no files"):
+        list_inputs(str(folder / "*.nothing"))
+
+
+def test_a_large_file_is_cut_at_safe_lines_near_the_target(shakespeare, tmp_path):
+    path = tmp_path / "big.txt"
+    path.write_text(shakespeare, encoding="utf-8")
+    raw = path.read_bytes()
+    shards = plan_shards(_files([path]), 16_384)
+    assert len(shards) > 10
+    for shard in shards[:-1]:
+        (piece,) = shard
+        size = piece.end - piece.start
+        assert 16_384 <= size < 16_384 + 2_000  # cut at the first safe line after the target
+        assert SAFE.fullmatch(raw[piece.end - 2 : piece.end + 1])  # "x\nY": after the newline
+    assert "".join(read_shard(s) for s in shards) == shakespeare
+
+
+def test_unsafe_file_boundaries_keep_the_files_in_one_shard(tmp_path):
+    texts = {"a.txt": "no final newline", "b.txt": "next\n", "c.txt": "  leading spaces\n",
+             "d.txt": "Safe start\n", "e.txt": "last\n"}  # fmt: skip
+    for name, text in texts.items():
+        (tmp_path / name).write_text(text, encoding="utf-8")
+    shards = plan_shards(_files(sorted(tmp_path.iterdir())), 1 << 20)
+    names = [[Path(p.uri).name for p in shard] for shard in shards]
+    # a|b: no newline at a's end; b|c: c starts with spaces; c|d and d|e are safe cuts
+    assert names == [["a.txt", "b.txt", "c.txt"], ["d.txt"], ["e.txt"]]
+
+
+@pytest.mark.parametrize("kind", ["char", "bpe"])
+def test_shard_by_shard_ids_equal_whole_text_ids(kind, many_files, shakespeare, tmp_path):
+    big = tmp_path / "big.txt"
+    big.write_text(shakespeare[:150_000], encoding="utf-8")
+    for files, text in ((list_inputs(str(many_files[0])), many_files[1]),
+                        (_files([big]), shakespeare[:150_000])):  # fmt: skip
+        tok = train_tokenizer(kind, text, 400)
+        shards = plan_shards(files, 8_192)
+        assert len(shards) >= 8
+        by_shard = np.concatenate([tok.encode(read_shard(s)) for s in shards])
+        assert np.array_equal(by_shard, tok.encode(text))
+
+
+def test_bad_bytes_are_named_by_file_and_offset(tmp_path):
+    (tmp_path / "a.txt").write_text("First line\nSecond line\n" * 100, encoding="utf-8")
+    (tmp_path / "b.txt").write_bytes(b"Fine text\n" * 50 + b"bad \xff byte\n")
+    shards = plan_shards(list_inputs(str(tmp_path)), 256)
+    with pytest.raises(GptpipeError) as err:
+        [read_shard(s) for s in shards]
+    assert f"{tmp_path / 'b.txt'} is not UTF-8 text: invalid byte 0xff at offset 504" in str(
+        err.value
+    )
+
+
+def test_an_empty_directory_is_a_clear_error(tmp_path):
+    with pytest.raises(GptpipeError, match="has no files"):
+        list_inputs(str(tmp_path))
+
+
+# ------------------------------------------------------------------------------ dataset, loader
+
+
+def _dataset(tmp_path: Path, ids: np.ndarray, cuts: list[int]) -> str:
+    shards = []
+    for i, (a, b) in enumerate(zip(cuts, cuts[1:], strict=False)):
+        uri = str(tmp_path / f"shard-{i:05d}.parquet")
+        write_tokens(ids[a:b], uri, {"vocab_size": 65, "n_tokens": b - a},
+                     row_group_size=SHARD_ROW_GROUP_SIZE)  # fmt: skip
+        shards.append({"uri": uri, "n_tokens": b - a})
+    return write_manifest(str(tmp_path / "dataset.json"),
+                          make_manifest(shards, tokenizer="char", vocab_size=65))  # fmt: skip
+
+
+@pytest.fixture()
+def sharded(tmp_path) -> tuple[str, np.ndarray]:
+    ids = np.random.default_rng(0).integers(0, 65, 700_000).astype(np.uint16)
+    return _dataset(tmp_path, ids, [0, 5, 250_000, 250_001, 480_000, 700_000]), ids
+
+
+def test_the_streaming_loader_reads_only_the_row_groups_it_samples(sharded):
+    uri, ids = sharded
+    budget = 4 * SHARD_ROW_GROUP_SIZE * 2  # room for 4 row groups of uint16
+    data = TokenDataset(read_manifest(uri), max_bytes=budget)
+    total_groups = len(data.group_starts) - 1
+    assert data.streaming and data.row_groups_read == 0 and total_groups >= 12
+    whole = torch.from_numpy(ids.astype(np.int64))
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(3):
+        ix = torch.randint(len(data) - 64, (2,), generator=gen)
+        x, y = data.windows(ix, 64)
+        wx, wy = windows_at(whole, ix, 64)
+        assert torch.equal(x, wx) and torch.equal(y, wy)
+    assert data.row_groups_read <= 3 * 2 * 2 < total_groups  # at most 2 groups per window
+    assert data._cached_bytes <= budget
+
+
+def test_windows_cross_shard_and_row_group_boundaries(sharded):
+    uri, ids = sharded
+    data = TokenDataset(read_manifest(uri), max_bytes=0)  # stream everything
+    whole = torch.from_numpy(ids.astype(np.int64))
+    # starts just before: a 1-token shard, a shard end, a row group end
+    ix = torch.tensor([0, 3, 249_990, 250_000 - 1, SHARD_ROW_GROUP_SIZE - 3, 479_999 - 10])
+    x, y = data.windows(ix, 32)
+    wx, wy = windows_at(whole, ix, 32)
+    assert torch.equal(x, wx) and torch.equal(y, wy)
+
+
+def test_a_dataset_that_fits_is_read_once_into_memory(sharded):
+    uri, ids = sharded
+    data = TokenDataset(read_manifest(uri))
+    assert not data.streaming and data.row_groups_read == len(data.group_starts) - 1
+    assert np.array_equal(data.ids(), ids) and np.array_equal(dataset_ids(uri), ids)
+
+
+def test_a_changed_shard_is_caught(sharded):
+    uri, ids = sharded
+    manifest = read_manifest(uri)
+    write_tokens(ids[:10], manifest["shards"][1]["uri"], {"vocab_size": 65})
+    with pytest.raises(GptpipeError, match="has 10 tokens but its dataset manifest says"):
+        TokenDataset(manifest)
+
+
+def test_streamed_training_equals_in_memory_training(char_dataset, tmp_path):
+    """The same run, once with the data in memory and once streamed row group by row group."""
+    import os
+    import subprocess
+    import sys
+
+    losses = []
+    for name, budget in (("memory", None), ("streamed", "1000")):
+        env = {k: v for k, v in os.environ.items() if k != "GPTPIPE_MAX_RESIDENT_BYTES"}
+        if budget:
+            env["GPTPIPE_MAX_RESIDENT_BYTES"] = budget
+        out = tmp_path / name
+        done = subprocess.run(
+            [sys.executable, "-m", "model.train", "--train", char_dataset["train.parquet"],
+             "--val", char_dataset["val.parquet"], "--tokenizer", char_dataset["tokenizer.json"],
+             "--out", str(out), "--preset", "seed", "--set", "max_iters=12",
+             "--set", "eval_interval=6", "--set", "eval_iters=2"],
+            env=env, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+        losses.append(json.loads((out / "summary.json").read_text())["history"])
+    assert losses[0] == losses[1] and len(losses[0]) >= 3
+
+
+# ------------------------------------------------------------------------------ split
+
+
+def test_the_fraction_split_across_shards_equals_the_whole_split(sharded, tmp_path):
+    from tasks.split import _split
+
+    uri, ids = sharded
+    out = _split(uri, str(tmp_path / "split"), 0.1, 32, 0)
+    train_ref, val_ref = split_tokens(ids, 0.1, 32)
+    train_uri, val_uri = out["outputs"]["train"]["uri"], out["outputs"]["val"]["uri"]
+    assert np.array_equal(dataset_ids(train_uri), train_ref)
+    assert np.array_equal(dataset_ids(val_uri), val_ref)
+    assert out["metadata"]["n_train_tokens"] == len(train_ref) == 630_000
+    # only the shard the cut falls in is rewritten; the others are referenced where they are
+    written = sorted(p.name for p in (tmp_path / "split").iterdir())
+    assert written == ["train-tail.parquet", "train.json", "val-head.parquet", "val.json"]
+    train_shards = [s["uri"] for s in read_manifest(train_uri)["shards"]]
+    assert train_shards[:3] == [s["uri"] for s in read_manifest(uri)["shards"][:3]]
+
+
+def test_val_shards_takes_whole_trailing_shards(sharded, tmp_path):
+    from tasks.split import _split
+
+    uri, ids = sharded
+    out = _split(uri, str(tmp_path / "split"), 0.1, 32, 2)
+    assert np.array_equal(dataset_ids(out["outputs"]["val"]["uri"]), ids[250_001:])
+    assert np.array_equal(dataset_ids(out["outputs"]["train"]["uri"]), ids[:250_001])
+    assert sorted(p.name for p in (tmp_path / "split").iterdir()) == ["train.json", "val.json"]
+    with pytest.raises(GptpipeError, match="the dataset has 5 shard"):
+        _split(uri, str(tmp_path / "split2"), 0.1, 32, 5)
+
+
+# ------------------------------------------------------------------------------ the stage, engines
+
+
+def _tokenize_cli(args, env, cwd, store):
+    result = run_cli(["tokenize", *args, "--store", str(store)], env, cwd)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    dataset = next(Path(store).glob("datasets/tokenize-*/dataset.json"))
+    return result, dataset
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("runner", ["dask", "ray"])
+def test_tokenize_on_a_cluster_equals_one_process(runner, many_files, cli_env, tmp_path):
+    pytest.importorskip(f"prefect_{runner}", reason=f"needs the {runner} extra")
+    folder, text = many_files
+    args = ["--input", str(folder), "--shard-size", "8K"]
+    _, one = _tokenize_cli(args, cli_env, tmp_path, tmp_path / "one")
+    result, two = _tokenize_cli([*args, "--task-runner", runner, "--workers", "2"], cli_env,
+                                tmp_path, tmp_path / "two")  # fmt: skip
+    output = result.stdout + result.stderr
+    assert "Dask cluster" in output if runner == "dask" else "Ray" in output
+    manifest = read_manifest(str(two))
+    assert len(manifest["shards"]) >= 8 and f"in {len(manifest['shards'])} shard(s)" in output
+    ids = dataset_ids(str(two))
+    assert np.array_equal(ids, dataset_ids(str(one)))
+    tok = tokenizer_from_json((two.parent / "tokenizer.json").read_text(encoding="utf-8"))
+    assert tok.vocab == sorted(set(text))  # the map-reduce vocabulary is the whole text's
+    assert np.array_equal(ids, tok.encode(text))
+    # each shard file records its own token count, in order
+    counts = [s["n_tokens"] for s in manifest["shards"]]
+    assert sum(counts) == len(ids) == manifest["n_tokens"]
+
+
+@pytest.mark.slow
+def test_bpe_through_the_stage_equals_whole_text_encoding(many_files, cli_env, tmp_path):
+    folder, text = many_files
+    _, dataset = _tokenize_cli(["--input", str(folder), "--shard-size", "8K", "--set",
+                                "tokenizer=bpe", "--set", "vocab_size=400"], cli_env, tmp_path,
+                               tmp_path / "store")  # fmt: skip
+    tok = tokenizer_from_json((dataset.parent / "tokenizer.json").read_text(encoding="utf-8"))
+    assert tok.kind == "bpe" and tok == train_tokenizer("bpe", text, 400)  # sample = all of it
+    assert np.array_equal(dataset_ids(str(dataset)), tok.encode(text))
+
+
+def test_bpe_learns_from_a_bounded_sample(tmp_path, shakespeare):
+    from tasks.tokenize import _shard_prefix
+
+    path = tmp_path / "big.txt"
+    path.write_text(shakespeare, encoding="utf-8")
+    shards = plan_shards(_files([path]), 50_000)
+    prefix = _shard_prefix(shards[1], 10_000)
+    start = shards[1][0].start
+    assert 9_000 < len(prefix) <= 10_000
+    assert shakespeare.encode()[start : start + len(prefix.encode())].decode() == prefix
+    assert SAFE.fullmatch(shakespeare.encode()[start + len(prefix) - 2 : start + len(prefix) + 1])
+    assert _shard_prefix([Piece(str(path), 0, 100)], 1_000) == shakespeare[:100]
+
+
+@pytest.mark.slow
+def test_s3_prefix_input_and_store_with_dask_and_streaming(s3_env, many_files, cli_env, tmp_path):
+    """Many objects under an s3:// prefix, the store on S3, tokenized on Dask, the val set as the
+    last whole shard, and training streaming its row groups from S3."""
+    import boto3
+
+    folder, text = many_files
+    client = boto3.client("s3", endpoint_url=s3_env.endpoint)
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            key = f"texts/{path.relative_to(folder).as_posix()}"
+            client.put_object(Bucket=s3_env.bucket, Key=key, Body=path.read_bytes())
+    env = {**cli_env, **{k: v for k, v in __import__("os").environ.items() if k.startswith("AWS_")},
+           "GPTPIPE_MAX_RESIDENT_BYTES": "50000"}  # fmt: skip
+    store = f"s3://{s3_env.bucket}/store"
+    result = run_cli(["run", "--input", f"s3://{s3_env.bucket}/texts/", "--store", store,
+                      "--shard-size", "16K", "--val-shards", "1", "--task-runner", "dask",
+                      "--workers", "2", "--preset", "seed", "--set", "max_iters=10",
+                      "--set", "eval_interval=5", "--set", "eval_iters=2", "--sample-tokens",
+                      "20"], env, tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "streaming the row groups each batch samples" in result.stdout + result.stderr
+    keys = [o["Key"] for o in client.list_objects_v2(Bucket=s3_env.bucket)["Contents"]]
+    dataset = next(k for k in keys if k.endswith("dataset.json") and "/tokenize-" in k)
+    ids = dataset_ids(f"s3://{s3_env.bucket}/{dataset}")
+    tok_key = dataset.replace("dataset.json", "tokenizer.json")
+    tok = tokenizer_from_json(client.get_object(Bucket=s3_env.bucket, Key=tok_key)["Body"]
+                              .read().decode())  # fmt: skip
+    assert np.array_equal(ids, tok.encode(text))
+    val = next(k for k in keys if k.endswith("/val.json"))
+    val_manifest = read_manifest(f"s3://{s3_env.bucket}/{val}")
+    assert len(val_manifest["shards"]) == 1  # --val-shards 1: the last whole shard
+    assert "/tokenize-" in val_manifest["shards"][0]["uri"]  # referenced, not copied
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--workers", "2"], "--dask-address and --workers need --task-runner dask"),
+        (["--task-runner", "dask", "--workers", "0"], "--workers must be at least 1"),
+        (["--dask-address", "tcp://127.0.0.1:1", "--task-runner", "ray"],
+         "--dask-address goes with --task-runner dask"),
+        (["--shard-size", "lots"], "not a size"),
+    ],
+)  # fmt: skip
+def test_engine_settings_errors(args, message, small_corpus, tmp_path):
+    import os
+
+    result = run_cli(["tokenize", "--input", str(small_corpus), "--store", str(tmp_path / "s"),
+                      *args], dict(os.environ), tmp_path)  # fmt: skip
+    assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and not (tmp_path / "s" / "datasets").exists()
+
+
+@pytest.mark.slow
+def test_val_shards_beyond_the_dataset_is_a_clear_error(small_corpus, cli_env, tmp_path):
+    result = run_cli(["run", "--input", str(small_corpus), "--store", str(tmp_path / "s"),
+                      "--val-shards", "3", "--preset", "seed"], cli_env, tmp_path)  # fmt: skip
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert result.returncode == 2 and len(errors) == 1, result.stderr[-2000:]
+    assert "--val-shards 3: the dataset has 1 shard(s)" in errors[0]
+    assert "Traceback" not in result.stdout + result.stderr
