@@ -106,6 +106,9 @@ class CharTokenizer:
         """Vocabulary = the distinct characters of ``text``, sorted (as in the lecture)."""
         if not text:
             raise GptpipeError("cannot build a character vocabulary from empty text")
+        if text.isascii():  # a histogram of bytes: ~20x faster than sorting code points
+            counts = np.bincount(np.frombuffer(text.encode("ascii"), dtype=np.uint8), minlength=128)
+            return cls([chr(c) for c in np.flatnonzero(counts)])
         cps = np.unique(_codepoints(text))
         return cls(list(cps.astype("<u4").tobytes().decode("utf-32-le", "surrogatepass")))
 
