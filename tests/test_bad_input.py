@@ -162,11 +162,13 @@ def test_input_too_short_for_a_split(val_fraction, fragments, cli_env, tmp_path)
     assert_nothing_half_written(store)
 
 
-def test_input_directory(cli_env, tmp_path):
+def test_input_empty_directory(cli_env, tmp_path):
+    """A directory is a corpus of many files (tests/test_sharding.py); an empty one is an error."""
     folder = tmp_path / "corpora"
-    folder.mkdir()
+    (folder / ".git").mkdir(parents=True)
+    (folder / ".git" / "config").write_text("dot folders are not corpus")
     result = gptpipe_run(folder, tmp_path / "store", cli_env, tmp_path)
-    error_line(result, "is a directory", "pass --input PATH to a text file")
+    error_line(result, f"input directory {folder} has no files; put text files in it")
 
 
 def test_input_missing_s3_object(s3_env, small_corpus, cli_env, tmp_path):
