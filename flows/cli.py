@@ -210,6 +210,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from model.config import build_config
 
     cfg = build_config(args.preset, args.config, args.set)  # before the heavy imports below
+    from flows.prefect_env import start_temporary_server
+
+    # without a configured Prefect API, its temporary server boots while the checks below run
+    prefect_server = start_temporary_server()
     from model.launch import check_nproc
     from storage.tracking import Tracker
     from tasks.cache import check_refresh
@@ -236,6 +240,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from flows.pipeline import pipeline
     from model.corpus import DEFAULT_SHARD_BYTES
 
+    if prefect_server:
+        prefect_server.use()
     _quiet_user_errors()
     summary = _on_task_runner(pipeline, args)(
         source=args.input,
