@@ -13,8 +13,11 @@ import os
 from prefect import flow, get_run_logger
 
 from flows.defaults import DEFAULT_STORE, TINY_SHAKESPEARE_URL
+from flows.engines import with_task_runner
 from flows.pipeline import new_run_id, pipeline
 from model.config import build_config
+from model.corpus import DEFAULT_SHARD_BYTES
+from model.errors import GptpipeError
 from storage.tracking import DEFAULT_EXPERIMENT
 
 
@@ -31,8 +34,17 @@ def nightly_retrain(
     model_name: str | None = None,
     run_id: str | None = None,
     sample_tokens: int = 500,
+    task_runner: str = "default",
+    dask_address: str | None = None,
+    workers: int | None = None,
+    shard_bytes: int | None = None,
+    val_shards: int = 0,
 ) -> dict:
-    """Retrain on the newest data; `champion` moves only if the new model is better."""
+    """Retrain on the newest data; `champion` moves only if the new model is better.
+
+    ``task_runner`` "dask" (``dask_address`` of a running scheduler, else a local cluster of
+    ``workers`` processes) or "ray" maps the tokenize stage's shards over that cluster.
+    """
     logger = get_run_logger()
     extra = [f"batch_size={batch_size}"] if batch_size is not None else []
     cfg = build_config(preset, None, [*(overrides or []), *extra])
@@ -40,7 +52,11 @@ def nightly_retrain(
     store = store or os.environ.get("GPTPIPE_STORE") or DEFAULT_STORE
     if "://" not in store:
         store = os.path.abspath(store)  # relative to the deployment's working directory
-    summary = pipeline(
+    runner = "dask" if dask_address and task_runner == "default" else task_runner
+    if dask_address and runner != "dask":
+        raise GptpipeError(f"dask_address goes with task_runner dask, not {task_runner}")
+    run_pipeline = with_task_runner(pipeline, runner, dask_address, workers)
+    summary = run_pipeline(
         source=source,
         config=cfg.to_dict(),
         store=store,
@@ -50,6 +66,8 @@ def nightly_retrain(
         experiment=experiment,
         model_name=model_name,
         sample_tokens=sample_tokens,
+        shard_bytes=shard_bytes or DEFAULT_SHARD_BYTES,
+        val_shards=val_shards,
     )
     model = summary["model"]
     logger.info(

@@ -354,6 +354,8 @@ def test_deploy_and_run_the_nightly_deployment(prefect_server, small_corpus, tmp
         "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
         "run_id": "deploy-test",
         "sample_tokens": 40,
+        "task_runner": "dask",  # the tokenize stage mapped over a local Dask cluster
+        "workers": 1,
     }
     run_args = ["deployment", "run", "nightly-retrain/nightly-retrain"]
     for key, value in params.items():
@@ -371,6 +373,7 @@ def test_deploy_and_run_the_nightly_deployment(prefect_server, small_corpus, tmp
     )  # fmt: skip
     log = worker.stdout + worker.stderr
     assert worker.returncode == 0, log[-6000:]
+    assert "Creating a new Dask cluster" in log, log[-6000:]
 
     deadline, state = time.monotonic() + 60, None
     while time.monotonic() < deadline:
