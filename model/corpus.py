@@ -172,6 +172,25 @@ def read_shard(pieces: list[Piece]) -> str:
     return "".join(parts)
 
 
+def shard_prefix(pieces: list[Piece], n_bytes: int) -> str:
+    """About the first n_bytes of a shard, ending at a safe cut (all of it when it is shorter)."""
+    if sum(p.end - p.start for p in pieces) <= n_bytes:
+        return read_shard(pieces)
+    taken, left = [], n_bytes
+    for p in pieces:
+        if left <= 0:
+            break
+        taken.append(Piece(p.uri, p.start, min(p.end, p.start + left)))
+        left -= taken[-1].end - taken[-1].start
+    last = taken[-1]
+    tail = read_range(last.uri, last.start, last.end)
+    cuts = [m.start() for m in _SAFE_CUT.finditer(tail)]
+    if not cuts:
+        return read_shard(taken[:-1]) if len(taken) > 1 else ""
+    taken[-1] = Piece(last.uri, last.start, last.start + cuts[-1])
+    return read_shard(taken)
+
+
 def pieces_to_dicts(pieces: list[Piece]) -> list[dict]:
     return [asdict(p) for p in pieces]
 

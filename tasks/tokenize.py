@@ -24,8 +24,8 @@ from model.corpus import (
     pieces_from_dicts,
     pieces_to_dicts,
     plan_shards,
-    read_range,
     read_shard,
+    shard_prefix,
     stage_download,
 )
 from model.data import write_tokens
@@ -73,29 +73,8 @@ def shard_chars(pieces: list[dict]) -> str:
 def train_bpe(shards: list[list[dict]], vocab_size: int, sample_bytes: int) -> str:
     """A BPE tokenizer learned on a bounded sample: each shard's beginning, cut at a safe cut."""
     per_shard = max(sample_bytes // len(shards), 1)
-    sample = "".join(_shard_prefix(pieces_from_dicts(p), per_shard) for p in shards)
+    sample = "".join(shard_prefix(pieces_from_dicts(p), per_shard) for p in shards)
     return train_tokenizer("bpe", sample, vocab_size).to_json()
-
-
-def _shard_prefix(pieces, n_bytes: int) -> str:
-    """About the first n_bytes of a shard, ending at a safe cut (all of it when it is shorter)."""
-    from model.corpus import _SAFE_CUT, Piece
-
-    if sum(p.end - p.start for p in pieces) <= n_bytes:
-        return read_shard(pieces)
-    taken, left = [], n_bytes
-    for p in pieces:
-        if left <= 0:
-            break
-        taken.append(Piece(p.uri, p.start, min(p.end, p.start + left)))
-        left -= taken[-1].end - taken[-1].start
-    last = taken[-1]
-    tail = read_range(last.uri, last.start, last.end)
-    cuts = [m.start() for m in _SAFE_CUT.finditer(tail)]
-    if not cuts:
-        return read_shard(taken[:-1]) if len(taken) > 1 else ""
-    taken[-1] = Piece(last.uri, last.start, last.start + cuts[-1])
-    return read_shard(taken)
 
 
 @task(name="encode-shard", **IO_RETRIES)

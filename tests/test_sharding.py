@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from model.corpus import Piece, SourceFile, list_inputs, plan_shards, read_shard
+from model.corpus import Piece, SourceFile, list_inputs, plan_shards, read_shard, shard_prefix
 from model.data import split_tokens, windows_at, write_tokens
 from model.dataset import (
     SHARD_ROW_GROUP_SIZE,
@@ -300,17 +300,15 @@ def test_bpe_through_the_stage_equals_whole_text_encoding(many_files, cli_env, t
 
 
 def test_bpe_learns_from_a_bounded_sample(tmp_path, shakespeare):
-    from tasks.tokenize import _shard_prefix
-
     path = tmp_path / "big.txt"
     path.write_text(shakespeare, encoding="utf-8")
     shards = plan_shards(_files([path]), 50_000)
-    prefix = _shard_prefix(shards[1], 10_000)
+    prefix = shard_prefix(shards[1], 10_000)
     start = shards[1][0].start
     assert 9_000 < len(prefix) <= 10_000
     assert shakespeare.encode()[start : start + len(prefix.encode())].decode() == prefix
     assert SAFE.fullmatch(shakespeare.encode()[start + len(prefix) - 2 : start + len(prefix) + 1])
-    assert _shard_prefix([Piece(str(path), 0, 100)], 1_000) == shakespeare[:100]
+    assert shard_prefix([Piece(str(path), 0, 100)], 1_000) == shakespeare[:100]
 
 
 @pytest.mark.slow
