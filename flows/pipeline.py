@@ -16,6 +16,7 @@ import storage
 from flows.defaults import DEFAULT_STORE, TINY_SHAKESPEARE_URL
 from model.config import config_from_dict
 from model.corpus import DEFAULT_SHARD_BYTES
+from storage.registry import warm_up_in_background
 from storage.tracking import DEFAULT_EXPERIMENT, Tracker, model_name_for, redact
 from tasks.cache import check_refresh
 from tasks.evaluate import evaluate
@@ -49,6 +50,7 @@ def pipeline(
 ) -> dict:
     """Run every stage once; return (and store) the run's summary."""
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    warm_up_in_background()  # the model log's slow part, done while the stages run
     cfg = config_from_dict(config or {})
     run_id = run_id or new_run_id()
     # a scheduled run fails here, before any work, like the CLI does before it starts the flow

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import tempfile
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -50,10 +51,38 @@ class GPTTextGenerator(mlflow.pyfunc.PythonModel):
         ]
 
 
+_warm_up: threading.Thread | None = None
+
+
+def _fill_package_cache() -> None:
+    try:
+        from mlflow.utils.requirements_utils import _init_modules_to_packages_map
+
+        _init_modules_to_packages_map()
+    except Exception:  # a private MLflow helper: if it goes away, log_model does the work itself
+        pass
+
+
+def warm_up_in_background() -> None:
+    """Do ahead, in a background thread, the slow part of logging a model.
+
+    Logging a model checks its requirements against the installed packages, and MLflow first
+    maps every installed distribution's files to modules (about 1 s on our 2-core machines, once
+    per process). Started with the pipeline, that runs while the stages before the model log
+    run (training in a process of its own), and the model log then takes a fraction of a second.
+    """
+    global _warm_up
+    if _warm_up is None:
+        _warm_up = threading.Thread(target=_fill_package_cache, name="mlflow-warm-up", daemon=True)
+        _warm_up.start()
+
+
 def log_model(tracker: Tracker, run_id: str, checkpoint_path: str | Path) -> str:
     """Log the checkpoint as the run's MLflow model; returns the model's URI."""
     import torch
 
+    if _warm_up is not None:
+        _warm_up.join()  # MLflow's package cache is not safe to fill from two threads at once
     requirements = [f"torch=={torch.__version__.split('+')[0]}", "numpy", "tokenizers", "pyarrow"]
     with _pointed_at(tracker), mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
