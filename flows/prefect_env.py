@@ -121,7 +121,12 @@ class TemporaryServer:
             os.environ["PREFECT_UI_URL"] = ""
         refresh_global_settings_context()
         self.in_use = True
-        get_logger().info("Using the temporary server on http://127.0.0.1:%s", self.port)
+        get_logger().info(
+            "Using a temporary server on http://127.0.0.1:%s\nSee %s for more information on "
+            "running a dedicated Prefect server.",
+            self.port,
+            "https://www.prefect.io/docs/v3/concepts/server#how-to-guides",
+        )
 
     def stop(self) -> None:
         process, self.process = self.process, None
@@ -156,4 +161,7 @@ def start_temporary_server() -> TemporaryServer | None:
     settings = get_current_settings()
     if settings.api.url or not settings.server.ephemeral.enabled:
         return None
-    return TemporaryServer(settings)
+    try:
+        return TemporaryServer(settings)
+    except (OSError, RuntimeError):  # no free port, no process: Prefect tries on its own later
+        return None
