@@ -272,7 +272,7 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
     store = _absolute_if_local(args.store)
     storage.preflight(store)
     _check_input(args)
-    from flows.tokenize import tokenize_corpus
+    from flows.tokenize_corpus import tokenize_corpus
     from model.corpus import DEFAULT_SHARD_BYTES
 
     _quiet_user_errors()

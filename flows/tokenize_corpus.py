@@ -2,6 +2,9 @@
 
 A corpus too big for one machine is tokenized once on a cluster (``--task-runner dask``); the
 pipeline's runs then find the dataset in the store under the same content key and re-use it.
+
+(Not named flows/tokenize.py: Prefect puts a deployment entrypoint's folder on sys.path, where a
+tokenize.py would shadow the standard library's module of that name.)
 """
 
 from __future__ import annotations
