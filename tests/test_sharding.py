@@ -373,3 +373,30 @@ def test_val_shards_beyond_the_dataset_is_a_clear_error(small_corpus, cli_env, t
     assert result.returncode == 2 and len(errors) == 1, result.stderr[-2000:]
     assert "--val-shards 3: the dataset has 1 shard(s)" in errors[0]
     assert "Traceback" not in result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_an_http_input_is_staged_into_the_store(small_corpus, cli_env, tmp_path):
+    """Workers range-read shards, so a URL's content is copied into the store first."""
+    import functools
+    import hashlib
+    import http.server
+    import threading
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler,
+                                directory=str(small_corpus.parent))  # fmt: skip
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/{small_corpus.name}"
+        _, dataset = _tokenize_cli(["--input", url, "--shard-size", "16K"], cli_env, tmp_path,
+                                   tmp_path / "store")  # fmt: skip
+    finally:
+        server.shutdown()
+    raw = small_corpus.read_bytes()
+    staged = tmp_path / "store" / "sources" / f"{hashlib.sha256(raw).hexdigest()}.txt"
+    assert staged.read_bytes() == raw
+    text = raw.decode("utf-8")
+    tok = tokenizer_from_json((dataset.parent / "tokenizer.json").read_text(encoding="utf-8"))
+    assert len(read_manifest(str(dataset))["shards"]) >= 3
+    assert np.array_equal(dataset_ids(str(dataset)), tok.encode(text))
