@@ -106,7 +106,7 @@ class TokenDataset:
         self._cached_bytes = 0
         self._resident: torch.Tensor | None = None
         if self.n_tokens * 8 <= self.max_bytes:  # int64 in memory
-            whole = np.concatenate([self._read_group(k) for k in range(len(self._groups))])
+            whole = np.concatenate([self._read_shard(s) for s in range(len(manifest["shards"]))])
             self._resident = torch.from_numpy(whole.astype(np.int64))
         self.streaming = self._resident is None
 
@@ -118,6 +118,17 @@ class TokenDataset:
             uri = self.manifest["shards"][s]["uri"]
             self._files[s] = open_token_file(storage.open_read(uri))[0]
         return self._files[s]
+
+    def _read_shard(self, s: int) -> np.ndarray:
+        """All of shard s in one read (the resident path)."""
+        uri = self.manifest["shards"][s]["uri"]
+        pf = self._file(s)
+        try:
+            column = pf.read(columns=["ids"]).column("ids")
+        except OSError as exc:
+            raise GptpipeError(f"cannot read {uri}: {exc}") from None
+        self.row_groups_read += pf.metadata.num_row_groups
+        return column_ids(column, uri)
 
     def _read_group(self, k: int) -> np.ndarray:
         s, g = self._groups[k]
