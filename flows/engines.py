@@ -26,6 +26,30 @@ def check_task_runner(name: str, address: str | None, workers: int | None) -> No
         raise GptpipeError("--workers starts a local cluster; it cannot go with --dask-address")
     if name != "default":
         _import_runner(name)
+    if address:
+        _check_reachable(name, address)
+
+
+def _check_reachable(name: str, address: str) -> None:
+    """A cluster address that does not answer is a one-line error, not a traceback at flow start."""
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(address if "://" in address else f"tcp://{address}")
+    try:
+        host, port = parts.hostname, parts.port
+    except ValueError:
+        host, port = None, None
+    if not host or not port:
+        raise GptpipeError(f"--{name}-address {address}: expected HOST:PORT (e.g. tcp://host:8786)")
+    try:
+        with socket.create_connection((host, port), timeout=10):
+            pass
+    except OSError as exc:
+        raise GptpipeError(
+            f"cannot reach the {name.capitalize()} cluster at {address} ({exc.strerror or exc}): "
+            f"start it or fix --{name}-address"
+        ) from None
 
 
 def _import_runner(name: str):

@@ -400,3 +400,88 @@ def test_an_http_input_is_staged_into_the_store(small_corpus, cli_env, tmp_path)
     tok = tokenizer_from_json((dataset.parent / "tokenizer.json").read_text(encoding="utf-8"))
     assert len(read_manifest(str(dataset))["shards"]) >= 3
     assert np.array_equal(dataset_ids(str(dataset)), tok.encode(text))
+
+
+def _worker_env(cli_env: dict[str, str]) -> dict[str, str]:
+    """A cluster's processes: the Prefect server of the tests, Ray without its token auth."""
+    return {**cli_env, "RAY_AUTH_MODE": "disabled"}
+
+
+@pytest.mark.slow
+def test_tokenize_on_a_running_dask_scheduler(many_files, cli_env, tmp_path):
+    """`--dask-address`: a scheduler and two worker processes started apart from gptpipe."""
+    pytest.importorskip("prefect_dask", reason="needs the dask extra")
+    import subprocess
+    import sys
+
+    from distributed import Client
+
+    from tests.conftest import free_port, served
+
+    folder, text = many_files
+    dask = str(Path(sys.executable).with_name("dask"))
+    port, dashboard = free_port(), free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    env = _worker_env(cli_env)
+    scheduler = [dask, "scheduler", "--host", "127.0.0.1", "--port", str(port),
+                 "--dashboard-address", f"127.0.0.1:{dashboard}"]  # fmt: skip
+    workers = [dask, "worker", address, "--nworkers", "2", "--nthreads", "1", "--memory-limit",
+               "0", "--no-dashboard"]  # fmt: skip
+    with served(scheduler, f"http://127.0.0.1:{dashboard}/health", 60, tmp_path / "sched.log",
+                env=env):  # fmt: skip
+        with open(tmp_path / "workers.log", "wb") as log:
+            worker = subprocess.Popen(workers, env=env, cwd=tmp_path, stdout=log,
+                                      stderr=subprocess.STDOUT)  # fmt: skip
+        try:
+            with Client(address, timeout=30) as client:
+                client.wait_for_workers(2, timeout=60)
+            result, dataset = _tokenize_cli(["--input", str(folder), "--shard-size", "8K",
+                                             "--dask-address", address], env, tmp_path,
+                                            tmp_path / "store")  # fmt: skip
+        finally:
+            worker.terminate()
+            worker.wait(30)
+    assert f"Connecting to an existing Dask cluster at {address}" in result.stdout + result.stderr
+    tok = tokenizer_from_json((dataset.parent / "tokenizer.json").read_text(encoding="utf-8"))
+    assert np.array_equal(dataset_ids(str(dataset)), tok.encode(text))
+
+
+@pytest.mark.slow
+def test_tokenize_on_a_running_ray_cluster(many_files, cli_env, tmp_path):
+    """`--ray-address`: a Ray head started apart from gptpipe (`ray start --head`)."""
+    pytest.importorskip("prefect_ray", reason="needs the ray extra")
+    import subprocess
+    import sys
+
+    from tests.conftest import free_port
+
+    folder, text = many_files
+    ray = str(Path(sys.executable).with_name("ray"))
+    env = _worker_env(cli_env)
+    port = free_port()
+    start = subprocess.run([ray, "start", "--head", "--port", str(port), "--num-cpus", "2",
+                            "--include-dashboard", "false", "--disable-usage-stats"],
+                           env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    try:
+        assert start.returncode == 0, start.stdout[-2000:] + start.stderr[-2000:]
+        result, dataset = _tokenize_cli(["--input", str(folder), "--shard-size", "8K",
+                                         "--ray-address", f"127.0.0.1:{port}"], env, tmp_path,
+                                        tmp_path / "store")  # fmt: skip
+    finally:
+        subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
+    assert "Connected to Ray cluster" in result.stdout + result.stderr
+    tok = tokenizer_from_json((dataset.parent / "tokenizer.json").read_text(encoding="utf-8"))
+    assert np.array_equal(dataset_ids(str(dataset)), tok.encode(text))
+
+
+def test_an_unreachable_cluster_is_a_clear_error(small_corpus, tmp_path):
+    import os
+
+    from tests.conftest import free_port
+
+    address = f"tcp://127.0.0.1:{free_port()}"
+    result = run_cli(["tokenize", "--input", str(small_corpus), "--store", str(tmp_path / "s"),
+                      "--dask-address", address], dict(os.environ), tmp_path)  # fmt: skip
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert f"cannot reach the Dask cluster at {address}" in result.stderr
+    assert "Traceback" not in result.stderr
