@@ -21,6 +21,7 @@ PRESETS_DIR = Path(__file__).resolve().parent.parent / "configs"
 TOKENIZER_KINDS = ("char", "bpe")
 LR_SCHEDULES = ("constant", "cosine")
 DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("auto", "float32", "bfloat16")
 
 
 def _require(condition: bool, message: str) -> None:
@@ -90,6 +91,10 @@ class TrainConfig:
     checkpoint_interval: int = 500  # 0 = only at the end
     seed: int = 1337
     device: str = "auto"
+    # bfloat16: bf16 autocast for the matmuls (weights, optimizer and attention stay float32);
+    # fast on GPUs and on CPUs with AMX, slower than float32 on CPUs without it.
+    # auto: bfloat16 on CUDA, float32 on the CPU
+    dtype: str = "auto"
     compile: bool = False
 
     def __post_init__(self) -> None:
@@ -102,6 +107,7 @@ class TrainConfig:
             f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}",
         )
         _require(self.device in DEVICES, f"device must be one of {', '.join(DEVICES)}")
+        _require(self.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)}")
         _require(-(2**63) <= self.seed < 2**64, f"seed must fit in 64 bits, got {self.seed}")
         for name in ("beta1", "beta2"):  # AdamW's own check would fail only inside training
             value = getattr(self, name)
