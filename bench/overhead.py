@@ -5,6 +5,10 @@ local defaults (Prefect's temporary server, a sqlite MLflow in the working folde
 with `--refresh all`, so every stage really runs; the first pipeline run, which also creates the
 MLflow database, is reported apart as "cold".
 
+Each output line is time-stamped as it arrives, so the medians are also split into phases: up to
+the first training line ("training on ..."), the training itself (up to "done: ..."), and what
+comes after it (the pipeline's evaluate, sample and register stages, the model log, the exit).
+
     .venv/bin/python -m bench.overhead [--rounds 3] [--preset seed] [--iters 200]
 """
 
@@ -21,13 +25,42 @@ from pathlib import Path
 
 from bench.vs_nanogpt import CORPUS, REPO, prepare_ours
 
+# where a run is, from its output: (phase name, a line that ends the phase)
+MARKS = {
+    "flow": "Beginning flow run",
+    "train_start": "training on ",
+    "train_end": "done: ",
+    "flow_end": "Finished in state Completed()",
+}
 
-def timed(cmd: list[str], cwd: Path, env: dict) -> float:
+
+def timed(cmd: list[str], cwd: Path, env: dict) -> tuple[float, dict[str, float]]:
+    """Seconds from start to exit, and when (seconds from start) each of MARKS was first seen."""
     start = time.perf_counter()
-    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise SystemExit(result.stdout[-2000:] + result.stderr[-2000:])
-    return time.perf_counter() - start
+    marks: dict[str, float] = {}
+    tail: list[str] = []
+    with subprocess.Popen(cmd, cwd=cwd, env={**env, "PYTHONUNBUFFERED": "1"}, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as proc:  # fmt: skip
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            now = time.perf_counter() - start
+            tail = [*tail[-40:], line]
+            for name, text in MARKS.items():
+                if text in line and (name != "flow_end" or "Flow run" in line):
+                    marks.setdefault(name, now)
+        code = proc.wait()
+    if code != 0:
+        raise SystemExit("".join(tail))
+    return time.perf_counter() - start, marks
+
+
+def phases(total: float, marks: dict[str, float]) -> dict[str, float]:
+    """Up to the first training line, the training, and after it up to the exit."""
+    return {
+        "start-up (to 'training on')": marks["train_start"],
+        "training ('training on' to 'done')": marks["train_end"] - marks["train_start"],
+        "after training (to exit)": total - marks["train_end"],
+    }
 
 
 def main() -> None:
@@ -47,16 +80,25 @@ def main() -> None:
                  "--out", str(work / "train-out"), "--preset", args.preset, *sets]  # fmt: skip
         run = [gptpipe, "run", "--input", str(CORPUS), "--preset", args.preset, *sets,
                "--refresh", "all", "--sample-tokens", "200"]  # fmt: skip
-        cold = timed(run, work, env)
+        cold, _ = timed(run, work, env)
         pipeline, plain = [], []
         for _ in range(args.rounds):
             plain.append(timed(train, REPO, env))
             pipeline.append(timed(run, work, env))
-    p, t = statistics.median(pipeline), statistics.median(plain)
+    p, t = (statistics.median(total for total, _ in runs) for runs in (pipeline, plain))
     print(f"preset {args.preset}, {args.iters} iterations, {args.rounds} rounds (medians)")
     print(f"python -m model.train   {t:6.1f} s")
     print(f"gptpipe run             {p:6.1f} s   (cold, first run: {cold:.1f} s)")
     print(f"overhead                {p - t:6.1f} s   (cold: {cold - t:.1f} s)")
+    split = [[phases(*run) for run in runs] for runs in (pipeline, plain)]
+    print(f"\n{'phase (medians)':<40}{'gptpipe run':>12}{'model.train':>12}{'difference':>12}")
+    for name in split[0][0]:
+        ours, theirs = (statistics.median(run[name] for run in runs) for runs in split)
+        print(f"{name:<40}{ours:>10.1f} s{theirs:>10.1f} s{ours - theirs:>10.1f} s")
+    flow = [(m["flow"], m["train_start"] - m["flow"], tot - m["flow_end"]) for tot, m in pipeline]
+    start, to_train, exit_ = (statistics.median(values) for values in zip(*flow, strict=True))
+    print(f"gptpipe run: {start:.1f} s to the flow's start, {to_train:.1f} s from there to the "
+          f"first training line, {exit_:.1f} s from the flow's end to the exit")  # fmt: skip
 
 
 if __name__ == "__main__":
