@@ -1,8 +1,8 @@
 """Train the GPT on tokenized Parquet data, on one rank or many under torchrun.
 
     torchrun --standalone --nproc_per_node=2 -m model.train \
-        --train store/run/train.parquet --val store/run/val.parquet \
-        --tokenizer store/run/tokenizer.json --out store/run/train --preset cpu
+        --train STORE/datasets/split-KEY/train.json --val STORE/datasets/split-KEY/val.json \
+        --tokenizer STORE/datasets/tokenize-KEY/tokenizer.json --out /tmp/train-out --preset cpu
 
 Batches are sampled per optimizer step (see model/batching.py), so the samples a step sees do not
 depend on the number of ranks, and a resumed run draws what an uninterrupted one would have.
@@ -329,8 +329,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         prog="python -m model.train",
         description="Train the GPT (one rank, or many under torchrun).",
     )
-    parser.add_argument("--train", required=True, help="URI of the train token Parquet")
-    parser.add_argument("--val", required=True, help="URI of the val token Parquet")
+    parser.add_argument(
+        "--train",
+        required=True,
+        help="URI of the train split: a dataset manifest or a Parquet file",
+    )
+    parser.add_argument(
+        "--val", required=True, help="URI of the val split: a dataset manifest or a Parquet file"
+    )
     parser.add_argument("--tokenizer", required=True, help="URI of the tokenizer JSON")
     parser.add_argument("--out", required=True, help="URI of the folder for checkpoints")
     parser.add_argument("--preset", help="preset name from configs/")
