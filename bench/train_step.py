@@ -1,7 +1,9 @@
 """Training-step throughput: gptpipe's GPT against the lecture's per-head model.
 
 Both sides start from the same weights and train on the same batches in the same process, in
-alternating rounds; the table shows median tokens/s and the ratio.
+alternating rounds; the table shows median tokens/s and the ratio. The lecture's side is float32;
+gptpipe's runs at its training loop's precision for the config (the `cpu` preset: bf16 autocast,
+the last column says which).
 
     .venv/bin/python -m bench.train_step [--rounds 15] [--steps 10] [--configs seed cpu lecture]
 """
@@ -9,13 +11,14 @@ alternating rounds; the table shows median tokens/s and the ratio.
 from __future__ import annotations
 
 import argparse
+import contextlib
 
 import torch
 
 from bench.common import alternate, median
 from model.config import build_config
 from model.gpt import GPT
-from model.train import make_optimizer
+from model.train import make_optimizer, use_bf16
 from tests.lecture_reference import GPTLanguageModel
 
 # the batch size each config is benchmarked at (its preset's)
@@ -32,10 +35,14 @@ def make_sides(preset: str, steps: int):
         window = torch.randint(65, (cfg.batch_size, cfg.block_size + 1))  # (B, T+1)
         batches.append((window[:, :-1].contiguous(), window[:, 1:].contiguous()))
 
-    def trainer(model, optimizer):
+    # gptpipe's side runs at the precision its training loop uses for this config (dtype)
+    bf16 = use_bf16(cfg, torch.device("cpu"))
+
+    def trainer(model, optimizer, bf16=False):
         def run_steps():
             for x, y in batches:
-                _, loss = model(x, y)
+                with torch.autocast("cpu", torch.bfloat16) if bf16 else contextlib.nullcontext():
+                    _, loss = model(x, y)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -46,9 +53,9 @@ def make_sides(preset: str, steps: int):
     lecture_opt = torch.optim.AdamW(reference.parameters(), lr=cfg.learning_rate)
     sides = {
         "lecture": trainer(reference, lecture_opt),
-        "gptpipe": trainer(ours, make_optimizer(ours, cfg)),
+        "gptpipe": trainer(ours, make_optimizer(ours, cfg), bf16),
     }
-    return sides, cfg.batch_size * cfg.block_size * steps
+    return sides, cfg.batch_size * cfg.block_size * steps, "bf16" if bf16 else "fp32"
 
 
 def main() -> None:
@@ -58,13 +65,14 @@ def main() -> None:
     parser.add_argument("--configs", nargs="+", default=["seed", "cpu"], choices=CONFIGS)
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"{'config':<8} {'lecture tok/s':>14} {'gptpipe tok/s':>14} {'ratio':>7}")
+    print(f"{'config':<8} {'lecture tok/s':>14} {'gptpipe tok/s':>14} {'ratio':>7}  gptpipe")
     for preset in args.configs:
-        sides, tokens = make_sides(preset, args.steps)
+        sides, tokens, precision = make_sides(preset, args.steps)
         rounds = args.rounds if preset != "lecture" else max(3, args.rounds // 3)
         times = alternate(sides, rounds)
         lecture, ours = tokens / median(times["lecture"]), tokens / median(times["gptpipe"])
-        print(f"{preset:<8} {lecture:>14,.0f} {ours:>14,.0f} {ours / lecture:>6.2f}x", flush=True)
+        print(f"{preset:<8} {lecture:>14,.0f} {ours:>14,.0f} {ours / lecture:>6.2f}x  {precision}",
+              flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":
