@@ -22,8 +22,15 @@ STAGES = ("tokenize", "split", "train")
 _CODE = {
     "tokenize": ("tokenizer.py", "data.py", "corpus.py", "dataset.py"),
     "split": ("data.py", "dataset.py"),
-    "train": ("gpt.py", "train.py", "batching.py", "dataset.py", "evaluate.py", "dist.py",
-              "checkpoint.py"),
+    "train": (
+        "gpt.py",
+        "train.py",
+        "batching.py",
+        "dataset.py",
+        "evaluate.py",
+        "dist.py",
+        "checkpoint.py",
+    ),
 }
 
 
