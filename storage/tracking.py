@@ -7,11 +7,14 @@ at the wrong run or at none. Only rank 0 of a training ever builds a tracker.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import queue
 import re
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -248,15 +251,24 @@ class NullRun:
 class TrainingRun(StageRun):
     """The train stage's run as seen from rank 0: training never waits on MLflow or dies of it.
 
-    Metrics go out in the background. If the server is away, a call fails with a warning on
-    stderr and training goes on; failed metric batches are sent again at the end of training
-    (the server may be back by then), and every evaluation is kept in the checkpoint and
-    summary.json all the same.
+    Metrics go out from a thread of this class, in the order they came, all those waiting merged
+    into one request. If the server is away, a call fails with a warning on stderr and training
+    goes on; failed metric batches are sent again at the end of training (the server may be back
+    by then), and every evaluation is kept in the checkpoint and summary.json all the same.
+
+    (MLflow's own asynchronous logging would do, but its thread polls its queue once a second and
+    is joined at exit: up to a second added to every training process's exit.)
     """
+
+    _MAX_METRICS = 1000  # MLflow takes at most 1000 metrics a batch
 
     def __init__(self, tracker: Tracker, run_id: str):
         super().__init__(tracker, run_id)
-        self._sent: list = []  # (metrics, step, background operation or None)
+        self._pending: queue.SimpleQueue = queue.SimpleQueue()  # (metrics, step, ms) or None
+        self._failed: list[list] = []  # metric batches (lists of mlflow Metric) that failed
+        self._sender = threading.Thread(target=self._send_loop, name="mlflow-metrics", daemon=True)
+        self._sender.start()
+        atexit.register(self._stop_sender, timeout=30)  # a run that ends without close()
 
     @staticmethod
     def _safely(what: str, call, *args, **kwargs) -> tuple[bool, Any]:
@@ -281,22 +293,47 @@ class TrainingRun(StageRun):
         self._safely("log_artifact", super().log_artifact_bytes, data, artifact_file)
 
     def log_metrics(self, metrics: dict[str, float], step: int = 0, synchronous: bool = False):
-        _, operation = self._safely("log_metrics", super().log_metrics, metrics, step, False)
-        self._sent.append((metrics, step, operation))
+        item = ({key: float(value) for key, value in metrics.items()}, step, int(time.time() * 1e3))
+        if synchronous or not self._sender.is_alive():  # (after close(): sent here and now)
+            self._send([item])
+        else:
+            self._pending.put(item)
+
+    def _send_loop(self) -> None:
+        while True:
+            items = [self._pending.get()]
+            while not self._pending.empty():
+                items.append(self._pending.get())
+            stop = None in items
+            self._send([item for item in items if item is not None])
+            if stop:
+                return
+
+    def _send(self, items: list) -> None:
+        from mlflow.entities import Metric
+
+        metrics = [Metric(key, value, ms, step) for values, step, ms in items
+                   for key, value in values.items()]  # fmt: skip
+        for i in range(0, len(metrics), self._MAX_METRICS):
+            batch = metrics[i : i + self._MAX_METRICS]
+            sent, _ = self._safely("log_metrics", self.client.log_batch, self.run_id, metrics=batch)
+            if not sent:
+                self._failed.append(batch)
+
+    def _stop_sender(self, timeout: float | None = None) -> None:
+        if self._sender.is_alive():
+            self._pending.put(None)
+            self._sender.join(timeout)
 
     def close(self) -> None:
-        """Wait for the metrics in flight, then send again, once, those that failed."""
-        failed = [
-            (metrics, step)
-            for metrics, step, operation in self._sent
-            if operation is None or not self._safely("metrics upload", operation.wait)[0]
-        ]
-        self._sent.clear()
+        """Send the metrics still waiting, then send again, once, those that failed."""
+        self._stop_sender()
+        failed, self._failed = self._failed, []
         if not failed:
             return
         resent = sum(
-            self._safely("log_metrics", StageRun.log_metrics, self, metrics, step, True)[0]
-            for metrics, step in failed
+            self._safely("log_metrics", self.client.log_batch, self.run_id, metrics=batch)[0]
+            for batch in failed
         )
         message = (
             f"warning: {len(failed)} metric batch(es) failed while MLflow was away; "
