@@ -267,6 +267,9 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
     from model.config import build_config
 
     cfg = build_config(args.preset, args.config, args.set)
+    from flows.prefect_env import start_temporary_server
+
+    prefect_server = start_temporary_server()  # boots while the checks below run
     import storage
 
     store = _absolute_if_local(args.store)
@@ -275,6 +278,8 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
     from flows.tokenize_corpus import tokenize_corpus
     from model.corpus import DEFAULT_SHARD_BYTES
 
+    if prefect_server:
+        prefect_server.use()
     _quiet_user_errors()
     result = _on_task_runner(tokenize_corpus, args)(
         source=args.input,

@@ -485,3 +485,25 @@ def test_an_unreachable_cluster_is_a_clear_error(small_corpus, tmp_path):
     assert result.returncode == 2, result.stderr[-2000:]
     assert f"cannot reach the Dask cluster at {address}" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_without_a_prefect_server_the_workers_share_the_temporary_one(small_corpus, tmp_path):
+    """No PREFECT_API_URL: one temporary server, started early and handed to the Dask workers
+    (they would each start their own otherwise), and stopped at the end."""
+    import os
+    import urllib.request
+
+    pytest.importorskip("prefect_dask", reason="needs the dask extra")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_SERVER_ANALYTICS_ENABLED="0")
+    result = run_cli(["tokenize", "--input", str(small_corpus), "--store", str(tmp_path / "s"),
+                      "--shard-size", "16K", "--task-runner", "dask", "--workers", "2"], env,
+                     tmp_path)  # fmt: skip
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    used = re.findall(r"Using a temporary server on (http://127\.0\.0\.1:\d+)", output)
+    assert len(used) == 1 and "Starting temporary server" not in output, output[-3000:]
+    assert "in 4 shard(s)" in output
+    with pytest.raises(OSError):  # stopped with the command
+        urllib.request.urlopen(f"{used[0]}/api/health", timeout=5)
