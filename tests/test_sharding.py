@@ -507,3 +507,21 @@ def test_without_a_prefect_server_the_workers_share_the_temporary_one(small_corp
     assert "in 4 shard(s)" in output
     with pytest.raises(OSError):  # stopped with the command
         urllib.request.urlopen(f"{used[0]}/api/health", timeout=5)
+
+
+def test_bpe_trained_on_a_bounded_sample_still_encodes_every_shard(shakespeare, tmp_path):
+    """Above the bound, BPE learns from each shard's beginning; every shard still round-trips."""
+    from model.corpus import pieces_to_dicts
+    from tasks.tokenize import train_bpe
+
+    path = tmp_path / "big.txt"
+    path.write_text(shakespeare, encoding="utf-8")
+    shards = plan_shards(_files([path]), 30_000)
+    sample = "".join(shard_prefix(s, 40_000 // len(shards)) for s in shards)
+    assert len(sample) <= 40_000 < len(shakespeare)
+    tok = tokenizer_from_json(train_bpe.fn([pieces_to_dicts(s) for s in shards], 300, 40_000))
+    assert tok == train_tokenizer("bpe", sample, 300)  # learned from the sample, not the whole
+    assert tok != train_tokenizer("bpe", shakespeare, 300)
+    by_shard = np.concatenate([tok.encode(read_shard(s)) for s in shards])
+    assert np.array_equal(by_shard, tok.encode(shakespeare))
+    assert tok.decode(by_shard) == shakespeare
