@@ -20,11 +20,7 @@ from pathlib import Path
 
 from bench.common import median
 from bench.vs_nanogpt import CORPUS
-
-
-def _parse_size(text: str) -> int:
-    units = {"K": 1 << 10, "M": 1 << 20}
-    return int(float(text[:-1]) * units[text[-1]]) if text[-1] in units else int(text)
+from model.corpus import parse_byte_size
 
 
 def main() -> None:
@@ -63,7 +59,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             for kind, copies, size in (("char", args.copies, args.shard_size),
                                        ("bpe", args.bpe_copies, args.bpe_shard_size)):  # fmt: skip
-                shard_bytes = _parse_size(size)
+                shard_bytes = parse_byte_size(size)
                 corpus = Path(tmp) / f"corpus-{kind}.txt"
                 corpus.write_text(text * copies, encoding="utf-8")
                 mb = corpus.stat().st_size / 1e6

@@ -57,16 +57,13 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _byte_size(text: str) -> int:
-    """'65536', '64K', '32M' or '1G' as a number of bytes."""
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    number, unit = (text[:-1], text[-1].upper()) if text[-1:].upper() in units else (text, "")
+    """--shard-size: '65536', '64K', '32M' or '1G' as a number of bytes."""
+    from model.corpus import parse_byte_size
+
     try:
-        value = int(float(number) * units.get(unit, 1))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 65536, 64K, 32M)") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
-    return value
+        return parse_byte_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _add_data_args(parser: argparse.ArgumentParser) -> None:

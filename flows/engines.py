@@ -100,13 +100,10 @@ def with_task_runner(flow, name: str = "default", address: str | None = None,
 
 def share_temporary_server() -> None:
     """Without a Prefect server configured, start Prefect's temporary one here and export its URL,
-    so that worker processes report their task runs to it instead of each starting their own."""
-    from prefect.settings import PREFECT_API_URL
+    so that worker processes report their task runs to it instead of each starting their own.
+    (The CLI has usually done so already, early: flows/prefect_env.py.)"""
+    from flows.prefect_env import start_temporary_server
 
-    if os.environ.get("PREFECT_API_URL") or PREFECT_API_URL.value():
-        return
-    from prefect.server.api.server import SubprocessASGIServer
-
-    server = SubprocessASGIServer()  # the instance Prefect's own client uses in this process
-    server.start()
-    os.environ["PREFECT_API_URL"] = server.api_url
+    server = start_temporary_server()
+    if server:
+        server.use()

@@ -32,6 +32,19 @@ _SAFE_CUT = re.compile(rb"(?<=[\x21-\x7e]\n)(?=[\x21-\x7e])")
 _GLOB_CHARS = re.compile(r"[*?[]")
 
 
+def parse_byte_size(text: str) -> int:
+    """'65536', '64K', '32M' or '1G' as a positive number of bytes (ValueError otherwise)."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    number, unit = (text[:-1], text[-1].upper()) if text[-1:].upper() in units else (text, "")
+    try:
+        value = int(float(number) * units.get(unit, 1))
+    except ValueError:
+        raise ValueError(f"not a size: {text!r} (e.g. 65536, 64K, 32M)") from None
+    if value < 1:
+        raise ValueError(f"must be positive: {text!r}")
+    return value
+
+
 @dataclass(frozen=True)
 class SourceFile:
     uri: str

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 import storage
-from model.data import column_ids, open_token_file, windows_at
+from model.data import column_ids, open_token_file, read_tokens, windows_at
 from model.errors import GptpipeError
 
 FORMAT = "gptpipe-dataset-1"
@@ -84,7 +84,6 @@ class TokenDataset:
     def __init__(self, manifest: dict, max_bytes: int | None = None):
         self.manifest = manifest
         self.max_bytes = max_resident_bytes() if max_bytes is None else max_bytes
-        self.streaming = False
         self._files: dict[int, Any] = {}  # shard index -> open pyarrow ParquetFile
         self._groups: list[tuple[int, int]] = []  # global row group -> (shard, group in shard)
         sizes = []
@@ -186,10 +185,8 @@ def open_dataset(uri: str, max_bytes: int | None = None) -> TokenDataset:
 
 def dataset_ids(uri: str) -> np.ndarray:
     """Every id of a dataset, in order, in their stored dtype."""
-    manifest = read_manifest(uri)
     parts = []
-    for shard in manifest["shards"]:
+    for shard in read_manifest(uri)["shards"]:
         with storage.open_read(shard["uri"]) as f:
-            pf, _ = open_token_file(f)
-            parts.append(column_ids(pf.read(columns=["ids"]).column("ids"), shard["uri"]))
+            parts.append(read_tokens(f)[0])
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint16)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from prefect import get_run_logger, task
 
 import storage
-from model.data import column_ids, open_token_file, split_tokens, write_tokens
+from model.data import read_tokens, split_tokens, write_tokens
 from model.dataset import SHARD_ROW_GROUP_SIZE, make_manifest, read_manifest, write_manifest
 from model.errors import GptpipeError
 from tasks.cache import cache_key, load_manifest, save_manifest, stage_dir
@@ -60,7 +60,7 @@ def _split(dataset_uri: str, folder: str, val_fraction: float, block_size: int,
     if val_shards:
         sides = _split_by_shards(shards, val_shards, block_size)
     else:
-        sides = _split_by_fraction(shards, folder, dataset, val_fraction, block_size)
+        sides = _split_by_fraction(shards, folder, val_fraction, block_size)
     outputs = {}
     for name, entries in zip(("train", "val"), sides, strict=True):
         uri = write_manifest(
@@ -82,7 +82,7 @@ def _split(dataset_uri: str, folder: str, val_fraction: float, block_size: int,
     return {"metadata": metadata, "outputs": outputs}
 
 
-def _split_by_fraction(shards, folder, dataset, val_fraction, block_size):
+def _split_by_fraction(shards, folder, val_fraction, block_size):
     total = sum(s["n_tokens"] for s in shards)
     # split_tokens on a range checks the settings and both sides' lengths, with the lecture's rule
     train_range, _ = split_tokens(range(total), val_fraction, block_size)
@@ -92,17 +92,16 @@ def _split_by_fraction(shards, folder, dataset, val_fraction, block_size):
         if cut == start:
             return shards[:k], shards[k:]
         if cut < end:
-            head, tail = _cut_shard(shard, cut - start, folder, dataset)
+            head, tail = _cut_shard(shard, cut - start, folder)
             return [*shards[:k], head], [tail, *shards[k + 1 :]]
         start = end
     raise AssertionError("the cut lies inside the dataset")  # split_tokens guarantees it
 
 
-def _cut_shard(shard: dict, at: int, folder: str, dataset: dict) -> tuple[dict, dict]:
+def _cut_shard(shard: dict, at: int, folder: str) -> tuple[dict, dict]:
     """The shard's first ``at`` ids and the rest, written as two token files in ``folder``."""
     with storage.open_read(shard["uri"]) as f:
-        pf, metadata = open_token_file(f)
-        ids = column_ids(pf.read(columns=["ids"]).column("ids"), shard["uri"])
+        ids, metadata = read_tokens(f)
     halves = []
     for name, part in (("train-tail", ids[:at]), ("val-head", ids[at:])):
         uri = storage.join(folder, f"{name}.parquet")
