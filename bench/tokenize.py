@@ -4,7 +4,9 @@ the BPE encoder on 1 and all cores.
     .venv/bin/python -m bench.tokenize [--rounds 5] [--copies 8]
 
 The corpus is repeated `--copies` times (about 9 MB at 8) so that timings are not all start-up.
-The lecture's encode is `[stoi[c] for c in s]`; gptpipe's side includes writing the Parquet file.
+The lecture's encode is `[stoi[c] for c in s]`; gptpipe's "encode + Parquet" side is what the
+tokenize stage does with a shard's text (`write_shard_tokens`: chunked encode, each chunk
+compressed while the next is encoded), into memory.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import sys
 
 from bench.common import alternate, median
 from bench.vs_nanogpt import CORPUS, REPO
-from model.data import write_tokens
+from model.dataset import write_shard_tokens
 from model.tokenizer import CharTokenizer, train_tokenizer
 
 
@@ -59,7 +61,7 @@ def main() -> None:
         tok.encode(text)
 
     def gptpipe_parquet() -> None:
-        write_tokens(tok.encode(text), io.BytesIO(), {"vocab_size": tok.vocab_size})
+        write_shard_tokens(tok, text, io.BytesIO(), {})
 
     sides = {"lecture": lecture, "encode": gptpipe_encode, "parquet": gptpipe_parquet}
     rate = {k: megabytes / median(v) for k, v in alternate(sides, args.rounds).items()}

@@ -26,15 +26,39 @@ import numpy as np
 import torch
 
 import storage
-from model.data import column_ids, open_token_file, read_tokens, windows_at
+from model.data import column_ids, open_token_file, read_tokens, windows_at, write_tokens
 from model.errors import GptpipeError
+from model.tokenizer import BPETokenizer, CharTokenizer
 
 FORMAT = "gptpipe-dataset-1"
 # Row groups of sharded token files: 64Ki tokens (128 KiB of uint16) keeps a streamed window's
 # read small.
 SHARD_ROW_GROUP_SIZE = 1 << 16
+# The char tokenizer encodes a shard in chunks of whole row groups (see write_shard_tokens).
+ENCODE_CHUNK_CHARS = 16 * SHARD_ROW_GROUP_SIZE
 DEFAULT_MAX_RESIDENT_BYTES = 2 << 30
 MAX_RESIDENT_ENV = "GPTPIPE_MAX_RESIDENT_BYTES"
+
+
+def write_shard_tokens(
+    tok: CharTokenizer | BPETokenizer,
+    text: str,
+    where: Any,
+    metadata: dict[str, str | int],
+    what: str = "text",
+) -> int:
+    """Encode ``text`` into a shard's token file (``metadata`` added to the tokenizer's); returns
+    the number of tokens. The char tokenizer gives one id per character, so the count is known
+    up front and the text is encoded in chunks, each compressed while the next is encoded."""
+    if isinstance(tok, CharTokenizer):
+        n_tokens, ids = len(text), tok.encode_chunks(text, ENCODE_CHUNK_CHARS, what=what)
+    else:
+        ids = tok.encode(text, what=what)
+        n_tokens = len(ids)
+    metadata = {"tokenizer": tok.kind, "vocab_size": tok.vocab_size, "n_tokens": n_tokens,
+                **metadata}  # fmt: skip
+    write_tokens(ids, where, metadata, row_group_size=SHARD_ROW_GROUP_SIZE)
+    return n_tokens
 
 
 def make_manifest(shards: list[dict], **metadata: Any) -> dict:

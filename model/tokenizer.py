@@ -135,6 +135,15 @@ class CharTokenizer:
             )
         return ids
 
+    def encode_chunks(
+        self, text: str, chunk_chars: int, *, what: str = "text"
+    ) -> Iterator[np.ndarray]:
+        """`encode` of ``text`` in pieces of ``chunk_chars`` characters, lazily: one id per
+        character, so the pieces' ids add up to ``encode(text)``. For writers that compress one
+        piece while the next is encoded; an unknown character stops it at its piece."""
+        for start in range(0, len(text), chunk_chars):
+            yield self.encode(text[start : start + chunk_chars], what=what)
+
     def decode(self, ids: Any) -> str:
         arr = _ids_array(ids)
         _check_id_range(arr, self.vocab_size)

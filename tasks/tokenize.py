@@ -28,8 +28,7 @@ from model.corpus import (
     shard_prefix,
     stage_download,
 )
-from model.data import write_tokens
-from model.dataset import SHARD_ROW_GROUP_SIZE, make_manifest, write_manifest
+from model.dataset import make_manifest, write_manifest, write_shard_tokens
 from model.tokenizer import CharTokenizer, tokenizer_from_json, train_tokenizer
 from tasks.cache import cache_key, load_manifest, save_manifest, stage_dir
 from tasks.common import IO_RETRIES, describe, stage_run
@@ -82,13 +81,11 @@ def encode_shard(index: int, pieces: list[dict], tokenizer_uri: str, folder: str
     """One shard's text -> its Parquet token file; returns the shard's manifest entry."""
     tok = tokenizer_from_json(storage.get_bytes(tokenizer_uri).decode("utf-8"))
     text = read_shard(pieces_from_dicts(pieces))
-    ids = tok.encode(text, what=f"shard {index}")
     uri = storage.join(folder, f"shard-{index:05d}.parquet")
-    metadata = {"tokenizer": tok.kind, "vocab_size": tok.vocab_size, "n_tokens": len(ids),
-                "shard": index}  # fmt: skip
     with storage.open_write(uri) as f:
-        write_tokens(ids, f, metadata, row_group_size=SHARD_ROW_GROUP_SIZE)
-    return {**describe(uri), "n_tokens": len(ids), "source_chars": len(text), "pieces": pieces}
+        n_tokens = write_shard_tokens(tok, text, f, {"shard": index}, what=f"shard {index}")
+    return {**describe(uri), "n_tokens": n_tokens, "source_chars": len(text), "pieces": pieces}
+
 
 
 def tokenize(

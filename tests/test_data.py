@@ -139,7 +139,9 @@ def test_parquet_round_trip_whole_corpus(tmp_path, corpus_ids):
     assert schema.names == ["ids"]
     assert str(schema.field("ids").type) == "uint16"
     assert pq.ParquetFile(path).metadata.num_row_groups == -(-len(corpus_ids) // ROW_GROUP_SIZE)
-    assert pq.ParquetFile(path).metadata.row_group(0).column(0).compression == "ZSTD"
+    column = pq.ParquetFile(path).metadata.row_group(0).column(0)
+    assert column.compression == "ZSTD"
+    assert "BYTE_STREAM_SPLIT" in column.encodings
 
     ids, meta_back = read_tokens(path)
     assert ids.dtype == np.uint16
@@ -187,6 +189,38 @@ def test_write_tokens_rejects_bad_metadata():
         write_tokens(np.arange(3), buf, {"vocab_size": 3, "n_tokens": 4})
     with pytest.raises(ValueError, match=r"\[0, 2\)"):
         write_tokens(np.arange(3), buf, {"vocab_size": 2})
+
+
+def test_write_tokens_in_chunks_equals_one_piece(tmp_path, corpus_ids):
+    tok_ids = corpus_ids[:250_000]
+    chunks = (tok_ids[i : i + 30_000] for i in range(0, len(tok_ids), 30_000))
+    write_tokens(chunks, tmp_path / "chunked.parquet", _meta(tok_ids), row_group_size=65_536)
+    write_tokens(tok_ids, tmp_path / "whole.parquet", _meta(tok_ids), row_group_size=65_536)
+    chunked, meta = read_tokens(tmp_path / "chunked.parquet")
+    np.testing.assert_array_equal(chunked, tok_ids)
+    assert meta == _meta(tok_ids)
+    # each chunk is written as its own row groups (a short one at each chunk's end)
+    assert pq.ParquetFile(tmp_path / "chunked.parquet").metadata.num_row_groups == 9
+    assert pq.ParquetFile(tmp_path / "whole.parquet").metadata.num_row_groups == 4
+
+
+def test_write_tokens_in_chunks_leaves_nothing_when_a_chunk_fails(tmp_path):
+    path = tmp_path / "t.parquet"
+    path.write_bytes(b"the previous file")
+
+    def chunks(bad):
+        yield np.arange(10)
+        yield np.array([1, bad])  # out of range
+        yield np.arange(10)
+
+    with pytest.raises(ValueError, match=r"\[0, 10\)"):
+        write_tokens(chunks(10), path, {"vocab_size": 10, "n_tokens": 22})
+    with pytest.raises(ValueError, match="n_tokens=21 but there are 22 ids"):
+        write_tokens(chunks(3), path, {"vocab_size": 10, "n_tokens": 21})
+    with pytest.raises(ValueError, match="needs n_tokens"):
+        write_tokens(chunks(3), path, {"vocab_size": 10})
+    assert path.read_bytes() == b"the previous file"  # untouched, and no temp file beside it
+    assert [p.name for p in tmp_path.iterdir()] == ["t.parquet"]
 
 
 def test_read_tokens_corrupt_file(tmp_path, corpus_ids):

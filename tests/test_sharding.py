@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from model.corpus import Piece, SourceFile, list_inputs, plan_shards, read_shard, shard_prefix
-from model.data import split_tokens, windows_at, write_tokens
+import model.dataset
+from model.data import read_tokens, split_tokens, windows_at, write_tokens
 from model.dataset import (
     SHARD_ROW_GROUP_SIZE,
     TokenDataset,
@@ -20,6 +21,7 @@ from model.dataset import (
     make_manifest,
     read_manifest,
     write_manifest,
+    write_shard_tokens,
 )
 from model.errors import GptpipeError
 from model.tokenizer import tokenizer_from_json, train_tokenizer
@@ -118,6 +120,24 @@ def test_shard_by_shard_ids_equal_whole_text_ids(kind, many_files, shakespeare, 
         assert len(shards) >= 8
         by_shard = np.concatenate([tok.encode(read_shard(s)) for s in shards])
         assert np.array_equal(by_shard, tok.encode(text))
+
+
+@pytest.mark.parametrize("kind", ["char", "bpe"])
+def test_a_shard_token_file_holds_the_texts_ids(kind, shakespeare, tmp_path, monkeypatch):
+    # char shards are encoded in chunks (made small here, so there are several)
+    monkeypatch.setattr(model.dataset, "ENCODE_CHUNK_CHARS", 3 * SHARD_ROW_GROUP_SIZE)
+    text = shakespeare[:500_000]
+    tok = train_tokenizer(kind, text, 400)
+    n_tokens = write_shard_tokens(tok, text, tmp_path / "s.parquet", {"shard": 7}, what="shard 7")
+    ids, meta = read_tokens(tmp_path / "s.parquet")
+    assert np.array_equal(ids, tok.encode(text)) and n_tokens == len(ids)
+    assert meta == {"tokenizer": kind, "vocab_size": tok.vocab_size, "n_tokens": n_tokens,
+                    "shard": 7}  # fmt: skip
+    if kind == "char":
+        bad = text[: 4 * SHARD_ROW_GROUP_SIZE] + "€"  # an unknown character in the second chunk
+        with pytest.raises(GptpipeError, match=r"^shard 7 has characters .*: '€'"):
+            write_shard_tokens(tok, bad, tmp_path / "s.parquet", {}, what="shard 7")
+        assert np.array_equal(read_tokens(tmp_path / "s.parquet")[0], ids)  # the file stands
 
 
 def test_bad_bytes_are_named_by_file_and_offset(tmp_path):

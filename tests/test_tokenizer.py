@@ -62,6 +62,17 @@ def test_char_round_trip_whole_corpus(corpus, char_tok):
     assert char_tok.decode(ids) == corpus
 
 
+def test_char_encode_chunks_add_up_to_encode(corpus, char_tok):
+    chunks = list(char_tok.encode_chunks(corpus, 100_000))
+    assert [len(c) for c in chunks] == [100_000] * 11 + [15_394]
+    assert np.array_equal(np.concatenate(chunks), char_tok.encode(corpus))
+    lazy = char_tok.encode_chunks("abc" * 10 + "€", 10, what="shard 3")
+    assert len(next(lazy)) == 10  # encoded piece by piece: the bad piece fails when reached
+    next(lazy), next(lazy)
+    with pytest.raises(GptpipeError, match=r"^shard 3 has characters .*: '€'"):
+        next(lazy)
+
+
 def test_char_decode_accepts_lists_and_tensors(char_tok):
     ids = char_tok.encode("Hello there")
     assert char_tok.decode(ids.tolist()) == "Hello there"
