@@ -9,6 +9,7 @@ import sys
 import textwrap
 
 from model.errors import GptpipeError
+from model.exit import skip_last_collections
 
 EXAMPLES = {
     "run": """\
@@ -399,21 +400,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _skip_the_last_collections() -> None:
-    """At exit, Python's last garbage collections walk every object still alive: with torch,
-    MLflow and Prefect loaded, about 1.3 s after a `run` on our 2-core machines, for memory the
-    OS takes back anyway. gc.freeze() as the last exit handler (registered first) skips that;
-    every other exit handler (Prefect's flushes, stopping the temporary server) runs before it."""
-    import atexit
-    import gc
-
-    atexit.register(gc.freeze)
-
-
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    _skip_the_last_collections()
+    skip_last_collections()
     args = build_parser().parse_args(argv)
     handler = {"run": cmd_run, "tokenize": cmd_tokenize, "sample": cmd_sample,
                "inspect": cmd_inspect}[args.command]  # fmt: skip

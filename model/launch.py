@@ -19,6 +19,7 @@ import storage
 from model.config import TrainConfig
 from model.errors import GptpipeError
 from model.train import SUMMARY_NAME
+from storage.tracking import TRACK_STDOUT_ENV, TrainingRun
 
 # MLflow's client retries a dead server for minutes by default; a training's rank 0 should give
 # up on a call sooner (it keeps its metrics and sends failed ones again at the end). Settings in
@@ -113,8 +114,13 @@ def launch_training(
     rdzv_endpoint: str | None = None,
     rdzv_id: str = "gptpipe",
     rdzv_backend: str = "c10d",
+    mlflow_run: tuple[str, str] | None = None,
 ) -> dict:
     """Run training to the end, passing each output line to on_line; return its summary.
+
+    mlflow_run: (tracking URI, run id) of the MLflow run to log training into. Rank 0 then prints
+    its tracking calls (`storage.tracking.LineRun`) and this process sends them, from a thread
+    (training never waits on MLflow), so the training processes need not load MLflow.
 
     With nnodes > 1, call this on every node (same arguments but node_rank); out_uri should be a
     store every node reaches (s3://, a shared filesystem): global rank 0 writes the checkpoint and
@@ -129,19 +135,28 @@ def launch_training(
     if resume:
         cmd.append("--resume")
     env = {**MLFLOW_CLIENT_DEFAULTS, **os.environ, "PYTHONUNBUFFERED": "1", **(extra_env or {})}
+    run = TrainingRun(*mlflow_run) if mlflow_run else None
+    if run is not None:
+        env[TRACK_STDOUT_ENV] = "1"
     tail: collections.deque[str] = collections.deque(maxlen=40)
     errors: list[str] = []
-    with subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, bufsize=1
-    ) as proc:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            line = line.rstrip("\n")
-            tail.append(line)
-            if line.startswith("error: ") and line not in errors:
-                errors.append(line)
-            on_line(line)
-        code = proc.wait()
+    try:
+        with subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, bufsize=1
+        ) as proc:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                line = line.rstrip("\n")
+                if run is not None and run.log_line(line):
+                    continue
+                tail.append(line)
+                if line.startswith("error: ") and line not in errors:
+                    errors.append(line)
+                on_line(line)
+            code = proc.wait()
+    finally:
+        if run is not None:
+            run.close()  # what is still queued, and metrics that failed, are sent now
     if code != 0:
         if errors:
             raise GptpipeError(errors[0].removeprefix("error: "))

@@ -27,6 +27,7 @@ from model.batching import BatchSampler, load_dataset, seed_for
 from model.checkpoint import CHECKPOINT_NAME, CheckpointWriter, latest_checkpoint
 from model.config import TrainConfig, build_config, config_from_dict
 from model.errors import GptpipeError
+from model.exit import skip_last_collections
 from model.evaluate import estimate_loss
 from model.gpt import GPT
 from model.params import group_subtotals_flat, parameter_table
@@ -348,6 +349,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    skip_last_collections()  # dist.teardown() collects what matters (DDP) before the exit
     args = parse_args(argv)
     try:
         if args.config_json:

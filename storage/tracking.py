@@ -2,12 +2,14 @@
 
 Everything goes through `MlflowClient` with explicit run ids, never MLflow's "active run": stages
 run in Prefect tasks and training in other processes, where a thread-local active run would point
-at the wrong run or at none. Only rank 0 of a training ever builds a tracker.
+at the wrong run or at none. Only rank 0 of a training logs: through its launcher (the pipeline's
+train stage reads rank 0's calls from its output), or itself when given a run id (multi-node).
 """
 
 from __future__ import annotations
 
 import atexit
+import base64
 import json
 import os
 import queue
@@ -237,6 +239,9 @@ def dumps(data: Any) -> str:
 # ----------------------------------------------------------------------------- inside training
 
 RUN_ID_ENV = "GPTPIPE_MLFLOW_RUN_ID"
+# Set by a launcher that logs for rank 0: rank 0 prints its calls, LINE_MARK + JSON, one a line.
+TRACK_STDOUT_ENV = "GPTPIPE_TRACK_STDOUT"
+LINE_MARK = "gptpipe.mlflow "
 
 
 class NullRun:
@@ -248,77 +253,110 @@ class NullRun:
         return lambda *args, **kwargs: None
 
 
-class TrainingRun(StageRun):
+class TrainingRun:
     """The train stage's run as seen from rank 0: training never waits on MLflow or dies of it.
 
-    Metrics go out from a thread of this class, in the order they came, all those waiting merged
-    into one request. If the server is away, a call fails with a warning on stderr and training
-    goes on; failed metric batches are sent again at the end of training (the server may be back
-    by then), and every evaluation is kept in the checkpoint and summary.json all the same.
+    Every call is queued and carried out, in order, by one thread of this class, which also
+    connects to MLflow: importing it and opening its store takes over a second, which now
+    overlaps loading the data and building the model. Metrics waiting together go out as one
+    request. If the server is away, a call fails with a warning on stderr and training goes on;
+    failed metric batches are sent again at the end of training (the server may be back by
+    then), and every evaluation is kept in the checkpoint and summary.json all the same.
 
-    (MLflow's own asynchronous logging would do, but its thread polls its queue once a second and
-    is joined at exit: up to a second added to every training process's exit.)
+    (MLflow's own asynchronous logging would do for metrics, but its thread polls its queue once
+    a second and is joined at exit: up to a second added to every training process's exit.)
     """
 
     _MAX_METRICS = 1000  # MLflow takes at most 1000 metrics a batch
 
-    def __init__(self, tracker: Tracker, run_id: str):
-        super().__init__(tracker, run_id)
-        self._pending: queue.SimpleQueue = queue.SimpleQueue()  # (metrics, step, ms) or None
+    def __init__(self, tracking_uri: str | None, run_id: str):
+        self.run_id = run_id
+        self._tracking_uri = tracking_uri
+        self._run: StageRun | None = None  # connected in the thread, on first use
+        # ("metrics", (values, step, ms)) or (a StageRun method's name, its args); None: stop
+        self._pending: queue.SimpleQueue = queue.SimpleQueue()
         self._failed: list[list] = []  # metric batches (lists of mlflow Metric) that failed
-        self._sender = threading.Thread(target=self._send_loop, name="mlflow-metrics", daemon=True)
+        self._sender = threading.Thread(target=self._send_loop, name="mlflow", daemon=True)
         self._sender.start()
         atexit.register(self._stop_sender, timeout=30)  # a run that ends without close()
 
+    def log_params(self, params: dict[str, Any]) -> None:
+        self._pending.put(("log_params", (params,)))
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self._pending.put(("log_text", (text, artifact_file)))
+
+    def log_dict(self, data: dict, artifact_file: str) -> None:
+        self._pending.put(("log_dict", (data, artifact_file)))
+
+    def log_artifact_bytes(self, data: bytes, artifact_file: str) -> None:
+        self._pending.put(("log_artifact_bytes", (data, artifact_file)))
+
+    def log_metrics(self, metrics: dict[str, float], step: int = 0, ms: int | None = None):
+        """Queue metrics of a step; ms: when they were measured (default: now), in epoch ms."""
+        values = {key: float(value) for key, value in metrics.items()}
+        self._pending.put(("metrics", (values, step, int(time.time() * 1e3) if ms is None else ms)))
+
+    def log_line(self, line: str) -> bool:
+        """Queue the call a `LineRun` printed as ``line``; False if the line is not one."""
+        if not line.startswith(LINE_MARK):
+            return False
+        name, *args = json.loads(line[len(LINE_MARK) :])
+        if name not in LineRun.CALLS:
+            raise ValueError(f"unknown tracking call in training output: {name!r}")
+        if name == "log_artifact_bytes":
+            args[0] = base64.b64decode(args[0])
+        getattr(self, name)(*args)
+        return True
+
+    def _stage_run(self) -> StageRun:
+        if self._run is None:
+            self._run = StageRun(Tracker(self._tracking_uri), self.run_id)
+        return self._run
+
     @staticmethod
-    def _safely(what: str, call, *args, **kwargs) -> tuple[bool, Any]:
+    def _safely(what: str, call, *args) -> bool:
         try:
-            return True, call(*args, **kwargs)
+            call(*args)
+            return True
         except Exception as exc:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
             print(f"warning: MLflow {what} failed, training goes on: {first}", file=sys.stderr,
                   flush=True)  # fmt: skip
-            return False, None
-
-    def log_params(self, params: dict[str, Any]) -> None:
-        self._safely("log_params", super().log_params, params)
-
-    def log_text(self, text: str, artifact_file: str) -> None:
-        self._safely("log_text", super().log_text, text, artifact_file)
-
-    def log_dict(self, data: dict, artifact_file: str) -> None:
-        self._safely("log_dict", super().log_dict, data, artifact_file)
-
-    def log_artifact_bytes(self, data: bytes, artifact_file: str) -> None:
-        self._safely("log_artifact", super().log_artifact_bytes, data, artifact_file)
-
-    def log_metrics(self, metrics: dict[str, float], step: int = 0, synchronous: bool = False):
-        item = ({key: float(value) for key, value in metrics.items()}, step, int(time.time() * 1e3))
-        if synchronous or not self._sender.is_alive():  # (after close(): sent here and now)
-            self._send([item])
-        else:
-            self._pending.put(item)
+            return False
 
     def _send_loop(self) -> None:
         while True:
             items = [self._pending.get()]
             while not self._pending.empty():
                 items.append(self._pending.get())
-            stop = None in items
-            self._send([item for item in items if item is not None])
-            if stop:
-                return
+            metrics: list = []  # metric items in a row go out together
+            for item in items:
+                if item is not None and item[0] == "metrics":
+                    metrics.append(item[1])
+                    continue
+                self._send_metrics(metrics)
+                metrics = []
+                if item is None:
+                    return
+                name, args = item
+                self._safely(name, lambda: getattr(self._stage_run(), name)(*args))
+            self._send_metrics(metrics)
 
-    def _send(self, items: list) -> None:
+    def _send_metrics(self, items: list) -> None:
+        if not items:
+            return
         from mlflow.entities import Metric
 
         metrics = [Metric(key, value, ms, step) for values, step, ms in items
                    for key, value in values.items()]  # fmt: skip
         for i in range(0, len(metrics), self._MAX_METRICS):
             batch = metrics[i : i + self._MAX_METRICS]
-            sent, _ = self._safely("log_metrics", self.client.log_batch, self.run_id, metrics=batch)
-            if not sent:
+            if not self._safely("log_metrics", self._log_batch, batch):
                 self._failed.append(batch)
+
+    def _log_batch(self, batch: list) -> None:
+        self._stage_run().client.log_batch(self.run_id, metrics=batch)
 
     def _stop_sender(self, timeout: float | None = None) -> None:
         if self._sender.is_alive():
@@ -326,15 +364,12 @@ class TrainingRun(StageRun):
             self._sender.join(timeout)
 
     def close(self) -> None:
-        """Send the metrics still waiting, then send again, once, those that failed."""
+        """Carry out the calls still waiting, then send again, once, the metrics that failed."""
         self._stop_sender()
         failed, self._failed = self._failed, []
         if not failed:
             return
-        resent = sum(
-            self._safely("log_metrics", self.client.log_batch, self.run_id, metrics=batch)[0]
-            for batch in failed
-        )
+        resent = sum(self._safely("log_metrics", self._log_batch, batch) for batch in failed)
         message = (
             f"warning: {len(failed)} metric batch(es) failed while MLflow was away; "
             f"{resent} of them sent at the end of training"
@@ -342,9 +377,46 @@ class TrainingRun(StageRun):
         print(message, file=sys.stderr, flush=True)
 
 
-def training_run(is_main: bool) -> TrainingRun | NullRun:
-    """The train stage's run, named by the launcher in $GPTPIPE_MLFLOW_RUN_ID; rank 0 only."""
-    run_id = os.environ.get(RUN_ID_ENV)
-    if not is_main or not run_id:
+class LineRun:
+    """Rank 0's run when its launcher logs for it ($GPTPIPE_TRACK_STDOUT): each call is printed as
+    one line, LINE_MARK + JSON, which the launcher reads anyway and hands to its own
+    `TrainingRun.log_line`. So the training process never imports MLflow (about 1.5 s of CPU
+    at start-up on these machines) nor waits on it."""
+
+    CALLS = ("log_params", "log_text", "log_dict", "log_artifact_bytes", "log_metrics")
+    run_id = None
+
+    def _print(self, *call: Any) -> None:
+        print(LINE_MARK + json.dumps(call, default=str), flush=True)
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        self._print("log_params", params)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self._print("log_text", text, artifact_file)
+
+    def log_dict(self, data: dict, artifact_file: str) -> None:
+        self._print("log_dict", data, artifact_file)
+
+    def log_artifact_bytes(self, data: bytes, artifact_file: str) -> None:
+        self._print("log_artifact_bytes", base64.b64encode(data).decode("ascii"), artifact_file)
+
+    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
+        values = {key: float(value) for key, value in metrics.items()}
+        self._print("log_metrics", values, step, int(time.time() * 1e3))
+
+    def close(self) -> None:
+        pass
+
+
+def training_run(is_main: bool) -> TrainingRun | LineRun | NullRun:
+    """Rank 0's run: printed for the launcher ($GPTPIPE_TRACK_STDOUT), or its own connection to
+    the run named in $GPTPIPE_MLFLOW_RUN_ID; other ranks, and runs with neither, log nothing."""
+    if not is_main:
         return NullRun()
-    return TrainingRun(Tracker(os.environ.get("MLFLOW_TRACKING_URI")), run_id)
+    if os.environ.get(TRACK_STDOUT_ENV):
+        return LineRun()
+    run_id = os.environ.get(RUN_ID_ENV)
+    if not run_id:
+        return NullRun()
+    return TrainingRun(os.environ.get("MLFLOW_TRACKING_URI"), run_id)

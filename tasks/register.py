@@ -1,9 +1,12 @@
 from __future__ import annotations
 
+import json
+
 from prefect import get_run_logger, task
 
 import storage
 from model.checkpoint import load_checkpoint
+from model.dist import pick_device
 from model.evaluate import evaluate_checkpoint
 from storage.registry import CHAMPION, FetchedCheckpoint, current_champion, register
 from tasks.common import IO_RETRIES, tracker_for
@@ -25,23 +28,38 @@ def register_model(
 ) -> dict:
     """Register a new version; `champion` moves to it only if it beats the champion's val loss.
 
-    The champion is evaluated afresh on this run's val split (same batches as our evaluate
-    stage), so both losses are measured on the same data, whatever data the champion saw.
+    Both losses are measured on this run's val split with the evaluate stage's batches: the
+    champion's recorded loss when it was measured so (the same val data, tokenizer, batches and
+    device: the `evaluation` tag), or else the champion evaluated afresh, whatever data it saw.
     """
     logger = get_run_logger()
     tracker = tracker_for(tracking)
+    val_sha256 = storage.sha256(val_uri)
+    evaluation = json.dumps(
+        {"val_sha256": val_sha256, "tokenizer_sha256": storage.sha256(tokenizer_uri),
+         "eval_iters": eval_iters, "batch_size": batch_size, "seed": seed,
+         "device": pick_device("auto").type},
+        sort_keys=True,
+    )  # fmt: skip
     version = register(
         tracker,
         name,
         model_uri,
         train_run_id,
-        tags={"val_loss": f"{val_loss:.6f}", "val_sha256": storage.sha256(val_uri),
+        tags={"val_loss": f"{val_loss:.6f}", "val_sha256": val_sha256, "evaluation": evaluation,
               "gptpipe.run_id": run_id},
     )  # fmt: skip
     champion = current_champion(tracker, name)
     champion_loss = None
     if champion is None:
         promote, reason = True, "no champion yet"
+    elif champion.tags.get("evaluation") == evaluation and "val_loss" in champion.tags:
+        champion_loss = float(champion.tags["val_loss"])  # what evaluating it again would give
+        promote = round(val_loss, 6) < champion_loss
+        reason = (
+            f"val loss {val_loss:.4f} {'beats' if promote else 'does not beat'} champion "
+            f"v{champion.version}'s {champion_loss:.4f}, as recorded on the same val data"
+        )
     else:
         with FetchedCheckpoint(tracker, f"models:/{name}/{champion.version}") as path:
             ours = storage.get_bytes(tokenizer_uri).decode("utf-8")

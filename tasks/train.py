@@ -11,7 +11,6 @@ import storage
 from model.config import config_from_dict
 from model.launch import launch_training
 from model.train import SUMMARY_NAME
-from storage.tracking import RUN_ID_ENV
 from tasks.cache import cache_key, load_manifest, save_manifest, stage_dir
 from tasks.common import describe, retry_unless_user_error, stage_run, tracker_for
 
@@ -48,9 +47,6 @@ def train(
             run.log_params({"cached": True, "cache_key": key, "n_params": summary["n_params"],
                             "world_size": summary["world_size"]})  # fmt: skip
         else:
-            extra_env = {}
-            if run.run_id:
-                extra_env = {RUN_ID_ENV: run.run_id, "MLFLOW_TRACKING_URI": tracking["uri"]}
             summary = launch_training(
                 config_from_dict(config),
                 outputs["train"]["uri"],
@@ -60,7 +56,7 @@ def train(
                 nproc=nproc,
                 resume=resume,
                 on_line=logger.info,
-                extra_env=extra_env,
+                mlflow_run=(tracking["uri"], run.run_id) if run.run_id else None,
             )
             run.log_params({"cached": False, "cache_key": key})
         checkpoint = describe(summary["checkpoint"])

@@ -55,6 +55,44 @@ def test_training_goes_on_while_mlflow_is_away(mlflow_server, char_dataset, tmp_
 
 
 @pytest.mark.slow
+def test_forwarded_tracking_goes_on_while_mlflow_is_away(
+    mlflow_server, char_dataset, tmp_path, monkeypatch, capfd
+):
+    """The pipeline's way: rank 0 prints its calls, the launching process sends them (from a
+    thread), so an outage never holds up the training's output or the training itself."""
+    from model.config import config_from_dict
+    from model.launch import launch_training
+
+    tracker = Tracker(mlflow_server, "faults")
+    run_id = tracker.start_run("train")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    lines = []
+    with FaultyProxy(mlflow_server) as proxy:
+
+        def on_line(line: str) -> None:
+            lines.append(line)
+            if line.startswith("step 0:"):
+                proxy.inject("drop", times=float("inf"))  # the server goes away
+            if line.startswith("step 200:"):
+                proxy.inject("drop", times=0)  # and comes back
+
+        summary = launch_training(
+            config_from_dict(CONFIG), char_dataset["train.parquet"], char_dataset["val.parquet"],
+            char_dataset["tokenizer.json"], str(tmp_path / "out"), on_line=on_line,
+            mlflow_run=(proxy.url, run_id),
+        )  # fmt: skip
+        assert proxy.failed, "the outage must have hit some requests"
+    assert [h["step"] for h in summary["history"]] == [0, 100, 200, 300, 400]
+    assert not [line for line in lines if line.startswith("gptpipe.mlflow ")]  # all taken
+    stderr = capfd.readouterr().err
+    assert "warning: MLflow" in stderr and "sent at the end of training" in stderr
+
+    history = MlflowClient(mlflow_server).get_metric_history(run_id, "val_loss")
+    assert sorted({m.step for m in history}) == [0, 100, 200, 300, 400]
+
+
+@pytest.mark.slow
 def test_store_away_at_the_end_keeps_the_checkpoint_and_resume_finishes(
     s3_env, char_dataset, tmp_path
 ):

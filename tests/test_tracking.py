@@ -122,6 +122,11 @@ def test_pipeline_on_s3_tracked_in_mlflow_server(
         assert {m.step for m in client.get_metric_history(train.info.run_id, name)} == {20, 40, 60}
     train_artifacts = {a.path for a in client.list_artifacts(train.info.run_id)}
     assert {"parameter_table.txt", "parameter_table.json", "loss_curve.png"} <= train_artifacts
+    # rank 0 prints its calls and the train task sends them: binary artifacts arrive whole
+    curve = Path(client.download_artifacts(train.info.run_id, "loss_curve.png", str(tmp_path)))
+    folder = summary["outputs"]["checkpoint"].removeprefix(f"s3://{s3_env.bucket}/")
+    stored = s3.get_object(Bucket=s3_env.bucket, Key=folder.rsplit("/", 1)[0] + "/loss_curve.png")
+    assert curve.read_bytes() == stored["Body"].read() and curve.read_bytes().startswith(b"\x89PNG")
 
     evaluate = children["evaluate"].data.metrics
     assert evaluate["val_loss"] == pytest.approx(summary["val_loss"])
@@ -132,11 +137,19 @@ def test_pipeline_on_s3_tracked_in_mlflow_server(
     assert name == "gptpipe-small-char"
     assert client.get_model_version_by_alias(name, "champion").version == "1"
 
-    # a worse model (fewer iterations) is registered but does not take the alias
+    # a worse model (fewer iterations) is registered but does not take the alias; measured the
+    # same way (val data, tokenizer, batches, device), the champion's recorded loss is used
     second = run("second", "--set", "max_iters=5", "--set", "eval_interval=5")
     assert "champion unchanged" in second.stdout
+    assert "as recorded on the same val data" in second.stdout
     versions = client.search_model_versions(f"name = '{name}'")
     assert {v.version for v in versions} == {"1", "2"}
+    assert client.get_model_version_by_alias(name, "champion").version == "1"
+    # evaluated with other batches (eval_iters), the champion is evaluated afresh on them
+    third = run("third", "--set", "max_iters=5", "--set", "eval_interval=5", "--set",
+                "eval_iters=3")  # fmt: skip
+    assert "champion unchanged" in third.stdout and "as recorded" not in third.stdout
+    assert "on the same val data" in third.stdout
     assert client.get_model_version_by_alias(name, "champion").version == "1"
 
     # sampling from the registry works
@@ -149,7 +162,7 @@ def test_pipeline_on_s3_tracked_in_mlflow_server(
     # no secret anywhere in MLflow or in what the runs printed
     run_ids = [r.info.run_id for r in client.search_runs([experiment.experiment_id])]
     everything = _all_text_in_mlflow(client, run_ids, tmp_path / "artifacts")
-    printed = first.stdout + first.stderr + second.stdout + second.stderr
+    printed = "".join(r.stdout + r.stderr for r in (first, second, third))
     in_prefect = _all_text_in_prefect(cli_env["PREFECT_API_URL"])
     assert "first" in in_prefect  # the flow runs' parameters and artifacts were really read
     for secret in (s3_env.secret, MLFLOW_SERVER_SECRET):
