@@ -6,7 +6,7 @@ character-level, prepared by their own code (nanoGPT's data/shakespeare_char/pre
 of the corpus; gptpipe's tokenizer and Parquet writer).
 
     .venv/bin/python -m bench.vs_nanogpt --nanogpt ../nanogpt [--configs cpu lecture]
-        [--iters 60] [--rounds 3] [--quality]
+        [--iters 60] [--rounds 3] [--quality] [--ours-set dtype=bfloat16 ...]
 
 throughput: median tokens/s over steady-state iterations of each run, medians over rounds.
 --quality: the `cpu` config's full 2000 iterations on both sides; the wall time (process start
@@ -31,14 +31,16 @@ CORPUS = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
 TARGET_VAL = 1.89
 
 
-def nanogpt_args(preset: str, iters: int, eval_interval: int) -> list[str]:
+def nanogpt_args(
+    preset: str, iters: int, eval_interval: int, eval_iters: int | None = None
+) -> list[str]:
     cfg = build_config(preset)
     args = [
         "--device=cpu", "--compile=False", f"--block_size={cfg.block_size}",
         f"--batch_size={cfg.batch_size}", f"--n_layer={cfg.n_layer}", f"--n_head={cfg.n_head}",
         f"--n_embd={cfg.n_embd}", f"--dropout={cfg.dropout}", f"--max_iters={iters}",
         f"--lr_decay_iters={max(iters, 2000)}", f"--eval_interval={eval_interval}",
-        f"--eval_iters={cfg.eval_iters}", "--log_interval=1",
+        f"--eval_iters={eval_iters or cfg.eval_iters}", "--log_interval=1",
     ]  # fmt: skip
     if preset == "cpu":
         args += ["--learning_rate=1e-3"]  # nanoGPT's README command for the CPU
@@ -105,16 +107,19 @@ def ours_tokens_per_sec(stdout: str) -> float:
     return statistics.median(rates)
 
 
-def throughput(nanogpt: Path, work: Path, data, preset: str, iters: int, rounds: int):
+def throughput(nanogpt: Path, work: Path, data, preset: str, iters: int, rounds: int,
+               ours_set: list[str]):  # fmt: skip
     cfg = build_config(preset)
     tokens_per_iter = cfg.batch_size * cfg.block_size
     theirs, ours = [], []
+    # evaluations are not timed, and kept short (both sides evaluate at the start; gptpipe also
+    # at the end): at the lecture's config its 200 batches would take minutes on a CPU
     for _ in range(rounds):
-        out, _ = run_nanogpt(nanogpt, work, nanogpt_args(preset, iters, 10 * iters))
+        out, _ = run_nanogpt(nanogpt, work, nanogpt_args(preset, iters, 10 * iters, eval_iters=2))
         theirs.append(nanogpt_tokens_per_sec(out, tokens_per_iter))
         log_every = max(1, iters // 6)
-        overrides = [f"max_iters={iters}", f"eval_interval={10 * iters}",
-                     f"log_interval={log_every}", "checkpoint_interval=0"]  # fmt: skip
+        overrides = [f"max_iters={iters}", f"eval_interval={10 * iters}", "eval_iters=2",
+                     f"log_interval={log_every}", "checkpoint_interval=0", *ours_set]  # fmt: skip
         out, _ = run_ours(data, work, preset, overrides)
         ours.append(ours_tokens_per_sec(out))
     return statistics.median(theirs), statistics.median(ours)
@@ -146,6 +151,8 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=60)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--quality", action="store_true")
+    parser.add_argument("--ours-set", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="config overrides for gptpipe's side only, e.g. dtype=bfloat16")  # fmt: skip
     parser.add_argument("--work", type=Path, default=Path("/tmp/gptpipe-vs-nanogpt"))
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
@@ -154,7 +161,7 @@ def main() -> None:
     for preset in args.configs:
         iters = args.iters if preset == "cpu" else max(8, args.iters // 6)
         theirs, ours = throughput(args.nanogpt.resolve(), args.work, data, preset, iters,
-                                  args.rounds)  # fmt: skip
+                                  args.rounds, args.ours_set)  # fmt: skip
         print(f"{preset:<8} {theirs:>14,.0f} {ours:>14,.0f} {ours / theirs:>6.2f}x", flush=True)
     if args.quality:
         theirs, ours = time_to_quality(args.nanogpt.resolve(), args.work, data)
