@@ -30,6 +30,7 @@ from model.errors import GptpipeError
 from model.exit import skip_last_collections
 from model.evaluate import estimate_loss
 from model.gpt import GPT
+from model.memory import keep_freed_memory
 from model.params import group_subtotals_flat, parameter_table
 from model.plots import loss_curve_png
 from model.progress import Progress
@@ -350,6 +351,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     skip_last_collections()  # dist.teardown() collects what matters (DDP) before the exit
+    keep_freed_memory()  # large configs: no page faults for the same tensors every step
     args = parse_args(argv)
     try:
         if args.config_json:
