@@ -151,8 +151,10 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=60)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--quality", action="store_true")
-    parser.add_argument("--ours-set", nargs="+", default=[], metavar="KEY=VALUE",
-                        help="config overrides for gptpipe's side only, e.g. dtype=bfloat16")  # fmt: skip
+    parser.add_argument(
+        "--ours-set", nargs="+", default=[], metavar="KEY=VALUE",
+        help="config overrides for gptpipe's side only, e.g. dtype=bfloat16",
+    )  # fmt: skip
     parser.add_argument("--work", type=Path, default=Path("/tmp/gptpipe-vs-nanogpt"))
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)

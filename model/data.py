@@ -211,9 +211,10 @@ def _write_chunks(
     writer releases the GIL), so producing chunk i+1 overlaps writing chunk i."""
     dtype = schema.field("ids").type.to_pandas_dtype()
     written = 0
-    with pq.ParquetWriter(where, schema, **PARQUET_OPTIONS) as writer, ThreadPoolExecutor(
-        1, thread_name_prefix="parquet-write"
-    ) as background:
+    with (
+        pq.ParquetWriter(where, schema, **PARQUET_OPTIONS) as writer,
+        ThreadPoolExecutor(1, thread_name_prefix="parquet-write") as background,
+    ):
         pending = None
         for chunk in chunks:
             chunk = _check_ids(chunk)

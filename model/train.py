@@ -27,8 +27,8 @@ from model.batching import BatchSampler, load_dataset, seed_for
 from model.checkpoint import CHECKPOINT_NAME, CheckpointWriter, latest_checkpoint
 from model.config import TrainConfig, build_config, config_from_dict
 from model.errors import GptpipeError
-from model.exit import skip_last_collections
 from model.evaluate import estimate_loss
+from model.exit import skip_last_collections
 from model.gpt import GPT
 from model.memory import keep_freed_memory
 from model.params import group_subtotals_flat, parameter_table

@@ -340,8 +340,11 @@ class TrainingRun:
                 if item is None:
                     return
                 name, args = item
-                self._safely(name, lambda: getattr(self._stage_run(), name)(*args))
+                self._safely(name, self._call, name, args)
             self._send_metrics(metrics)
+
+    def _call(self, name: str, args: tuple) -> None:
+        getattr(self._stage_run(), name)(*args)
 
     def _send_metrics(self, items: list) -> None:
         if not items:

@@ -87,7 +87,6 @@ def encode_shard(index: int, pieces: list[dict], tokenizer_uri: str, folder: str
     return {**describe(uri), "n_tokens": n_tokens, "source_chars": len(text), "pieces": pieces}
 
 
-
 def tokenize(
     source: str,
     store: str,

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from model.corpus import Piece, SourceFile, list_inputs, plan_shards, read_shard, shard_prefix
 import model.dataset
+from model.corpus import Piece, SourceFile, list_inputs, plan_shards, read_shard, shard_prefix
 from model.data import read_tokens, split_tokens, windows_at, write_tokens
 from model.dataset import (
     SHARD_ROW_GROUP_SIZE,
