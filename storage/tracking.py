@@ -298,15 +298,19 @@ class TrainingRun:
         self._pending.put(("metrics", (values, step, int(time.time() * 1e3) if ms is None else ms)))
 
     def log_line(self, line: str) -> bool:
-        """Queue the call a `LineRun` printed as ``line``; False if the line is not one."""
+        """Queue the call a `LineRun` printed as ``line``; False if the line is not one (then it
+        is the caller's to show: a training never dies of its tracking)."""
         if not line.startswith(LINE_MARK):
             return False
-        name, *args = json.loads(line[len(LINE_MARK) :])
-        if name not in LineRun.CALLS:
-            raise ValueError(f"unknown tracking call in training output: {name!r}")
-        if name == "log_artifact_bytes":
-            args[0] = base64.b64decode(args[0])
-        getattr(self, name)(*args)
+        try:
+            name, *args = json.loads(line[len(LINE_MARK) :])
+            if name not in LineRun.CALLS:
+                return False
+            if name == "log_artifact_bytes":
+                args[0] = base64.b64decode(args[0], validate=True)
+            getattr(self, name)(*args)  # only queues the call
+        except (ValueError, TypeError):  # not JSON, not a list, not base64, wrong arguments
+            return False
         return True
 
     def _stage_run(self) -> StageRun:

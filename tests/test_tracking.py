@@ -53,6 +53,44 @@ def _all_text_in_prefect(api: str) -> str:
     return "\n".join(chunks)
 
 
+def test_printed_tracking_calls_reach_the_run(tmp_path, capsys):
+    """What rank 0's LineRun prints, TrainingRun.log_line sends; other lines are left alone."""
+    from storage.tracking import LineRun, Tracker, TrainingRun
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_id = Tracker(uri, "lines").start_run("train")
+    printer = LineRun()
+    printer.log_params({"n_embd": 64, "nested": {"a": 1}})
+    printer.log_metrics({"loss": 2.5}, step=7)
+    printer.log_artifact_bytes(b"\x89PNG\x00\xff", "plots/curve.png")
+    printer.log_text("a table", "table.txt")
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 4 and all(line.startswith("gptpipe.mlflow ") for line in lines)
+
+    receiver = TrainingRun(uri, run_id)
+    assert all(receiver.log_line(line) for line in lines)
+    for not_ours in (
+        "step 7: loss 2.5",
+        "gptpipe.mlflow {not json",
+        'gptpipe.mlflow ["rm", "-rf"]',
+        'gptpipe.mlflow ["log_params"]',
+        'gptpipe.mlflow ["log_artifact_bytes", "%%", "x"]',
+    ):
+        assert not receiver.log_line(not_ours)  # fmt: skip
+    receiver.close()
+
+    client = MlflowClient(uri)
+    run = client.get_run(run_id)
+    assert run.data.params["n_embd"] == "64" and run.data.params["nested.a"] == "1"
+    [loss] = client.get_metric_history(run_id, "loss")
+    assert (loss.step, loss.value) == (7, 2.5)
+    curve = client.download_artifacts(run_id, "plots/curve.png", str(tmp_path))
+    assert Path(curve).read_bytes() == b"\x89PNG\x00\xff"
+    assert (
+        Path(client.download_artifacts(run_id, "table.txt", str(tmp_path))).read_text() == "a table"
+    )
+
+
 @pytest.mark.slow
 def test_pipeline_on_s3_tracked_in_mlflow_server(
     s3_env, mlflow_server, cli_env, small_corpus, tmp_path
