@@ -136,6 +136,7 @@ def launch_training(
         cmd.append("--resume")
     env = {**MLFLOW_CLIENT_DEFAULTS, **os.environ, "PYTHONUNBUFFERED": "1", **(extra_env or {})}
     run = TrainingRun(*mlflow_run) if mlflow_run else None
+    env.pop(TRACK_STDOUT_ENV, None)
     if run is not None:
         env[TRACK_STDOUT_ENV] = "1"
     tail: collections.deque[str] = collections.deque(maxlen=40)
