@@ -179,14 +179,15 @@ def write_tokens(
             META_KEY: json.dumps(metadata, sort_keys=True, ensure_ascii=False).encode(),
         },
     )
-    chunks = ids if chunked else iter([_check_ids(ids)])
+    chunks = ids if chunked else iter([ids])
+    n_tokens = metadata.get("n_tokens")
     if not isinstance(where, str | os.PathLike):
-        _write_chunks(chunks, where, schema, vocab_size, row_group_size, metadata)
+        _write_chunks(chunks, where, schema, vocab_size, row_group_size, n_tokens)
         return
     path = Path(where)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        _write_chunks(chunks, tmp, schema, vocab_size, row_group_size, metadata)
+        _write_chunks(chunks, tmp, schema, vocab_size, row_group_size, n_tokens)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -205,10 +206,11 @@ def _write_chunks(
     schema: pa.Schema,
     vocab_size: int,
     row_group_size: int,
-    metadata: dict[str, str | int],
+    n_tokens: Any,
 ) -> None:
     """Check and convert each chunk here, compress and write it in a thread (Arrow's Parquet
-    writer releases the GIL), so producing chunk i+1 overlaps writing chunk i."""
+    writer releases the GIL), so producing chunk i+1 overlaps writing chunk i. n_tokens: the
+    total the metadata states (None: not stated)."""
     dtype = schema.field("ids").type.to_pandas_dtype()
     written = 0
     with (
@@ -228,8 +230,8 @@ def _write_chunks(
             written += len(chunk)
         if pending is not None:
             pending.result()
-    if metadata.get("n_tokens", written) != written:
-        raise ValueError(f"metadata n_tokens={metadata['n_tokens']!r} but there are {written} ids")
+    if n_tokens is not None and n_tokens != written:
+        raise ValueError(f"metadata n_tokens={n_tokens!r} but there are {written} ids")
 
 
 def open_token_file(where: Where) -> tuple[pq.ParquetFile, dict[str, str | int]]:

@@ -256,12 +256,13 @@ class NullRun:
 class TrainingRun:
     """The train stage's run as seen from rank 0: training never waits on MLflow or dies of it.
 
-    Every call is queued and carried out, in order, by one thread of this class, which also
-    connects to MLflow: importing it and opening its store takes over a second, which now
-    overlaps loading the data and building the model. Metrics waiting together go out as one
-    request. If the server is away, a call fails with a warning on stderr and training goes on;
-    failed metric batches are sent again at the end of training (the server may be back by
-    then), and every evaluation is kept in the checkpoint and summary.json all the same.
+    Used by the launcher, for the calls rank 0 prints (`LineRun`, `log_line`), or by rank 0
+    itself when given a run id (multi-node). Every call is queued and carried out, in order, by
+    one thread of this class, which also connects to MLflow on first use. Metrics waiting
+    together go out as one request. If the server is away, a call fails with a warning on
+    stderr and training goes on; failed metric batches are sent again at the end of training
+    (the server may be back by then), and every evaluation is kept in the checkpoint and
+    summary.json all the same.
 
     (MLflow's own asynchronous logging would do for metrics, but its thread polls its queue once
     a second and is joined at exit: up to a second added to every training process's exit.)

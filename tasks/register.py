@@ -53,29 +53,29 @@ def register_model(
     champion_loss = None
     if champion is None:
         promote, reason = True, "no champion yet"
-    elif champion.tags.get("evaluation") == evaluation and "val_loss" in champion.tags:
-        champion_loss = float(champion.tags["val_loss"])  # what evaluating it again would give
-        promote = round(val_loss, 6) < champion_loss
-        reason = (
-            f"val loss {val_loss:.4f} {'beats' if promote else 'does not beat'} champion "
-            f"v{champion.version}'s {champion_loss:.4f}, as recorded on the same val data"
-        )
     else:
-        with FetchedCheckpoint(tracker, f"models:/{name}/{champion.version}") as path:
-            ours = storage.get_bytes(tokenizer_uri).decode("utf-8")
-            if load_checkpoint(path)["tokenizer"] != ours:
-                promote = False
-                reason = f"champion v{champion.version} uses another tokenizer: not comparable"
-            else:
-                champion_loss = evaluate_checkpoint(
-                    path, {"val": val_uri}, eval_iters, batch_size, seed
-                )["val"]
-                promote = val_loss < champion_loss
-                verdict = "beats" if promote else "does not beat"
-                reason = (
-                    f"val loss {val_loss:.4f} {verdict} champion v{champion.version}'s "
-                    f"{champion_loss:.4f} on the same val data"
-                )
+        champion_loss, recorded = _champion_val_loss(
+            tracker,
+            name,
+            champion,
+            evaluation,
+            tokenizer_uri,
+            val_uri,
+            eval_iters,
+            batch_size,
+            seed,
+        )
+        if champion_loss is None:
+            promote = False
+            reason = f"champion v{champion.version} uses another tokenizer: not comparable"
+        else:
+            # a recorded loss has the tag's 6 decimals: ours is compared at that precision too
+            promote = (round(val_loss, 6) if recorded else val_loss) < champion_loss
+            reason = (
+                f"val loss {val_loss:.4f} {'beats' if promote else 'does not beat'} champion "
+                f"v{champion.version}'s {champion_loss:.4f}{', as recorded' if recorded else ''} "
+                "on the same val data"
+            )
     if promote:
         tracker.client.set_registered_model_alias(name, CHAMPION, version)
     logger.info("registered %s version %s; %s%s", name, version, reason,
@@ -88,3 +88,18 @@ def register_model(
         "previous_champion_val_loss": champion_loss,
         "reason": reason,
     }
+
+
+def _champion_val_loss(tracker, name: str, champion, evaluation: str, tokenizer_uri: str,
+                       val_uri: str, eval_iters: int, batch_size: int,
+                       seed: int) -> tuple[float | None, bool]:  # fmt: skip
+    """The champion's loss on this run's val batches, and whether it is its recorded one (it was
+    measured the same way: what evaluating it again would give); None if the champion uses
+    another tokenizer."""
+    if champion.tags.get("evaluation") == evaluation and "val_loss" in champion.tags:
+        return float(champion.tags["val_loss"]), True
+    with FetchedCheckpoint(tracker, f"models:/{name}/{champion.version}") as path:
+        if load_checkpoint(path)["tokenizer"] != storage.get_bytes(tokenizer_uri).decode("utf-8"):
+            return None, False
+        losses = evaluate_checkpoint(path, {"val": val_uri}, eval_iters, batch_size, seed)
+    return losses["val"], False
