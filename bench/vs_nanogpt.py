@@ -58,12 +58,12 @@ def prepare(work: Path, nanogpt: Path) -> dict[str, str]:
     return prepare_ours(work)
 
 
-def prepare_ours(work: Path) -> dict[str, str]:
+def prepare_ours(work: Path, corpus: Path = CORPUS) -> dict[str, str]:
     """gptpipe's tokenizer and train/val Parquet of the corpus, under work/gptpipe-data."""
     from model.data import split_tokens, write_tokens
     from model.tokenizer import train_tokenizer
 
-    text = CORPUS.read_text(encoding="utf-8")
+    text = corpus.read_text(encoding="utf-8")
     tok = train_tokenizer("char", text)
     ids = tok.encode(text)
     ours = work / "gptpipe-data"
