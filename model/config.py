@@ -22,6 +22,12 @@ TOKENIZER_KINDS = ("char", "bpe")
 LR_SCHEDULES = ("constant", "cosine")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16")
+# bpe's vocabulary when vocab_size is not set (char's comes from the corpus)
+DEFAULT_BPE_VOCAB_SIZE = 1024
+# Token files store ids as uint32 at most (model.data.write_tokens), so ids run 0 .. 2**32 - 1.
+# A larger vocab_size could never be stored; refusing it here also turns a typo such as
+# vocab_size=100000000000 into a clear error rather than a failed multi-terabyte allocation.
+MAX_VOCAB_SIZE = 1 << 32
 
 
 def _require(condition: bool, message: str) -> None:
@@ -63,7 +69,8 @@ class TrainConfig:
 
     # data
     tokenizer: str = "char"
-    vocab_size: int | None = None  # bpe: vocabulary to learn (default 1024); char: pad up to this
+    # bpe: vocabulary to learn (DEFAULT_BPE_VOCAB_SIZE when unset); char: pad up to this
+    vocab_size: int | None = None
     val_fraction: float = 0.1
     # model
     block_size: int = 256
@@ -102,6 +109,10 @@ class TrainConfig:
             self.tokenizer in TOKENIZER_KINDS,
             f"tokenizer must be one of {', '.join(TOKENIZER_KINDS)}, got {self.tokenizer!r}",
         )
+        if self.tokenizer == "bpe" and self.vocab_size is None:
+            # resolved here, not in the tokenize task, so that the resolved config (and the
+            # MLflow params logged from it) shows the vocabulary the run will learn
+            object.__setattr__(self, "vocab_size", DEFAULT_BPE_VOCAB_SIZE)
         _require(
             self.lr_schedule in LR_SCHEDULES,
             f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}",
@@ -124,6 +135,11 @@ class TrainConfig:
             _require(getattr(self, name) >= 0, f"{name} must not be negative")
         if self.vocab_size is not None:
             _require(self.vocab_size > 0, f"vocab_size must be positive, got {self.vocab_size}")
+            _require(
+                self.vocab_size <= MAX_VOCAB_SIZE,
+                f"vocab_size must be at most {MAX_VOCAB_SIZE} (2**32: token ids are stored as "
+                f"uint32), got {self.vocab_size}",
+            )
             if self.tokenizer == "bpe":
                 _require(self.vocab_size >= 257, "vocab_size for bpe must be at least 257")
         # the model's shape is checked by GPTConfig itself (n_embd divisible by n_head, ...)

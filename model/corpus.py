@@ -38,7 +38,7 @@ def parse_byte_size(text: str) -> int:
     number, unit = (text[:-1], text[-1].upper()) if text[-1:].upper() in units else (text, "")
     try:
         value = int(float(number) * units.get(unit, 1))
-    except ValueError:
+    except (ValueError, OverflowError):  # OverflowError: 'inf', '1e400' (int of infinity)
         raise ValueError(f"not a size: {text!r} (e.g. 65536, 64K, 32M)") from None
     if value < 1:
         raise ValueError(f"must be positive: {text!r}")

@@ -103,12 +103,28 @@ def max_resident_bytes() -> int:
 
 
 class TokenDataset:
-    """Random access to a dataset's windows (see the module docstring)."""
+    """Random access to a dataset's windows (see the module docstring).
+
+    A streaming dataset keeps its shard files open (each open costs a footer read, on S3 a
+    request); ``close()``, or leaving a ``with`` block, closes them. A resident dataset closes
+    them as soon as its ids are in memory. Either stays usable after close(): a streaming one
+    opens the files it then needs again.
+    """
 
     def __init__(self, manifest: dict, max_bytes: int | None = None):
         self.manifest = manifest
         self.max_bytes = max_resident_bytes() if max_bytes is None else max_bytes
-        self._files: dict[int, Any] = {}  # shard index -> open pyarrow ParquetFile
+        # shard index -> (the open file, the pyarrow ParquetFile reading it); a ParquetFile does
+        # not close a file object it was given, so the file is kept to close it
+        self._files: dict[int, tuple[Any, Any]] = {}
+        try:
+            self._load(manifest)
+        except BaseException:
+            self.close()
+            raise
+
+    def _load(self, manifest: dict) -> None:
+        """Index the row groups of every shard, and read them all if they fit in memory."""
         self._groups: list[tuple[int, int]] = []  # global row group -> (shard, group in shard)
         sizes = []
         for s, shard in enumerate(manifest["shards"]):
@@ -131,16 +147,35 @@ class TokenDataset:
         if self.n_tokens * 8 <= self.max_bytes:  # int64 in memory
             whole = np.concatenate([self._read_shard(s) for s in range(len(manifest["shards"]))])
             self._resident = torch.from_numpy(whole.astype(np.int64))
+            self.close()  # every id is in memory: the files are not needed any more
         self.streaming = self._resident is None
 
     def __len__(self) -> int:
         return self.n_tokens
 
+    def __enter__(self) -> TokenDataset:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the shard files this dataset holds open (see the class docstring)."""
+        while self._files:
+            _, (f, _pf) = self._files.popitem()
+            f.close()
+
     def _file(self, s: int):
+        """Shard s's ParquetFile, opened on first use."""
         if s not in self._files:
-            uri = self.manifest["shards"][s]["uri"]
-            self._files[s] = open_token_file(storage.open_read(uri))[0]
-        return self._files[s]
+            f = storage.open_read(self.manifest["shards"][s]["uri"])
+            try:
+                pf = open_token_file(f)[0]
+            except BaseException:
+                f.close()
+                raise
+            self._files[s] = (f, pf)
+        return self._files[s][1]
 
     def _read_shard(self, s: int) -> np.ndarray:
         """All of shard s in one read (the resident path)."""

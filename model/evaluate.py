@@ -52,22 +52,27 @@ def evaluate_checkpoint(
     seed: int,
     device: str = "auto",
 ) -> dict[str, float]:
-    """Eval-mode loss of a saved model on each split in data_uris ({"val": uri, ...})."""
+    """Eval-mode loss of a saved model on each split in data_uris ({"val": uri, ...}).
+
+    The datasets are closed before it returns: it runs in long-lived processes (a Prefect
+    worker, register evaluating past champions), where open shard files would pile up.
+    """
     from model.batching import BatchSampler, load_dataset
     from model.dist import DistInfo, pick_device
     from model.sample import load_model
 
     loaded = load_model(checkpoint_uri, device)
     info = DistInfo(rank=0, local_rank=0, world_size=1, device=pick_device(device))
-    data = {split: load_dataset(uri) for split, uri in data_uris.items()}
-    sampler = BatchSampler(
-        data, batch_size, loaded.model.config.block_size, seed, 0, 1, 1, info.device
-    )
-    # step -1 keeps these batches apart from those of the evaluations during training
-    return estimate_loss(
-        loaded.model,
-        lambda split, k: sampler.eval_batch(split, -1, k),
-        tuple(data_uris),
-        eval_iters,
-        info,
-    )
+    with contextlib.ExitStack() as stack:
+        data = {split: stack.enter_context(load_dataset(uri)) for split, uri in data_uris.items()}
+        sampler = BatchSampler(
+            data, batch_size, loaded.model.config.block_size, seed, 0, 1, 1, info.device
+        )
+        # step -1 keeps these batches apart from those of the evaluations during training
+        return estimate_loss(
+            loaded.model,
+            lambda split, k: sampler.eval_batch(split, -1, k),
+            tuple(data_uris),
+            eval_iters,
+            info,
+        )

@@ -1,7 +1,8 @@
 """A tiny storage interface over `str` URIs: a local folder or an S3-compatible bucket.
 
 URIs stay strings on purpose (a `Path` would collapse the `//` of `s3://`). Every write is
-all-or-nothing: a reader never sees a half-written object under its final name.
+all-or-nothing: a reader never sees a half-written object under its final name, and a write that
+fails (a full disk included) is a one-line GptpipeError that leaves the old object as it was.
 
 Objects: put_bytes, put_file, get_bytes, get_file, exists, list_uris, sha256, size. Files for
 Parquet and checkpoints: open_read (random access) and ``with open_write(uri) as f``; and

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import secrets
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -16,45 +17,59 @@ from model.errors import GptpipeError
 _CHUNK = 1 << 20
 
 
+def _write_error(where: Path | str, exc: OSError) -> GptpipeError:
+    """The one-line error for a failed write (a full disk, a read-only folder, ...)."""
+    return GptpipeError(f"could not write {where}: {exc.strerror or exc}")
+
+
+def _create_temp(path: Path) -> tuple[int, Path]:
+    """A new empty file beside ``path`` with a random hidden name: (its descriptor, its path).
+
+    Why not tempfile.mkstemp: it creates the file with mode 0600, which os.replace keeps, so a
+    stored file would be readable by its owner only while everything else the pipeline writes
+    (checkpoints, MLflow's files) follows the umask. Creating it with 0666 lets the kernel apply
+    the umask (and any default ACL) as for any new file; reading the umask ourselves would mean
+    setting it for a moment, which races with other threads creating files.
+    """
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    while True:
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:  # 64 random bits: in practice never
+            continue
+
+
 @contextmanager
 def _open_atomic(path: Path) -> Iterator[BinaryIO]:
     """A temporary file beside ``path``, renamed onto it only if the block completes.
 
-    Exceptions raised by the block pass through unchanged (after the temporary file is removed);
-    the filesystem's own errors (creating, syncing, renaming) become GptpipeError.
+    An OSError while writing - in the block (a full disk under a Parquet writer), syncing or
+    renaming - becomes a one-line GptpipeError; any other exception from the block (say a
+    GptpipeError for bad input) passes through unchanged. Either way the temporary file is
+    removed and the old file, if any, is left as it was.
     """
-
-    def failed(exc: OSError) -> GptpipeError:
-        return GptpipeError(f"could not write {path}: {exc.strerror or exc}")
-
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        fd, tmp = _create_temp(path)
     except OSError as exc:
-        raise failed(exc) from None
+        raise _write_error(path, exc) from None
     try:
         with os.fdopen(fd, "w+b") as f:
             yield f
-            try:
-                f.flush()
-                os.fsync(f.fileno())
-            except OSError as exc:
-                raise failed(exc) from None
-        try:
-            os.replace(tmp, path)
-        except OSError as exc:
-            raise failed(exc) from None
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise _write_error(path, exc) from None
     finally:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
 
 
 def _atomic_write(path: Path, write) -> None:
-    """Write with `write(f)`; our own write errors (a full disk) become GptpipeError too."""
-    try:
-        with _open_atomic(path) as f:
-            write(f)
-    except OSError as exc:
-        raise GptpipeError(f"could not write {path}: {exc.strerror or exc}") from None
+    """Write ``path`` all or nothing with ``write(f)``; a failed write is a GptpipeError."""
+    with _open_atomic(path) as f:
+        write(f)
 
 
 class LocalBackend:
@@ -62,11 +77,14 @@ class LocalBackend:
         _atomic_write(path, lambda f: f.write(data))
 
     def put_file(self, path: Path, source: Path) -> None:
-        def copy(f):
-            with open(source, "rb") as src:
-                shutil.copyfileobj(src, f, _CHUNK)
-
-        _atomic_write(path, copy)
+        try:
+            src = open(source, "rb")  # noqa: SIM115 - closed below; opened first to tell why
+        except OSError as exc:
+            raise GptpipeError(
+                f"could not write {path}: cannot read {source}: {exc.strerror or exc}"
+            ) from None
+        with src:
+            _atomic_write(path, lambda f: shutil.copyfileobj(src, f, _CHUNK))
 
     def get_bytes(self, path: Path) -> bytes:
         try:

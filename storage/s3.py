@@ -348,6 +348,14 @@ def _arrow_error(exc: OSError, loc: S3Location, conn: _Connection) -> GptpipeErr
     return GptpipeError(_scrub(f"cannot read {loc.uri}: {text}"))
 
 
+def _spool_error(uri: str, exc: OSError) -> GptpipeError:
+    """open_write's error for a failure of its local spool file, saying where that lives."""
+    return GptpipeError(
+        f"could not write {uri}: {exc.strerror or exc} (while spooling it in "
+        f"{tempfile.gettempdir()}; set TMPDIR to a folder with room)"
+    )
+
+
 # ----------------------------------------------------------------------------- the backend
 
 
@@ -384,13 +392,14 @@ class S3Backend:
     def get_file(self, uri: str, dest: Path) -> None:
         """Download to a temporary file beside dest, renamed into place once complete."""
         loc, conn = _object(uri), _connection()
-        with _errors(loc, conn):
-            _atomic_write(
-                dest,
-                lambda f: conn.client.download_fileobj(
-                    loc.bucket, loc.key, f, Config=_transfer_config()
-                ),
-            )
+
+        def download(f: BinaryIO) -> None:
+            # S3's errors become GptpipeErrors here, inside the write: a read timeout is an
+            # OSError too, and would otherwise be reported as a failure to write ``dest``.
+            with _errors(loc, conn):
+                conn.client.download_fileobj(loc.bucket, loc.key, f, Config=_transfer_config())
+
+        _atomic_write(dest, download)
 
     def exists(self, uri: str) -> bool:
         """An object, a bucket (bare s3://bucket) or a "folder" (a prefix with objects under it)
@@ -477,13 +486,22 @@ class S3Backend:
         is sent before the block ends without an exception, and the upload itself is one PUT or
         a multipart upload that boto3 aborts on failure. The spool goes to the temp folder
         (``TMPDIR``) and is removed in every case.
+
+        An OSError while spooling (that folder's disk is full) becomes a one-line GptpipeError;
+        any other exception from the block passes through unchanged.
         """
         loc, conn = _object(uri), _connection()
-        spool_dir = tempfile.mkdtemp(prefix="gptpipe-s3-")
+        try:
+            spool_dir = tempfile.mkdtemp(prefix="gptpipe-s3-")
+        except OSError as exc:
+            raise _spool_error(uri, exc) from None
         try:
             spool = Path(spool_dir) / "object"
-            with open(spool, "w+b") as f:
-                yield f
+            try:
+                with open(spool, "w+b") as f:
+                    yield f
+            except OSError as exc:
+                raise _spool_error(uri, exc) from None
             with _errors(loc, conn):
                 conn.client.upload_file(str(spool), loc.bucket, loc.key, Config=_transfer_config())
         finally:

@@ -5,6 +5,8 @@ from pathlib import Path
 import pytest
 
 from model.config import (
+    DEFAULT_BPE_VOCAB_SIZE,
+    MAX_VOCAB_SIZE,
     TrainConfig,
     available_presets,
     build_config,
@@ -119,8 +121,19 @@ def test_set_values_are_coerced_to_the_declared_types():
     assert cfg.max_iters == 2000 and isinstance(cfg.max_iters, int)
     assert cfg.learning_rate == 3e-4
     assert cfg.compile is True and cfg.bias is False
-    assert cfg.vocab_size is None
+    assert cfg.vocab_size == DEFAULT_BPE_VOCAB_SIZE  # 'none' is unset, so bpe's default
     assert cfg.tokenizer == "bpe"
+
+
+def test_bpe_without_a_vocab_size_gets_the_default_in_the_resolved_config():
+    """The README's default 1024 is in the config itself (and so in the MLflow params), not
+    supplied later by the tokenize task."""
+    cfg = build_config("seed", None, ["tokenizer=bpe"])
+    assert DEFAULT_BPE_VOCAB_SIZE == 1024
+    assert cfg.vocab_size == 1024 and cfg.to_dict()["vocab_size"] == 1024
+    assert config_from_dict({"tokenizer": "bpe"}).vocab_size == 1024  # a flow given a dict
+    assert build_config("seed", None, ["tokenizer=bpe", "vocab_size=512"]).vocab_size == 512
+    assert build_config("seed").vocab_size is None  # char: the vocabulary comes from the corpus
 
 
 def test_an_empty_yaml_file_changes_nothing(yaml_file):
@@ -242,6 +255,18 @@ def test_other_invalid_values(override, expected):
 def test_bpe_vocab_must_cover_the_bytes():
     message = config_error("cpu", overrides=["tokenizer=bpe", "vocab_size=100"])
     assert "vocab_size for bpe must be at least 257" in message
+
+
+@pytest.mark.parametrize("tokenizer", ["char", "bpe"])
+def test_vocab_size_is_at_most_what_a_token_file_holds(tokenizer):
+    assert MAX_VOCAB_SIZE == 2**32  # ids are stored as uint32
+    cfg = build_config("seed", overrides=[f"tokenizer={tokenizer}", f"vocab_size={2**32}"])
+    assert cfg.vocab_size == 2**32
+    message = config_error("seed", overrides=[f"tokenizer={tokenizer}", f"vocab_size={2**32 + 1}"])
+    assert message == (
+        f"vocab_size must be at most {2**32} (2**32: token ids are stored as uint32), "
+        f"got {2**32 + 1}"
+    )
 
 
 # ----------------------------------------------------------------------------- integer parsing

@@ -26,6 +26,7 @@ import storage.s3
 from model.data import load_text, read_tokens, write_tokens
 from model.errors import GptpipeError
 from tests.fixtures_s3 import FaultyProxy
+from tests.test_storage import TINY_DISK_BYTES, many_ids, mounted_tiny_disk
 
 MiB = 1 << 20
 
@@ -238,6 +239,43 @@ def test_an_exception_inside_open_write_leaves_nothing(s3_env, monkeypatch, tmp_
         f.write(b"half")
         raise RuntimeError("writer died")
     assert storage.get_bytes(uri) == b"good old version"
+
+
+@pytest.fixture()
+def tiny_disk(tmp_path):
+    with mounted_tiny_disk(tmp_path) as mount:
+        yield mount
+
+
+def test_a_full_spool_disk_is_a_gptpipe_error_and_keeps_the_old_object(
+    s3_env, monkeypatch, tiny_disk
+):
+    """open_write spools to TMPDIR: when that disk fills up under a Parquet writer, the write is
+    a one-line error naming the object and the spool folder, and nothing is uploaded."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tiny_disk))
+    uri = storage.join(s3_env.uri, "datasets", "shard-00000.parquet")
+    storage.put_bytes(uri, b"good old version")
+    ids = many_ids()
+    with pytest.raises(GptpipeError) as info, storage.open_write(uri) as f:
+        write_tokens(ids, f, {"vocab_size": 65536, "n_tokens": len(ids)})
+    message = str(info.value)
+    assert message.startswith(f"could not write {uri}: No space left on device"), message
+    assert str(tiny_disk) in message and "\n" not in message
+    assert storage.get_bytes(uri) == b"good old version"
+    assert pending_uploads(s3_env) == []
+    assert list(tiny_disk.iterdir()) == []  # the spool file is gone
+
+
+def test_get_file_onto_a_full_disk_keeps_the_destination(s3_env, tiny_disk):
+    uri = storage.join(s3_env.uri, "big.bin")
+    storage.put_bytes(uri, os.urandom(2 * TINY_DISK_BYTES))
+    dest = tiny_disk / "dest.bin"
+    dest.write_bytes(b"keep me")
+    assert error_of(storage.get_file, uri, dest) == (
+        f"could not write {dest}: No space left on device"
+    )
+    assert dest.read_bytes() == b"keep me"
+    assert [p.name for p in tiny_disk.iterdir()] == ["dest.bin"]
 
 
 def test_multipart_upload(s3_env, monkeypatch, tmp_path):

@@ -2,12 +2,17 @@
 
 import hashlib
 import os
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import storage
 import storage.local
+from model.data import read_tokens, write_tokens
 from model.errors import GptpipeError
 
 
@@ -200,3 +205,103 @@ def test_writing_under_a_file_is_a_gptpipe_error(tmp_path):
     (tmp_path / "plain-file").write_bytes(b"x")
     with pytest.raises(GptpipeError, match="could not write"):
         storage.put_bytes(str(tmp_path / "plain-file" / "obj.bin"), b"data")
+
+
+# ----------------------------------------------------------------------------- a full disk
+
+TINY_DISK_BYTES = 256 << 10
+
+
+@contextmanager
+def mounted_tiny_disk(folder: Path) -> Iterator[Path]:
+    """A real 256 KiB tmpfs in folder, to fill up for real; skips the test unless it can be
+    mounted (that needs root)."""
+    mount = folder / "tiny-disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={TINY_DISK_BYTES}", "tmpfs",
+                           str(mount)], capture_output=True, text=True)  # fmt: skip
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({done.stderr.strip()}): needs root")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)
+
+
+@pytest.fixture()
+def tiny_disk(tmp_path) -> Iterator[Path]:
+    with mounted_tiny_disk(tmp_path) as mount:
+        yield mount
+
+
+def many_ids(n: int = 1_000_000) -> np.ndarray:
+    """Random token ids: they do not compress, so their Parquet file is several times the disk."""
+    return np.random.default_rng(0).integers(0, 60_000, n).astype(np.uint16)
+
+
+def test_a_full_disk_under_a_parquet_writer_is_a_gptpipe_error_and_keeps_the_old_file(tiny_disk):
+    uri = str(tiny_disk / "shard-00000.parquet")
+    old = np.arange(100, dtype=np.uint16)
+    write_tokens(old, uri, {"vocab_size": 65536})
+    ids = many_ids()
+    with pytest.raises(GptpipeError) as info, storage.open_write(uri) as f:
+        write_tokens(ids, f, {"vocab_size": 65536, "n_tokens": len(ids)})
+    assert str(info.value) == f"could not write {uri}: No space left on device"
+    assert files_under(tiny_disk) == ["shard-00000.parquet"]  # no temporary file left
+    assert np.array_equal(read_tokens(uri)[0], old)
+
+
+@pytest.mark.parametrize("write", ["put_bytes", "put_file"])
+def test_a_full_disk_under_put_is_a_gptpipe_error_and_keeps_the_old_file(write, tiny_disk,
+                                                                          tmp_path):  # fmt: skip
+    uri = str(tiny_disk / "summary.json")
+    storage.put_bytes(uri, b"old summary")
+    data = os.urandom(2 * TINY_DISK_BYTES)
+    source = tmp_path / "big.bin"
+    source.write_bytes(data)
+    with pytest.raises(GptpipeError, match="^could not write .*: No space left on device$"):
+        storage.put_bytes(uri, data) if write == "put_bytes" else storage.put_file(uri, source)
+    assert files_under(tiny_disk) == ["summary.json"]
+    assert storage.get_bytes(uri) == b"old summary"
+
+
+def test_an_error_of_the_writer_itself_passes_through_unchanged(tmp_path):
+    """Only OSErrors become 'could not write': a writer's own GptpipeError keeps its message."""
+    uri = str(tmp_path / "shard.parquet")
+    storage.put_bytes(uri, b"old")
+    bad_chunk = GptpipeError("shard 3: a character outside the vocabulary")
+    with pytest.raises(GptpipeError) as info, storage.open_write(uri) as f:
+        f.write(b"half a shard")
+        raise bad_chunk
+    assert info.value is bad_chunk
+    assert files_under(tmp_path) == ["shard.parquet"]
+    assert storage.get_bytes(uri) == b"old"
+
+
+# ----------------------------------------------------------------------------- file modes
+
+
+@pytest.fixture()
+def umask():
+    """Set the process umask for one test (restored after it)."""
+    saved = os.umask(0o022)
+    yield os.umask
+    os.umask(saved)
+
+
+def _write_each_way(folder: Path) -> list[Path]:
+    source = folder / "source.bin"
+    source.write_bytes(b"source")
+    storage.put_bytes(str(folder / "summary.json"), b"{}")
+    storage.put_file(str(folder / "copy.bin"), source)
+    with storage.open_write(str(folder / "loss_curve.png")) as f:
+        f.write(b"png")
+    return [folder / "summary.json", folder / "copy.bin", folder / "loss_curve.png"]
+
+
+@pytest.mark.parametrize(("mask", "mode"), [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_written_files_get_the_mode_the_umask_gives(mask, mode, umask, tmp_path):
+    """As any new file (and as torch.save's ckpt.pt): 0666 less the umask, not mkstemp's 0600."""
+    umask(mask)
+    for path in _write_each_way(tmp_path):
+        assert oct(path.stat().st_mode & 0o777) == oct(mode), path.name
