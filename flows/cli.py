@@ -237,12 +237,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     tracker.check()
     from flows.pipeline import pipeline
     from model.corpus import DEFAULT_SHARD_BYTES
+    from tasks.tokenize import source_parameter
 
     if prefect_server:
         prefect_server.use()
     _quiet_user_errors()
     summary = _on_task_runner(pipeline, args)(
-        source=args.input,
+        source=source_parameter(args.input),  # stored by Prefect without user:password@
         config=cfg.to_dict(),
         store=store,
         nproc=args.nproc,
@@ -275,12 +276,13 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
     _check_input(args)
     from flows.tokenize_corpus import tokenize_corpus
     from model.corpus import DEFAULT_SHARD_BYTES
+    from tasks.tokenize import source_parameter
 
     if prefect_server:
         prefect_server.use()
     _quiet_user_errors()
     result = _on_task_runner(tokenize_corpus, args)(
-        source=args.input,
+        source=source_parameter(args.input),  # stored by Prefect without user:password@
         store=store,
         tokenizer=cfg.tokenizer,
         vocab_size=cfg.vocab_size,
@@ -301,7 +303,7 @@ def _check_input(args: argparse.Namespace) -> None:
     """The task runner settings and an s3:// input, checked before any work."""
     from flows.engines import check_task_runner
 
-    check_task_runner(_task_runner_name(args), args.dask_address or args.ray_address, args.workers)
+    check_task_runner(*_task_runner(args), args.workers)
     if args.input.startswith("s3://"):
         from model.corpus import list_inputs
 
@@ -311,17 +313,14 @@ def _check_input(args: argparse.Namespace) -> None:
 def _on_task_runner(flow, args: argparse.Namespace):
     from flows.engines import with_task_runner
 
-    address = args.dask_address or args.ray_address
-    return with_task_runner(flow, _task_runner_name(args), address, args.workers)
+    return with_task_runner(flow, *_task_runner(args), args.workers)
 
 
-def _task_runner_name(args: argparse.Namespace) -> str:
-    if args.dask_address and args.ray_address:
-        raise GptpipeError("give --dask-address or --ray-address, not both")
-    implied = "dask" if args.dask_address else "ray" if args.ray_address else None
-    if implied and args.task_runner not in ("default", implied):
-        raise GptpipeError(f"--{implied}-address goes with --task-runner {implied}")
-    return implied or args.task_runner
+def _task_runner(args: argparse.Namespace) -> tuple[str, str | None]:
+    """(task runner, cluster address) from --task-runner, --dask-address and --ray-address."""
+    from flows.engines import resolve_task_runner
+
+    return resolve_task_runner(args.task_runner, args.dask_address, args.ray_address)
 
 
 def _absolute_if_local(store: str) -> str:
@@ -387,13 +386,16 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    import torch
+
     from model.config import build_config
     from model.gpt import GPT
     from model.params import parameter_table
 
     cfg = build_config(args.preset, args.config, args.set)
     vocab_size = cfg.vocab_size or 65  # the character vocabulary of Tiny Shakespeare
-    model = GPT(cfg.model_config(vocab_size))
+    with torch.device("meta"):  # shapes only: no memory, whatever the size
+        model = GPT(cfg.model_config(vocab_size))
     print(f"vocab_size {vocab_size}, block_size {cfg.block_size}, n_embd {cfg.n_embd}, "
           f"n_head {cfg.n_head}, n_layer {cfg.n_layer}")  # fmt: skip
     print(parameter_table(model).format())

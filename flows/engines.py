@@ -12,6 +12,24 @@ from model.errors import GptpipeError
 TASK_RUNNERS = ("default", "dask", "ray")
 
 
+def resolve_task_runner(name: str, dask_address: str | None = None,
+                        ray_address: str | None = None) -> tuple[str, str | None]:  # fmt: skip
+    """The task runner and the cluster address to use: an address implies its runner.
+
+    The one rule for the CLI (``--dask-address``) and the nightly flow (``dask_address``): a
+    Dask address with runner "default" means "dask", a Ray address "ray"; an address of the
+    other engine, or both addresses, is an error.
+    """
+    if dask_address and ray_address:
+        raise GptpipeError("give --dask-address or --ray-address, not both")
+    implied = "dask" if dask_address else "ray" if ray_address else None
+    if implied is None:
+        return name, None
+    if name not in ("default", implied):
+        raise GptpipeError(f"--{implied}-address goes with --task-runner {implied}, not {name}")
+    return implied, dask_address or ray_address
+
+
 def check_task_runner(name: str, address: str | None, workers: int | None) -> None:
     """Fail early, with what to fix, on settings that cannot make a task runner."""
     if name not in TASK_RUNNERS:

@@ -4,6 +4,8 @@ It runs the `pipeline` flow as a subflow, which registers the new model version 
 `champion` alias only when the new model's val loss beats the champion's on the same val data.
 Unset `source` and `store` fall back to $GPTPIPE_INPUT and $GPTPIPE_STORE (so a worker's
 environment can point every run at the team's bucket), then to the pipeline's own defaults.
+A `source` URL with `user:password@` is best given as $GPTPIPE_INPUT: Prefect stores this flow's
+parameters as given, while the pipeline subflow's `source` is stored without the credentials.
 """
 
 from __future__ import annotations
@@ -13,12 +15,12 @@ import os
 from prefect import flow, get_run_logger
 
 from flows.defaults import DEFAULT_STORE, TINY_SHAKESPEARE_URL
-from flows.engines import with_task_runner
+from flows.engines import resolve_task_runner, with_task_runner
 from flows.pipeline import new_run_id, pipeline
 from model.config import build_config
 from model.corpus import DEFAULT_SHARD_BYTES
-from model.errors import GptpipeError
 from storage.tracking import DEFAULT_EXPERIMENT
+from tasks.tokenize import source_parameter
 
 
 @flow(name="nightly-retrain")
@@ -36,6 +38,7 @@ def nightly_retrain(
     sample_tokens: int = 500,
     task_runner: str = "default",
     dask_address: str | None = None,
+    ray_address: str | None = None,
     workers: int | None = None,
     shard_bytes: int | None = None,
     val_shards: int = 0,
@@ -43,7 +46,8 @@ def nightly_retrain(
     """Retrain on the newest data; `champion` moves only if the new model is better.
 
     ``task_runner`` "dask" (``dask_address`` of a running scheduler, else a local cluster of
-    ``workers`` processes) or "ray" maps the tokenize stage's shards over that cluster.
+    ``workers`` processes) or "ray" (``ray_address`` of a running cluster, else a local one) maps
+    the tokenize stage's shards over that cluster; an address alone implies its runner.
     """
     logger = get_run_logger()
     extra = [f"batch_size={batch_size}"] if batch_size is not None else []
@@ -52,12 +56,10 @@ def nightly_retrain(
     store = store or os.environ.get("GPTPIPE_STORE") or DEFAULT_STORE
     if "://" not in store:
         store = os.path.abspath(store)  # relative to the deployment's working directory
-    runner = "dask" if dask_address and task_runner == "default" else task_runner
-    if dask_address and runner != "dask":
-        raise GptpipeError(f"dask_address goes with task_runner dask, not {task_runner}")
-    run_pipeline = with_task_runner(pipeline, runner, dask_address, workers)
+    runner, address = resolve_task_runner(task_runner, dask_address, ray_address)
+    run_pipeline = with_task_runner(pipeline, runner, address, workers)
     summary = run_pipeline(
-        source=source,
+        source=source_parameter(source),  # the subflow's run stored without user:password@
         config=cfg.to_dict(),
         store=store,
         nproc=nproc,

@@ -23,7 +23,7 @@ from tasks.evaluate import evaluate
 from tasks.register import register_model
 from tasks.sample import sample
 from tasks.split import split
-from tasks.tokenize import tokenize
+from tasks.tokenize import SourceURL, reveal, shown_source, tokenize
 from tasks.train import train
 
 
@@ -33,7 +33,7 @@ def new_run_id() -> str:
 
 @flow(name="gptpipe-pipeline")
 def pipeline(
-    source: str = TINY_SHAKESPEARE_URL,
+    source: str | SourceURL = TINY_SHAKESPEARE_URL,
     config: dict | None = None,
     store: str = DEFAULT_STORE,
     nproc: int = 1,
@@ -48,10 +48,15 @@ def pipeline(
     shard_bytes: int = DEFAULT_SHARD_BYTES,
     val_shards: int = 0,
 ) -> dict:
-    """Run every stage once; return (and store) the run's summary."""
+    """Run every stage once; return (and store) the run's summary.
+
+    A ``source`` URL with credentials comes as a SourceURL (see `source_parameter`): Prefect then
+    stores this flow run's ``source`` without them.
+    """
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     warm_up_in_background()  # the model log's slow part, done while the stages run
     cfg = config_from_dict(config or {})
+    url = reveal(source)  # credentials included: the tokenize stage downloads it
     run_id = run_id or new_run_id()
     # a scheduled run fails here, before any work, like the CLI does before it starts the flow
     storage.preflight(store)
@@ -64,11 +69,11 @@ def pipeline(
     )
     tracking = {"uri": tracker.tracking_uri, "experiment": experiment, "parent_id": parent_id}
     parent = tracker.stage_handle(parent_id)
-    parent.log_params({**cfg.to_dict(), "source": redact(source), "nproc": nproc,
+    parent.log_params({**cfg.to_dict(), "source": shown_source(url), "nproc": nproc,
                        "store": redact(run_uri)})  # fmt: skip
     logger.info("run %s -> %s (MLflow run %s)", run_id, run_uri, parent_id)
     try:
-        summary = _stages(cfg, source, store, run_uri, run_id, nproc, prompt, sample_tokens,
+        summary = _stages(cfg, url, store, run_uri, run_id, nproc, prompt, sample_tokens,
                           tracking, model_name, check_refresh(refresh or []), resume,
                           shard_bytes, val_shards)  # fmt: skip
     except BaseException:
@@ -168,7 +173,7 @@ def _stages(cfg, source, store, run_uri, run_id, nproc, prompt, sample_tokens, t
     return {
         "run_id": run_id,
         "run_uri": run_uri,
-        "source": redact(source),
+        "source": shown_source(source),
         "config": cfg.to_dict(),
         "world_size": trained["world_size"],
         "n_params": trained["n_params"],

@@ -14,12 +14,12 @@ from prefect import flow
 import storage
 from flows.defaults import DEFAULT_STORE
 from model.corpus import DEFAULT_SHARD_BYTES
-from tasks.tokenize import BPE_SAMPLE_BYTES, tokenize
+from tasks.tokenize import BPE_SAMPLE_BYTES, SourceURL, tokenize
 
 
 @flow(name="gptpipe-tokenize")
 def tokenize_corpus(
-    source: str,
+    source: str | SourceURL,
     store: str = DEFAULT_STORE,
     tokenizer: str = "char",
     vocab_size: int | None = None,
@@ -27,7 +27,10 @@ def tokenize_corpus(
     refresh: bool = False,
     bpe_sample_bytes: int = BPE_SAMPLE_BYTES,
 ) -> dict:
-    """Tokenize ``source`` into a sharded dataset in ``store``; returns the stage's manifest."""
+    """Tokenize ``source`` into a sharded dataset in ``store``; returns the stage's manifest.
+
+    A ``source`` URL with credentials comes as a SourceURL, which Prefect stores without them.
+    """
     storage.preflight(store)
     return tokenize(source, store, tokenizer, vocab_size, None, refresh, shard_bytes,
                     bpe_sample_bytes)  # fmt: skip

@@ -14,6 +14,7 @@ the column type); the pipeline also stores ``kind`` (tokenizer kind), ``n_tokens
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -61,7 +62,8 @@ Where = str | os.PathLike | BinaryIO
 
 
 def load_text(source: str) -> bytes:
-    """The raw bytes of ``source``: a local path or an http(s) URL."""
+    """The raw bytes of ``source``: a local path, an s3:// object or an http(s) URL (whose
+    ``user:password@``, if any, is sent as HTTP basic auth)."""
     if source.startswith(("http://", "https://")):
         return _download(source)
     if source.startswith("s3://"):
@@ -86,8 +88,19 @@ def load_text(source: str) -> bytes:
 
 
 def _download(url: str) -> bytes:
+    """GET ``url``. Errors name the URL without its user:password@ (they reach the terminal,
+    Prefect's logs and its API), as ``redact`` shows it."""
+    from storage.tracking import redact
+
     try:
-        with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response:
+        request = _request(url)
+        shown = redact(url)
+    except ValueError as exc:  # a port that is not a number, a broken IPv6 host
+        raise GptpipeError(
+            f"invalid input URL ({exc}); pass an http(s) URL or --input PATH to a local text file"
+        ) from None
+    try:
+        with urllib.request.urlopen(request, timeout=DOWNLOAD_TIMEOUT_S) as response:
             return response.read()
     except urllib.error.HTTPError as exc:
         reason = f"HTTP {exc.code} {exc.reason}"
@@ -96,8 +109,30 @@ def _download(url: str) -> bytes:
     except (TimeoutError, OSError, ValueError) as exc:
         reason = str(exc) or type(exc).__name__
     raise GptpipeError(
-        f"cannot download {url} ({reason}); when offline, pass --input PATH to a local text file"
+        f"cannot download {shown} ({reason}); when offline, pass --input PATH to a local text file"
     )
+
+
+def _request(url: str) -> urllib.request.Request:
+    """The request for ``url``; its user:password@, if any, as HTTP basic auth.
+
+    urllib does not authenticate with credentials in a URL: it takes ``user:password@host`` for
+    the host name. So the request goes to the URL without them, with an Authorization header
+    built from them (percent-escapes decoded, as in ``http://me%40corp:p%3Ass@host/``). That
+    header is "unredirected": urllib would otherwise copy it to wherever a redirect points,
+    another host included.
+    """
+    from urllib.parse import unquote, urlsplit
+
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return urllib.request.Request(url)
+    bare = parts._replace(netloc=parts.netloc.rpartition("@")[2])
+    request = urllib.request.Request(bare.geturl())
+    userinfo = f"{unquote(parts.username or '')}:{unquote(parts.password or '')}"
+    token = base64.b64encode(userinfo.encode("utf-8")).decode("ascii")
+    request.add_unredirected_header("Authorization", f"Basic {token}")
+    return request
 
 
 def decode_corpus(raw: bytes, source: str, offset: int = 0) -> str:

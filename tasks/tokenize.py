@@ -8,6 +8,9 @@ runner decides where they run (threads by default, a Dask or Ray cluster when as
    sample of the shards (one task);
 3. encode: each shard to its own Parquet token file (mapped);
 4. the dataset manifest (shard URIs, sha256, token counts, order), then `manifest.json` last.
+
+An http(s) source may carry ``user:password@`` (sent as HTTP basic auth); the stage records and
+logs it without them, and the flows take it as a `SourceURL` so that Prefect does not store them.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import hashlib
 import json
 
 from prefect import get_run_logger, task, unmapped
+from pydantic import SecretStr
 
 import storage
 from model.corpus import (
@@ -30,11 +34,44 @@ from model.corpus import (
 )
 from model.dataset import make_manifest, write_manifest, write_shard_tokens
 from model.tokenizer import CharTokenizer, tokenizer_from_json, train_tokenizer
+from storage.tracking import redact
 from tasks.cache import cache_key, load_manifest, save_manifest, stage_dir
 from tasks.common import IO_RETRIES, describe, stage_run
 
 # BPE learns its merges from at most this much text, taken evenly from the shards' beginnings.
 BPE_SAMPLE_BYTES = 64 << 20
+
+
+class SourceURL(SecretStr):
+    """A source URL with ``user:password@`` in it, as a flow parameter.
+
+    Prefect stores every flow run's parameters (its API and UI show them) as FastAPI's JSON
+    encoder makes them, which is ``str()`` for a SecretStr: here the URL without its credentials.
+    The flow itself gets the whole URL, which it needs to download the corpus.
+    """
+
+    def __str__(self) -> str:
+        return shown_source(self.get_secret_value())
+
+
+def source_parameter(source: str) -> str | SourceURL:
+    """``source`` as a flow's ``source`` parameter: a SourceURL when it may carry credentials."""
+    if source.startswith(("http://", "https://")) and "@" in source:
+        return SourceURL(source)
+    return source
+
+
+def shown_source(source: str) -> str:
+    """``source`` as it may be shown and recorded: without ``user:password@``."""
+    try:
+        return redact(source)
+    except ValueError:  # a port that is not a number: show no part of that URL
+        return "**********"
+
+
+def reveal(source: str | SecretStr) -> str:
+    """The whole source, credentials included (for downloading it, never for showing it)."""
+    return source.get_secret_value() if isinstance(source, SecretStr) else source
 
 
 @task(name="plan-shards", **IO_RETRIES)
@@ -88,7 +125,7 @@ def encode_shard(index: int, pieces: list[dict], tokenizer_uri: str, folder: str
 
 
 def tokenize(
-    source: str,
+    source: str | SecretStr,
     store: str,
     tokenizer: str,
     vocab_size: int | None,
@@ -99,32 +136,36 @@ def tokenize(
 ) -> dict:
     """Run the stage from a flow (see the module docstring); returns its manifest and outputs."""
     logger = get_run_logger()
+    # `shown` is what the stage records and logs; only the plan task, which downloads an http(s)
+    # source, gets the URL with its credentials (Prefect does not store task parameters)
+    url = reveal(source)
+    shown = shown_source(url)
     with stage_run(tracking, "tokenize") as run:
         settings = {"tokenizer": tokenizer, "vocab_size": vocab_size}
         if tokenizer == "bpe":
             settings["bpe_sample_bytes"] = bpe_sample_bytes
-        planned = plan(source, store, settings, shard_bytes, refresh)
+        planned = plan(url, store, settings, shard_bytes, refresh)
         folder, manifest = planned["folder"], planned["manifest"]
         cached = manifest is not None
         if not cached:
             manifest = _tokenize_shards(planned, tokenizer, vocab_size, bpe_sample_bytes)
-            manifest["source"] = source
+            manifest["source"] = shown
             save_manifest(folder, manifest)
         meta = manifest["metadata"]
-        run.log_params({**meta, "source": source, "cached": cached, "cache_key": planned["key"],
+        run.log_params({**meta, "source": shown, "cached": cached, "cache_key": planned["key"],
                         "n_files": len(planned["files"])})  # fmt: skip
         total_bytes = sum(f["bytes"] for f in planned["files"])
-        run.record_io({"source": {"uri": source, "content_sha256": planned["source_id"],
+        run.record_io({"source": {"uri": shown, "content_sha256": planned["source_id"],
                                   "bytes": total_bytes}}, manifest["outputs"])  # fmt: skip
         run.log_text(storage.get_bytes(manifest["outputs"]["tokenizer"]["uri"]).decode(),
                      "tokenizer.json")  # fmt: skip
         run.log_dict(manifest, "dataset_manifest.json")
-        run.log_dataset(source, _dataset_name(source), planned["source_id"], context="tokenize")
+        run.log_dataset(shown, _dataset_name(shown), planned["source_id"], context="tokenize")
     if cached:
         logger.info("tokenize: re-using %s (cached: same source and settings)", folder)
     else:
         logger.info("tokenized %s: %d %s tokens (vocab %d) in %d shard(s) from %d file(s) -> %s",
-                    source, meta["n_tokens"], meta["tokenizer"], meta["vocab_size"],
+                    shown, meta["n_tokens"], meta["tokenizer"], meta["vocab_size"],
                     meta["n_shards"], len(planned["files"]), folder)  # fmt: skip
     return {**manifest, "cached": cached, "mlflow_run_id": run.run_id}
 

@@ -4,6 +4,7 @@ and the tokenize stage mapped over real Dask and Ray clusters."""
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -217,6 +218,59 @@ def test_a_changed_shard_is_caught(sharded):
     write_tokens(ids[:10], manifest["shards"][1]["uri"], {"vocab_size": 65})
     with pytest.raises(GptpipeError, match="has 10 tokens but its dataset manifest says"):
         TokenDataset(manifest)
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+needs_proc = pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts fds in /proc")
+
+
+@pytest.fixture()
+def twenty_shards(tmp_path) -> tuple[str, np.ndarray]:
+    ids = np.random.default_rng(1).integers(0, 65, 200_000).astype(np.uint16)
+    return _dataset(tmp_path, ids, list(range(0, 200_001, 10_000))), ids
+
+
+@needs_proc
+def test_a_resident_dataset_closes_its_shard_files_once_loaded(twenty_shards):
+    uri, ids = twenty_shards
+    before = open_fds()
+    data = TokenDataset(read_manifest(uri))
+    assert not data.streaming and len(data.manifest["shards"]) == 20
+    assert open_fds() == before
+    assert np.array_equal(data.ids(), ids)
+
+
+@needs_proc
+def test_a_streaming_dataset_closes_its_shard_files_on_close(twenty_shards):
+    uri, ids = twenty_shards
+    whole = torch.from_numpy(ids.astype(np.int64))
+    ix = torch.tensor([0, 9_990, 123_456])
+    before = open_fds()
+    with TokenDataset(read_manifest(uri), max_bytes=0) as data:
+        assert data.streaming
+        assert torch.equal(data.windows(ix, 32)[0], windows_at(whole, ix, 32)[0])
+        assert open_fds() >= before + 20  # kept open while streaming: no footer read per batch
+    assert open_fds() == before
+    # still usable: it opens what it needs again, until closed again
+    assert torch.equal(data.windows(ix, 32)[1], windows_at(whole, ix, 32)[1])
+    data.close()
+    assert open_fds() == before
+
+
+@needs_proc
+def test_a_dataset_that_fails_to_open_leaves_no_file_open(twenty_shards):
+    uri, ids = twenty_shards
+    manifest = read_manifest(uri)
+    write_tokens(ids[:10], manifest["shards"][-1]["uri"], {"vocab_size": 65})
+    before = open_fds()
+    with pytest.raises(GptpipeError, match="has 10 tokens but its dataset manifest says") as info:
+        TokenDataset(manifest, max_bytes=0)
+    # closed by the dataset itself, not by the garbage collector: the traceback kept here holds
+    # the half-built dataset, as a caller logging the error would
+    assert info.traceback and open_fds() == before
 
 
 def test_streamed_training_equals_in_memory_training(char_dataset, tmp_path):
@@ -545,3 +599,104 @@ def test_bpe_trained_on_a_bounded_sample_still_encodes_every_shard(shakespeare, 
     by_shard = np.concatenate([tok.encode(read_shard(s)) for s in shards])
     assert np.array_equal(by_shard, tok.encode(shakespeare))
     assert tok.decode(by_shard) == shakespeare
+
+
+# --- one rule for "an address implies a task runner", for the CLI and the nightly flow
+
+
+@pytest.mark.parametrize(
+    "name, dask, ray, expected",
+    [
+        ("default", None, None, ("default", None)),
+        ("ray", None, None, ("ray", None)),
+        ("default", "tcp://h:8786", None, ("dask", "tcp://h:8786")),
+        ("dask", "tcp://h:8786", None, ("dask", "tcp://h:8786")),
+        ("default", None, "h:6379", ("ray", "h:6379")),
+        ("ray", None, "h:6379", ("ray", "h:6379")),
+    ],
+)
+def test_an_address_implies_its_task_runner(name, dask, ray, expected):
+    from flows.engines import resolve_task_runner
+
+    assert resolve_task_runner(name, dask, ray) == expected
+
+
+# (the addresses answer nothing: these settings must fail before any cluster is asked)
+ADDRESS_ERRORS = [
+    ("default", "tcp://h:1", "h:1", "give --dask-address or --ray-address, not both"),
+    ("ray", "tcp://127.0.0.1:1", None, "--dask-address goes with --task-runner dask, not ray"),
+    ("dask", None, "127.0.0.1:1", "--ray-address goes with --task-runner ray, not dask"),
+]
+
+
+@pytest.mark.parametrize("name, dask, ray, message", ADDRESS_ERRORS)
+def test_resolve_task_runner_errors(name, dask, ray, message):
+    from flows.engines import resolve_task_runner
+
+    with pytest.raises(GptpipeError) as info:
+        resolve_task_runner(name, dask, ray)
+    assert str(info.value) == message
+
+
+def _closed_ray_address() -> str:
+    from tests.conftest import free_port
+
+    return f"127.0.0.1:{free_port()}"
+
+
+def _cli_with(name, dask, ray, small_corpus, env, cwd):
+    """`gptpipe tokenize` with these task runner settings; (exit status, stderr)."""
+    args = ["--task-runner", name]
+    args += ["--dask-address", dask] if dask else []
+    args += ["--ray-address", ray] if ray else []
+    result = run_cli(["tokenize", "--input", str(small_corpus), "--store", str(cwd / "s"), *args],
+                     env, cwd, timeout=120)  # fmt: skip
+    assert "Traceback" not in result.stdout + result.stderr, result.stderr[-2000:]
+    return result.returncode, result.stderr
+
+
+NIGHTLY = """
+import sys
+from flows.nightly import nightly_retrain
+from model.errors import GptpipeError
+name, dask, ray, source, store = [a or None for a in sys.argv[1:]]
+try:
+    nightly_retrain(source=source, store=store, task_runner=name, dask_address=dask,
+                    ray_address=ray)
+except GptpipeError as exc:
+    print(f"error: {exc}", file=sys.stderr)
+    sys.exit(2)
+"""
+
+
+def _nightly_with(name, dask, ray, small_corpus, env, cwd):
+    """The nightly flow, run for real, with these task runner parameters; (exit status, stderr)."""
+    import subprocess
+    import sys
+
+    args = [name, dask or "", ray or "", str(small_corpus), str(cwd / "s")]
+    result = subprocess.run([sys.executable, "-c", NIGHTLY, *args], env=env, cwd=cwd,
+                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    return result.returncode, result.stderr
+
+
+CALLERS = {"cli": _cli_with, "nightly": _nightly_with}
+
+
+@pytest.mark.parametrize("caller", CALLERS)
+@pytest.mark.parametrize("name, dask, ray, message", ADDRESS_ERRORS)
+def test_both_callers_refuse_a_wrong_address(caller, name, dask, ray, message, small_corpus,
+                                             cli_env, tmp_path):  # fmt: skip
+    status, stderr = CALLERS[caller](name, dask, ray, small_corpus, cli_env, tmp_path)
+    assert status == 2 and f"error: {message}" in stderr, stderr[-2000:]
+    assert not (tmp_path / "s" / "datasets").exists()
+
+
+@pytest.mark.parametrize("caller", CALLERS)
+def test_both_callers_take_a_ray_address_alone_for_ray(caller, small_corpus, cli_env, tmp_path):
+    """A Ray address with the default runner means Ray: the one at that address is asked for."""
+    pytest.importorskip("prefect_ray", reason="needs the ray extra")
+    address = _closed_ray_address()
+    status, stderr = CALLERS[caller]("default", None, address, small_corpus, cli_env, tmp_path)
+    assert status == 2, stderr[-2000:]
+    assert f"error: cannot reach the Ray cluster at {address}" in stderr, stderr[-2000:]
