@@ -6,6 +6,7 @@ pickled objects, so loading an untrusted file cannot run code.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
@@ -21,7 +22,7 @@ from typing import Any
 import torch
 
 import storage
-from model.errors import GptpipeError
+from model.errors import GptpipeError, first_line
 
 CHECKPOINT_NAME = "ckpt.pt"
 FORMAT_VERSION = 1
@@ -61,18 +62,18 @@ class CheckpointWriter:
 
     def save(self, payload: dict[str, Any]) -> None:
         self.wait()  # one upload at a time; the last one is usually long done
-        self.local.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.local.with_name(f".{self.local.name}.tmp")
         try:
+            self.local.parent.mkdir(parents=True, exist_ok=True)
             torch.save({"format_version": FORMAT_VERSION, **payload}, tmp)
             os.replace(tmp, self.local)
         except (OSError, RuntimeError) as exc:  # torch reports a full disk as a RuntimeError
-            tmp.unlink(missing_ok=True)
-            free = shutil.disk_usage(self.local.parent).free
-            reason = getattr(exc, "strerror", None) or str(exc).splitlines()[0]
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            reason = getattr(exc, "strerror", None) or first_line(exc)
             raise GptpipeError(
                 f"could not write the checkpoint {self.local}: {reason} "
-                f"({free / 1e6:.1f} MB free on that disk)"
+                f"({_free_mb(self.local.parent):.1f} MB free on that disk)"
             ) from None
         if self.remote:
             self._error = None
@@ -83,7 +84,7 @@ class CheckpointWriter:
         try:
             storage.put_file(self.uri, self.local)
         except Exception as exc:  # the store is away: keep training, keep the local copy
-            self._error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            self._error = first_line(exc)
             print(f"warning: could not upload the checkpoint to {self.uri} ({self._error}); "
                   f"kept at {self.local}", file=sys.stderr, flush=True)  # fmt: skip
 
@@ -99,6 +100,16 @@ class CheckpointWriter:
                 f"could not upload the final checkpoint to {self.uri} ({self._error}); it is kept "
                 f"at {self.local}: run again with --resume once the store is back"
             )
+
+
+def _free_mb(folder: Path) -> float:
+    """Free MB on the disk that holds folder, or would: it may not exist (could not be made)."""
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        return shutil.disk_usage(folder).free / 1e6
+    except OSError:
+        return 0.0
 
 
 def latest_checkpoint(uri: str, map_location: str | torch.device = "cpu") -> dict | None:
@@ -123,8 +134,8 @@ def load_checkpoint(uri: str, map_location: str | torch.device = "cpu") -> dict[
             f"refusing to load {uri}: it holds more than weights ({_refusal_reason(exc)})"
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, KeyError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        first = first.split(". ")[0]  # torch goes on with advice on how checkpoints get corrupted
+        # torch goes on with advice on how checkpoints get corrupted
+        first = first_line(exc).split(". ")[0]
         raise GptpipeError(
             f"{uri} is not a readable checkpoint (corrupt or truncated): {first}"
         ) from None

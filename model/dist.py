@@ -49,16 +49,36 @@ def setup(requested_device: str = "auto") -> DistInfo:
     return DistInfo(rank, local_rank, world_size, device)
 
 
-def teardown() -> None:
-    """Leave the process group cleanly; call it after dropping the DDP model and optimizer.
+def teardown(ok: bool = True) -> None:
+    """Leave the process group; call it after dropping the DDP model and optimizer.
 
-    Without dropping them and collecting garbage first, a quarter of torchrun runs here died
-    with `terminate called without an active exception` at exit.
+    ok: this rank finished its work. Then every rank meets at a barrier before the group is
+    destroyed: without that, and without dropping the model and collecting garbage first, a
+    quarter of torchrun runs here died with `terminate called without an active exception` at
+    exit. After an error (ok=False) the other ranks may be inside a collective this rank will
+    never join (DDP's gradient all-reduce), so a barrier would hang the whole job: the group is
+    aborted instead, this rank exits non-zero, and torchrun's agent stops the other ranks.
     """
     gc.collect()
-    if dist.is_initialized():
+    if not dist.is_initialized():
+        return
+    if ok:
         dist.barrier()
         dist.destroy_process_group()
+    else:
+        abort()
+
+
+def abort() -> None:
+    """Drop the process group without waiting for the other ranks.
+
+    `destroy_process_group` flushes NCCL's pending collectives, which blocks when a peer never
+    joins them; torch's (experimental) `_abort_process_group` is meant for this bail-out. Older
+    torch without it falls back to destroying the group, which gloo does without waiting.
+    """
+    from torch.distributed import distributed_c10d
+
+    getattr(distributed_c10d, "_abort_process_group", dist.destroy_process_group)()
 
 
 def all_reduce_mean(t: torch.Tensor, info: DistInfo) -> torch.Tensor:

@@ -21,13 +21,9 @@ from model.errors import GptpipeError
 from model.train import SUMMARY_NAME
 from storage.tracking import TRACK_STDOUT_ENV, TrainingRun
 
-# MLflow's client retries a dead server for minutes by default; a training's rank 0 should give
-# up on a call sooner (it keeps its metrics and sends failed ones again at the end). Settings in
-# the environment win.
-MLFLOW_CLIENT_DEFAULTS = {
-    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
-    "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
-}
+# How long a child that was told to stop (SIGTERM) gets before it is killed; torchrun passes the
+# signal on to its ranks and waits for them
+STOP_GRACE_S = 30
 
 
 def check_nproc(nproc: int, device: str = "auto") -> None:
@@ -120,7 +116,11 @@ def launch_training(
 
     mlflow_run: (tracking URI, run id) of the MLflow run to log training into. Rank 0 then prints
     its tracking calls (`storage.tracking.LineRun`) and this process sends them, from a thread
-    (training never waits on MLflow), so the training processes need not load MLflow.
+    (training never waits on MLflow), so the training processes need not load MLflow. After the
+    training this waits on MLflow `storage.tracking.CLOSE_TIMEOUT_S` (60 s) at most.
+
+    If reading the training's output fails (on_line raises, Ctrl-C), the training is stopped
+    rather than waited for.
 
     With nnodes > 1, call this on every node (same arguments but node_rank); out_uri should be a
     store every node reaches (s3://, a shared filesystem): global rank 0 writes the checkpoint and
@@ -134,7 +134,7 @@ def launch_training(
     ]  # fmt: skip
     if resume:
         cmd.append("--resume")
-    env = {**MLFLOW_CLIENT_DEFAULTS, **os.environ, "PYTHONUNBUFFERED": "1", **(extra_env or {})}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(extra_env or {})}
     run = TrainingRun(*mlflow_run) if mlflow_run else None
     env.pop(TRACK_STDOUT_ENV, None)
     if run is not None:
@@ -145,15 +145,11 @@ def launch_training(
         with subprocess.Popen(
             cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, bufsize=1
         ) as proc:
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                line = line.rstrip("\n")
-                if run is not None and run.log_line(line):
-                    continue
-                tail.append(line)
-                if line.startswith("error: ") and line not in errors:
-                    errors.append(line)
-                on_line(line)
+            try:
+                _read_output(proc, run, on_line, tail, errors)
+            except BaseException:
+                _stop(proc)  # Popen's exit would wait for the whole training
+                raise
             code = proc.wait()
     finally:
         if run is not None:
@@ -166,3 +162,33 @@ def launch_training(
     if nnodes > 1 and not storage.exists(summary_uri):
         return {"node_rank": node_rank}  # rank 0 ran on another node and wrote elsewhere
     return json.loads(storage.get_bytes(summary_uri))
+
+
+def _read_output(
+    proc: subprocess.Popen,
+    run: TrainingRun | None,
+    on_line: Callable[[str], None],
+    tail: collections.deque[str],
+    errors: list[str],
+) -> None:
+    """Pass each line of the child's output on: tracking calls to run, the others to on_line
+    (the last ones kept in tail, `error: ` lines in errors)."""
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        line = line.rstrip("\n")
+        if run is not None and run.log_line(line):
+            continue
+        tail.append(line)
+        if line.startswith("error: ") and line not in errors:
+            errors.append(line)
+        on_line(line)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Stop the child: SIGTERM (torchrun stops its ranks), SIGKILL if it is still there later."""
+    proc.terminate()
+    try:
+        proc.wait(STOP_GRACE_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

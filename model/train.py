@@ -353,20 +353,23 @@ def main(argv: list[str] | None = None) -> int:
     skip_last_collections()  # dist.teardown() collects what matters (DDP) before the exit
     keep_freed_memory()  # large configs: no page faults for the same tensors every step
     args = parse_args(argv)
+    code = 0
     try:
         if args.config_json:
             cfg = config_from_dict(json.loads(args.config_json))
         else:
             cfg = build_config(args.preset, args.config, args.set)
         info = dist.setup(cfg.device)
-        try:
-            train(cfg, args.train, args.val, args.tokenizer, args.out, info, resume=args.resume)
-        finally:
-            dist.teardown()  # the model and optimizer died with train()'s frame
+        train(cfg, args.train, args.val, args.tokenizer, args.out, info, resume=args.resume)
     except GptpipeError as exc:
+        # the error line first: leaving after an error may be the last thing this rank does
         print(f"error: {exc}", file=sys.stderr, flush=True)
-        return 2
-    return 0
+        code = 2
+    except BaseException:
+        dist.teardown(ok=False)  # a bug: its traceback follows; never wait for the other ranks
+        raise
+    dist.teardown(ok=code == 0)  # the model and optimizer died with train()'s frame
+    return code
 
 
 if __name__ == "__main__":

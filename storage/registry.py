@@ -18,7 +18,7 @@ from typing import Any
 import mlflow.pyfunc
 
 from model.checkpoint import CHECKPOINT_NAME
-from model.errors import GptpipeError
+from model.errors import GptpipeError, first_line
 from storage.tracking import Tracker
 
 CHAMPION = "champion"
@@ -154,8 +154,9 @@ def download_checkpoint(tracker: Tracker, model_uri: str, dest: str | Path) -> P
         with _pointed_at(tracker):
             local = mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=str(dest))
     except mlflow.exceptions.MlflowException as exc:
-        first = (str(exc).strip().splitlines() or ["not found"])[0][:300]
-        raise GptpipeError(f"cannot fetch {model_uri} from MLflow: {first}") from None
+        raise GptpipeError(
+            f"cannot fetch {model_uri} from MLflow: {first_line(exc, limit=300)}"
+        ) from None
     found = sorted(Path(local).rglob(CHECKPOINT_NAME))
     if not found:
         raise GptpipeError(f"{model_uri} holds no gptpipe checkpoint ({CHECKPOINT_NAME})")

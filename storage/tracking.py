@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from model.errors import GptpipeError
+from model.errors import GptpipeError, first_line
 
 DEFAULT_EXPERIMENT = "gptpipe"
 PARENT_TAG = "mlflow.parentRunId"
@@ -116,9 +116,9 @@ class Tracker:
         try:
             self.experiment_id  # noqa: B018 - a real round trip
         except Exception as exc:
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
             raise GptpipeError(
-                f"cannot use the MLflow tracking server at {redact(self.tracking_uri)}: {first}"
+                f"cannot use the MLflow tracking server at {redact(self.tracking_uri)}: "
+                f"{first_line(exc, limit=300)}"
             ) from None
 
     def start_run(self, name: str, parent_id: str | None = None, tags: dict | None = None) -> str:
@@ -242,6 +242,92 @@ RUN_ID_ENV = "GPTPIPE_MLFLOW_RUN_ID"
 # Set by a launcher that logs for rank 0: rank 0 prints its calls, LINE_MARK + JSON, one a line.
 TRACK_STDOUT_ENV = "GPTPIPE_TRACK_STDOUT"
 LINE_MARK = "gptpipe.mlflow "
+# The calls a LineRun prints, and the JSON types of their arguments after the name: a line
+# whose arguments differ is no call of ours (float: any JSON number; bool is no number)
+LINE_CALLS: dict[str, tuple[type, ...]] = {
+    "log_params": (dict,),
+    "log_text": (str, str),
+    "log_dict": (dict, str),
+    "log_artifact_bytes": (str, str),  # the bytes in base64, the artifact's path
+    "log_metrics": (dict, int, int),  # {name: number}, step, epoch ms
+}
+
+# MLflow's client retries a dead server for minutes by default (7 retries with backoff, 120 s
+# timeout). A training's tracking gives up on a call sooner: it keeps its metrics and sends
+# failed ones again at the end. Settings in the environment win.
+MLFLOW_CLIENT_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
+}
+# How long closing a TrainingRun (the end of a training) waits on MLflow at most
+CLOSE_TIMEOUT_S = 60.0
+
+
+def _fits(value: Any, kind: type) -> bool:
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, (int, float)) if kind is float else isinstance(value, kind)
+
+
+def parse_line(line: str) -> tuple[str, list] | None:
+    """The call a `LineRun` printed as line, as (name, arguments); None if it is no such call."""
+    if not line.startswith(LINE_MARK):
+        return None
+    try:
+        call = json.loads(line[len(LINE_MARK) :])
+    except ValueError:
+        return None
+    if not isinstance(call, list) or not call or not isinstance(call[0], str):
+        return None
+    name, args = call[0], call[1:]
+    kinds = LINE_CALLS.get(name)
+    if kinds is None or len(args) != len(kinds):
+        return None
+    if not all(_fits(arg, kind) for arg, kind in zip(args, kinds, strict=True)):
+        return None
+    if name == "log_metrics" and not all(_fits(v, float) for v in args[0].values()):
+        return None
+    if name == "log_artifact_bytes":
+        try:
+            args[0] = base64.b64decode(args[0], validate=True)
+        except ValueError:  # binascii.Error is one
+            return None
+    return name, args
+
+
+class _ClientDefaults:
+    """MLFLOW_CLIENT_DEFAULTS in os.environ while a TrainingRun of this process is open.
+
+    MLflow reads these settings from the environment at each request; a client cannot be given
+    its own. They are set (where unset) when the first run opens and taken out when the last one
+    closes, so the process's other MLflow calls (the registry uploading a checkpoint after the
+    training) keep MLflow's own, more patient settings. Calls made by other threads while a
+    training is tracked give up as soon as the training's.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._open = 0
+        self._added: list[str] = []
+
+    def enter(self) -> None:
+        with self._lock:
+            if self._open == 0:
+                self._added = [k for k in MLFLOW_CLIENT_DEFAULTS if k not in os.environ]
+                os.environ.update({k: MLFLOW_CLIENT_DEFAULTS[k] for k in self._added})
+            self._open += 1
+
+    def leave(self) -> None:
+        with self._lock:
+            self._open -= 1
+            if self._open == 0:
+                for key in self._added:
+                    if os.environ.get(key) == MLFLOW_CLIENT_DEFAULTS[key]:
+                        del os.environ[key]
+                self._added = []
+
+
+_client_defaults = _ClientDefaults()
 
 
 class NullRun:
@@ -262,7 +348,8 @@ class TrainingRun:
     together go out as one request. If the server is away, a call fails with a warning on
     stderr and training goes on; failed metric batches are sent again at the end of training
     (the server may be back by then), and every evaluation is kept in the checkpoint and
-    summary.json all the same.
+    summary.json all the same. While the run is open, MLflow's client gives up on a call after
+    MLFLOW_CLIENT_DEFAULTS, and `close()` waits on MLflow CLOSE_TIMEOUT_S at most.
 
     (MLflow's own asynchronous logging would do for metrics, but its thread polls its queue once
     a second and is joined at exit: up to a second added to every training process's exit.)
@@ -274,9 +361,13 @@ class TrainingRun:
         self.run_id = run_id
         self._tracking_uri = tracking_uri
         self._run: StageRun | None = None  # connected in the thread, on first use
-        # ("metrics", (values, step, ms)) or (a StageRun method's name, its args); None: stop
+        # ("metrics", (values, step, ms)), (a StageRun method's name, its args), ("resend",) (the
+        # failed metrics again) or None (stop)
         self._pending: queue.SimpleQueue = queue.SimpleQueue()
         self._failed: list[list] = []  # metric batches (lists of mlflow Metric) that failed
+        self._give_up = threading.Event()  # set by close() when MLflow took too long
+        self._closed = False
+        _client_defaults.enter()
         self._sender = threading.Thread(target=self._send_loop, name="mlflow", daemon=True)
         self._sender.start()
         atexit.register(self._stop_sender, timeout=30)  # a run that ends without close()
@@ -299,19 +390,14 @@ class TrainingRun:
         self._pending.put(("metrics", (values, step, int(time.time() * 1e3) if ms is None else ms)))
 
     def log_line(self, line: str) -> bool:
-        """Queue the call a `LineRun` printed as ``line``; False if the line is not one (then it
-        is the caller's to show: a training never dies of its tracking)."""
-        if not line.startswith(LINE_MARK):
+        """Queue the call a `LineRun` printed as ``line``; False if the line is not one, or not a
+        well-formed one (then it is the caller's to show: a training never dies of its
+        tracking)."""
+        call = parse_line(line)
+        if call is None:
             return False
-        try:
-            name, *args = json.loads(line[len(LINE_MARK) :])
-            if name not in LineRun.CALLS:
-                return False
-            if name == "log_artifact_bytes":
-                args[0] = base64.b64decode(args[0], validate=True)
-            getattr(self, name)(*args)  # only queues the call
-        except (ValueError, TypeError):  # not JSON, not a list, not base64, wrong arguments
-            return False
+        name, args = call
+        getattr(self, name)(*args)  # only queues the call
         return True
 
     def _stage_run(self) -> StageRun:
@@ -325,18 +411,20 @@ class TrainingRun:
             call(*args)
             return True
         except Exception as exc:
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-            print(f"warning: MLflow {what} failed, training goes on: {first}", file=sys.stderr,
-                  flush=True)  # fmt: skip
+            print(f"warning: MLflow {what} failed, training goes on: {first_line(exc, limit=200)}",
+                  file=sys.stderr, flush=True)  # fmt: skip
             return False
 
     def _send_loop(self) -> None:
+        """Carry out the queued calls until None; ("resend",) sends the failed metrics again."""
         while True:
             items = [self._pending.get()]
             while not self._pending.empty():
                 items.append(self._pending.get())
             metrics: list = []  # metric items in a row go out together
             for item in items:
+                if self._give_up.is_set():
+                    return
                 if item is not None and item[0] == "metrics":
                     metrics.append(item[1])
                     continue
@@ -344,8 +432,11 @@ class TrainingRun:
                 metrics = []
                 if item is None:
                     return
-                name, args = item
-                self._safely(name, self._call, name, args)
+                name, *args = item
+                if name == "resend":
+                    self._resend_failed()
+                else:
+                    self._safely(name, self._call, name, *args)
             self._send_metrics(metrics)
 
     def _call(self, name: str, args: tuple) -> None:
@@ -366,14 +457,7 @@ class TrainingRun:
     def _log_batch(self, batch: list) -> None:
         self._stage_run().client.log_batch(self.run_id, metrics=batch)
 
-    def _stop_sender(self, timeout: float | None = None) -> None:
-        if self._sender.is_alive():
-            self._pending.put(None)
-            self._sender.join(timeout)
-
-    def close(self) -> None:
-        """Carry out the calls still waiting, then send again, once, the metrics that failed."""
-        self._stop_sender()
+    def _resend_failed(self) -> None:
         failed, self._failed = self._failed, []
         if not failed:
             return
@@ -384,6 +468,30 @@ class TrainingRun:
         )
         print(message, file=sys.stderr, flush=True)
 
+    def _stop_sender(self, timeout: float | None = None) -> None:
+        if self._sender.is_alive():
+            self._pending.put(None)
+            self._sender.join(timeout)
+
+    def close(self, timeout: float = CLOSE_TIMEOUT_S) -> None:
+        """Carry out the calls still waiting, then send again, once, the metrics that failed.
+
+        Waits on MLflow `timeout` seconds at most: a server that is away could otherwise hold
+        the end of a training for minutes. What is not sent by then is given up, with a warning.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        atexit.unregister(self._stop_sender)
+        self._pending.put(("resend",))
+        self._stop_sender(timeout)
+        _client_defaults.leave()
+        if self._sender.is_alive():
+            self._give_up.set()  # the call under way is MLflow's; the rest are dropped
+            print(f"warning: MLflow did not take the last tracking calls within {timeout:.0f} s; "
+                  "they are given up (every evaluation is in summary.json)", file=sys.stderr,
+                  flush=True)  # fmt: skip
+
 
 class LineRun:
     """Rank 0's run when its launcher logs for it ($GPTPIPE_TRACK_STDOUT): each call is printed as
@@ -391,7 +499,7 @@ class LineRun:
     `TrainingRun.log_line`. So the training process never imports MLflow (about 1.5 s of CPU
     at start-up on these machines) nor waits on it."""
 
-    CALLS = ("log_params", "log_text", "log_dict", "log_artifact_bytes", "log_metrics")
+    CALLS = tuple(LINE_CALLS)
     run_id = None
 
     def _print(self, *call: Any) -> None:

@@ -6,7 +6,7 @@ import torch
 import storage
 from model.checkpoint import FORMAT_VERSION, load_checkpoint, save_checkpoint
 from model.config import GPTConfig
-from model.errors import GptpipeError
+from model.errors import GptpipeError, first_line
 from model.gpt import GPT
 
 
@@ -72,6 +72,25 @@ def test_a_model_survives_the_round_trip(tmp_path):
     idx = torch.randint(65, (2, 8))
     with torch.no_grad():
         assert torch.equal(model(idx)[0], restored(idx)[0])
+
+
+def test_a_folder_that_cannot_be_made_is_a_one_line_error():
+    """/proc takes no new folders, not even from root: no OSError escapes, one line says why."""
+    with pytest.raises(GptpipeError) as info:
+        save_checkpoint("/proc/gptpipe-out/ckpt.pt", payload())
+    assert str(info.value) == (
+        "could not write the checkpoint /proc/gptpipe-out/ckpt.pt: No such file or directory "
+        "(0.0 MB free on that disk)"
+    )
+
+
+def test_first_line_of_an_error():
+    assert first_line(RuntimeError("\n  first line  \nsecond")) == "first line"
+    assert first_line(ValueError("x" * 500), limit=300) == "x" * 300
+    # an empty message: the type's name (str(exc).splitlines()[0] raised IndexError here)
+    assert first_line(RuntimeError()) == "RuntimeError"
+    assert first_line(OSError("")) == "OSError"
+    assert first_line(KeyError()) == "KeyError"
 
 
 def test_missing_checkpoint_is_a_gptpipe_error(tmp_path):

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -59,37 +60,59 @@ def test_forwarded_tracking_goes_on_while_mlflow_is_away(
     mlflow_server, char_dataset, tmp_path, monkeypatch, capfd
 ):
     """The pipeline's way: rank 0 prints its calls, the launching process sends them (from a
-    thread), so an outage never holds up the training's output or the training itself."""
+    thread), so an outage never holds up the training's output or the training itself.
+
+    With the launcher's own MLflow client settings (storage.tracking.MLFLOW_CLIENT_DEFAULTS):
+    a call fails only once its retries are spent, about 15 s into an outage, so the server
+    stays away until one metric batch has failed (the test takes about that much longer)."""
     from model.config import config_from_dict
     from model.launch import launch_training
+    from storage.tracking import MLFLOW_CLIENT_DEFAULTS
 
+    for name in MLFLOW_CLIENT_DEFAULTS:
+        monkeypatch.delenv(name, raising=False)  # the defaults are what is tested
     tracker = Tracker(mlflow_server, "faults")
     run_id = tracker.start_run("train")
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
-    lines = []
+    lines: list[str] = []
+    stderr: list[str] = []
+
+    def metrics_failed() -> bool:
+        stderr.append(capfd.readouterr().err)
+        return "warning: MLflow log_metrics failed" in "".join(stderr)
+
     with FaultyProxy(mlflow_server) as proxy:
 
         def on_line(line: str) -> None:
             lines.append(line)
-            if line.startswith("step 0:"):
+            if line.startswith("step 100:"):
                 proxy.inject("drop", times=float("inf"))  # the server goes away
-            if line.startswith("step 200:"):
+            if line.startswith("done:"):
+                _wait_for(metrics_failed, timeout=90)
                 proxy.inject("drop", times=0)  # and comes back
 
+        start = time.monotonic()
         summary = launch_training(
             config_from_dict(CONFIG), char_dataset["train.parquet"], char_dataset["val.parquet"],
             char_dataset["tokenizer.json"], str(tmp_path / "out"), on_line=on_line,
             mlflow_run=(proxy.url, run_id),
         )  # fmt: skip
+        seconds = time.monotonic() - start
         assert proxy.failed, "the outage must have hit some requests"
     assert [h["step"] for h in summary["history"]] == [0, 100, 200, 300, 400]
     assert not [line for line in lines if line.startswith("gptpipe.mlflow ")]  # all taken
-    stderr = capfd.readouterr().err
-    assert "warning: MLflow" in stderr and "sent at the end of training" in stderr
+    stderr.append(capfd.readouterr().err)
+    assert "sent at the end of training" in "".join(stderr)
+    assert seconds < 120, "a call gave up later than the launcher's settings say"
 
     history = MlflowClient(mlflow_server).get_metric_history(run_id, "val_loss")
     assert sorted({m.step for m in history}) == [0, 100, 200, 300, 400]
+
+
+def _wait_for(condition, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"not within {timeout} s"
+        time.sleep(0.2)
 
 
 @pytest.mark.slow

@@ -41,11 +41,14 @@ def test_elsewhere_each_log_step_is_one_line_with_an_eta(capsys):
 
 
 def test_other_ranks_print_nothing(capsys):
-    progress = Progress(total=4, start=0, enabled=False, stream=Terminal())
+    terminal = Terminal()  # where a bar would be drawn
+    progress = Progress(total=4, start=0, enabled=False, stream=terminal)
     progress.update()
     progress.log(1, 2.0, 1e-3, 1.0, 0.0)
     progress.write("hello")
+    progress.close()
     assert capsys.readouterr().out == ""
+    assert terminal.getvalue() == ""
 
 
 def test_loss_curve_is_a_png():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import urllib.request
 from pathlib import Path
 
@@ -75,8 +76,23 @@ def test_printed_tracking_calls_reach_the_run(tmp_path, capsys):
         'gptpipe.mlflow ["rm", "-rf"]',
         'gptpipe.mlflow ["log_params"]',
         'gptpipe.mlflow ["log_artifact_bytes", "%%", "x"]',
+        # well-formed JSON, wrong shapes: refused before they reach the queue
+        'gptpipe.mlflow ["log_metrics", 5]',
+        'gptpipe.mlflow ["log_metrics", [1]]',
+        'gptpipe.mlflow ["log_metrics", {"loss": 1.0}, 3]',
+        'gptpipe.mlflow ["log_metrics", {"loss": "low"}, 3, 0]',
+        'gptpipe.mlflow ["log_metrics", {"loss": 1.0}, true, 0]',
+        'gptpipe.mlflow ["log_metrics", {"loss": 1.0}, 1.5, 0]',
+        'gptpipe.mlflow ["log_params", ["n_embd", 64]]',
+        'gptpipe.mlflow ["log_text", "a table", 3]',
+        'gptpipe.mlflow ["log_dict", "{}", "d.json"]',
+        'gptpipe.mlflow ["log_artifact_bytes", 7, "x.png"]',
+        'gptpipe.mlflow [["log_params"], {}]',
+        "gptpipe.mlflow [5]",
+        "gptpipe.mlflow []",
+        'gptpipe.mlflow {"log_params": {}}',
     ):
-        assert not receiver.log_line(not_ours)
+        assert not receiver.log_line(not_ours), not_ours
     receiver.close()
 
     client = MlflowClient(uri)
@@ -89,6 +105,47 @@ def test_printed_tracking_calls_reach_the_run(tmp_path, capsys):
     assert (
         Path(client.download_artifacts(run_id, "table.txt", str(tmp_path))).read_text() == "a table"
     )
+
+
+def test_training_run_gives_up_sooner_only_while_open(tmp_path, monkeypatch):
+    """MLflow reads its retry settings from the environment: a TrainingRun puts the shorter
+    ones there while it is open, leaves a value the user set alone, and takes them out after."""
+    from storage.tracking import MLFLOW_CLIENT_DEFAULTS, Tracker, TrainingRun
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_id = Tracker(uri, "defaults").start_run("train")
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "7")
+    first, second = TrainingRun(uri, run_id), TrainingRun(uri, run_id)
+    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "3"
+    assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "7"  # the user's setting wins
+    first.close()
+    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "3"  # the second run is still open
+    second.close()
+    assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ
+    assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "7"
+    assert MLFLOW_CLIENT_DEFAULTS["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "3"
+
+
+def test_closing_a_run_waits_on_a_dead_server_a_bounded_time(capfd):
+    """A server that never answers: close() gives up after its timeout, with a warning, instead
+    of waiting out MLflow's retries of every call still queued."""
+    import time
+
+    from storage.tracking import TrainingRun
+
+    with socket.socket() as listener:  # accepts connections (the backlog), never answers
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(16)
+        run = TrainingRun(f"http://127.0.0.1:{listener.getsockname()[1]}", "0" * 32)
+        for step in range(3):
+            run.log_params({"step": step})
+            run.log_metrics({"loss": 1.0}, step)
+        start = time.monotonic()
+        run.close(timeout=3)
+        waited = time.monotonic() - start
+    assert 2.5 < waited < 6
+    assert "did not take the last tracking calls within 3 s" in capfd.readouterr().err
 
 
 @pytest.mark.slow
