@@ -20,7 +20,7 @@ examples:
 """,
     "sample": """\
 examples:
-  gptpipe sample --checkpoint gptpipe-store/runs/RUN_ID/train/ckpt.pt --prompt "ROMEO:"
+  gptpipe sample --checkpoint gptpipe-store/models/train-KEY/ckpt.pt --prompt "ROMEO:"
   gptpipe sample --model models:/gptpipe-tinyshakespeare-char@champion
   gptpipe sample --checkpoint CKPT --temperature 0.8 --top-k 40 --max-new-tokens 1000 --seed 7
 """,
