@@ -101,7 +101,8 @@ def ddp_worker(device_type: str) -> None:
     more), so a one-GPU machine still exercises NCCL and DDP's CUDA path.
     """
     import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from model.dist import teardown
 
     local_rank = int(os.environ["LOCAL_RANK"])
     cuda = device_type == "cuda"
@@ -109,11 +110,22 @@ def ddp_worker(device_type: str) -> None:
     if cuda:
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if cuda else "gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
+    report = _ddp_steps(device)
+    if dist.get_rank() == 0:
+        print("ddp-result " + json.dumps(report), flush=True)
+    teardown()  # the DDP model died with _ddp_steps' frame (see teardown: else a crash at exit)
+
+
+def _ddp_steps(device: torch.device) -> dict:
+    """3 DDP steps on this rank's batches; the largest weight difference to rank 0 after them."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    rank = dist.get_rank()
     torch.manual_seed(0)  # the same initial weights on every rank
     model = GPT(GPTConfig(vocab_size=65, block_size=32, n_embd=64, n_head=4, n_layer=2))
     model = model.to(device)
-    ddp = DDP(model, device_ids=[local_rank] if cuda else None)
+    ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     data = torch.Generator().manual_seed(100 + rank)  # each rank its own batches
     for _ in range(3):
@@ -127,10 +139,8 @@ def ddp_worker(device_type: str) -> None:
     dist.broadcast(reference, src=0)
     diff = (flat - reference).abs().max()
     dist.all_reduce(diff, op=dist.ReduceOp.MAX)
-    if rank == 0:
-        report = {"backend": dist.get_backend(), "world_size": world, "max_diff": diff.item()}
-        print("ddp-result " + json.dumps(report), flush=True)
-    dist.destroy_process_group()
+    return {"backend": dist.get_backend(), "world_size": dist.get_world_size(),
+            "max_diff": diff.item()}  # fmt: skip
 
 
 def check_ddp(device: torch.device, args) -> dict:
@@ -142,8 +152,7 @@ def check_ddp(device: torch.device, args) -> dict:
     )  # fmt: skip
     found = re.search(r"^ddp-result (.*)$", result.stdout, re.M)
     if result.returncode != 0 or not found:
-        tail = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no output"]
-        raise CheckFailed(f"torchrun exited {result.returncode}: {tail[0][:200]}")
+        raise CheckFailed(f"torchrun exited {result.returncode}: {_cause(result)}")
     report = json.loads(found.group(1))
     if report["max_diff"] != 0.0:
         raise CheckFailed(f"the ranks' weights differ by {report['max_diff']:.3g} after 3 steps")
@@ -215,8 +224,7 @@ def check_train(device: torch.device, args) -> dict:
     done = re.search(r"^done: (\d+) steps in ([\d.]+) s, final val loss ([\d.]+)", result.stdout,
                      re.M)  # fmt: skip
     if result.returncode != 0 or not done:
-        tail = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no output"]
-        raise CheckFailed(f"model.train exited {result.returncode}: {tail[0][:200]}")
+        raise CheckFailed(f"model.train exited {result.returncode}: {_cause(result)}")
     steps, seconds, val_loss = int(done.group(1)), float(done.group(2)), float(done.group(3))
     rates = re.findall(r"([\d,]+) tokens/s, mfu ([\d.]+)%", result.stdout)
     tokens_per_sec, mfu = (float(rates[-1][0].replace(",", "")), float(rates[-1][1])) if rates \
@@ -237,6 +245,16 @@ def check_train(device: torch.device, args) -> dict:
             f"{summary}: the target is val loss <= {args.max_val_loss} in <= {args.max_seconds:g} s"
         )
     return {"result": summary, **figures}
+
+
+def _cause(result: subprocess.CompletedProcess) -> str:
+    """The line of a failed run's output that says why: a rank's error rather than torchrun's
+    own traceback and banners, which come last."""
+    lines = [line.strip() for line in (result.stdout + "\n" + result.stderr).splitlines()]
+    ours = [line for line in lines if line and "torch/distributed/" not in line]
+    why = re.compile(r"^error: |terminate called|^\w+(Error|Exception): ")
+    found = next((line for line in ours if why.search(line)), None)
+    return (found or (ours[-1] if ours else "no output"))[:200]
 
 
 CHECKS = {

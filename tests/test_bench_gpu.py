@@ -68,3 +68,20 @@ def test_no_cuda_is_a_one_line_error():
         "error: no CUDA device is visible: run this on a GPU machine, or pass --device cpu "
         "for the small run"
     )
+
+
+def test_a_failed_run_is_explained_by_its_ranks_line_not_torchruns_banner():
+    from bench.gpu import _cause
+
+    torchrun = subprocess.CompletedProcess(
+        [], 1, stdout="ddp-result {}\n",
+        stderr="terminate called without an active exception\n"
+        "W1126 .../torch/distributed/elastic/multiprocessing/api.py:1028] Sending SIGTERM\n"
+        "Traceback (most recent call last):\n"
+        "torch.distributed.elastic.multiprocessing.errors.ChildFailedError: \n"
+        "======================================================\n",
+    )  # fmt: skip
+    assert _cause(torchrun) == "terminate called without an active exception"
+    train = subprocess.CompletedProcess([], 2, stdout="step 0\n", stderr="error: no corpus\n")
+    assert _cause(train) == "error: no corpus"
+    assert _cause(subprocess.CompletedProcess([], 1, stdout="", stderr="")) == "no output"
