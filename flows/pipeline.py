@@ -23,7 +23,7 @@ from tasks.evaluate import evaluate
 from tasks.register import register_model
 from tasks.sample import sample
 from tasks.split import split
-from tasks.tokenize import SourceURL, reveal, shown_source, tokenize
+from tasks.tokenize import SourceURL, reveal, tokenize
 from tasks.train import train
 
 
@@ -69,7 +69,7 @@ def pipeline(
     )
     tracking = {"uri": tracker.tracking_uri, "experiment": experiment, "parent_id": parent_id}
     parent = tracker.stage_handle(parent_id)
-    parent.log_params({**cfg.to_dict(), "source": shown_source(url), "nproc": nproc,
+    parent.log_params({**cfg.to_dict(), "source": redact(url), "nproc": nproc,
                        "store": redact(run_uri)})  # fmt: skip
     logger.info("run %s -> %s (MLflow run %s)", run_id, run_uri, parent_id)
     try:
@@ -173,7 +173,7 @@ def _stages(cfg, source, store, run_uri, run_id, nproc, prompt, sample_tokens, t
     return {
         "run_id": run_id,
         "run_uri": run_uri,
-        "source": shown_source(source),
+        "source": redact(source),
         "config": cfg.to_dict(),
         "world_size": trained["world_size"],
         "n_params": trained["n_params"],

@@ -92,9 +92,9 @@ def _download(url: str) -> bytes:
     Prefect's logs and its API), as ``redact`` shows it."""
     from storage.tracking import redact
 
+    shown = redact(url)
     try:
         request = _request(url)
-        shown = redact(url)
     except ValueError as exc:  # a port that is not a number, a broken IPv6 host
         raise GptpipeError(
             f"invalid input URL ({exc}); pass an http(s) URL or --input PATH to a local text file"
@@ -125,6 +125,7 @@ def _request(url: str) -> urllib.request.Request:
     from urllib.parse import unquote, urlsplit
 
     parts = urlsplit(url)
+    parts.port  # noqa: B018 - raises ValueError for a port that is not a number
     if parts.username is None and parts.password is None:
         return urllib.request.Request(url)
     bare = parts._replace(netloc=parts.netloc.rpartition("@")[2])

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from model.errors import GptpipeError, first_line
 
@@ -32,15 +32,17 @@ PARENT_TAG = "mlflow.parentRunId"
 _MAX_PARAM = 6000
 
 
+# scheme:// then the authority's userinfo, up to its last "@" (the authority ends at / ? #)
+_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/?#]*@")
+
+
 def redact(uri: str) -> str:
-    """A URI without user:password@ (a source URL may carry credentials; runs must not)."""
-    parts = urlsplit(uri)
-    if parts.username or parts.password:
-        host = parts.hostname or ""
-        if parts.port:
-            host = f"{host}:{parts.port}"
-        return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
-    return uri
+    """A URI without user:password@ (a source URL may carry credentials; runs must not).
+
+    Plain text work, not urlsplit: it never raises (a malformed port or IPv6 host still has its
+    credentials removed) and leaves the rest of the URI as it was.
+    """
+    return _USERINFO.sub(r"\1", uri, count=1)
 
 
 def _flatten(prefix: str, value: Any, out: dict[str, str]) -> None:
@@ -499,7 +501,6 @@ class LineRun:
     `TrainingRun.log_line`. So the training process never imports MLflow (about 1.5 s of CPU
     at start-up on these machines) nor waits on it."""
 
-    CALLS = tuple(LINE_CALLS)
     run_id = None
 
     def _print(self, *call: Any) -> None:

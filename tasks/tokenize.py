@@ -51,7 +51,7 @@ class SourceURL(SecretStr):
     """
 
     def __str__(self) -> str:
-        return shown_source(self.get_secret_value())
+        return redact(self.get_secret_value())
 
 
 def source_parameter(source: str) -> str | SourceURL:
@@ -59,14 +59,6 @@ def source_parameter(source: str) -> str | SourceURL:
     if source.startswith(("http://", "https://")) and "@" in source:
         return SourceURL(source)
     return source
-
-
-def shown_source(source: str) -> str:
-    """``source`` as it may be shown and recorded: without ``user:password@``."""
-    try:
-        return redact(source)
-    except ValueError:  # a port that is not a number: show no part of that URL
-        return "**********"
 
 
 def reveal(source: str | SecretStr) -> str:
@@ -139,7 +131,7 @@ def tokenize(
     # `shown` is what the stage records and logs; only the plan task, which downloads an http(s)
     # source, gets the URL with its credentials (Prefect does not store task parameters)
     url = reveal(source)
-    shown = shown_source(url)
+    shown = redact(url)
     with stage_run(tracking, "tokenize") as run:
         settings = {"tokenizer": tokenizer, "vocab_size": vocab_size}
         if tokenizer == "bpe":
