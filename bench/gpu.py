@@ -49,7 +49,8 @@ class CheckFailed(Exception):
 
 
 def autocast(device: torch.device):
-    """The training loop's precision on this device (`dtype: auto`): bf16 on CUDA only."""
+    """bf16 autocast on CUDA (what `dtype: auto` resolves to on GPUs with bf16, such as H100s);
+    float32 on the CPU, whose SDPA has no flash backend to check."""
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
@@ -221,6 +222,8 @@ def check_train(device: torch.device, args) -> dict:
              *[x for item in sets for x in ("--set", item)]],
             cwd=REPO, capture_output=True, text=True, timeout=args.timeout,
         )  # fmt: skip
+        summary_path = work / "out" / "summary.json"
+        trained = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     done = re.search(r"^done: (\d+) steps in ([\d.]+) s, final val loss ([\d.]+)", result.stdout,
                      re.M)  # fmt: skip
     if result.returncode != 0 or not done:
@@ -229,11 +232,11 @@ def check_train(device: torch.device, args) -> dict:
     rates = re.findall(r"([\d,]+) tokens/s, mfu ([\d.]+)%", result.stdout)
     tokens_per_sec, mfu = (float(rates[-1][0].replace(",", "")), float(rates[-1][1])) if rates \
         else (0.0, 0.0)  # fmt: skip
-    precision = "bf16 autocast" if "bf16 autocast" in result.stdout else "float32"
+    precision = trained.get("dtype_resolved", "?")
     figures = {
         "steps": steps, "seconds": seconds, "val_loss": val_loss,
         "tokens_per_sec": tokens_per_sec, "mfu_percent": mfu, "precision": precision,
-        "compile": compile_,
+        "precision_reason": trained.get("dtype_reason"), "compile": compile_,
     }  # fmt: skip
     summary = (
         f"{args.preset}, {steps} steps in {seconds:.1f} s, val loss {val_loss:.4f}, "

@@ -21,7 +21,7 @@ PRESETS_DIR = Path(__file__).resolve().parent.parent / "configs"
 TOKENIZER_KINDS = ("char", "bpe")
 LR_SCHEDULES = ("constant", "cosine")
 DEVICES = ("auto", "cpu", "cuda")
-DTYPES = ("auto", "float32", "bfloat16")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 # bpe's vocabulary when vocab_size is not set (char's comes from the corpus)
 DEFAULT_BPE_VOCAB_SIZE = 1024
 # Token files store ids as uint32 at most (model.data.write_tokens), so ids run 0 .. 2**32 - 1.
@@ -98,11 +98,15 @@ class TrainConfig:
     checkpoint_interval: int = 500  # 0 = only at the end
     seed: int = 1337
     device: str = "auto"
-    # bfloat16: bf16 autocast for the matmuls (weights, optimizer and attention stay float32);
-    # fast on GPUs and on CPUs with AMX, slower than float32 on CPUs without it.
-    # auto: bfloat16 on CUDA, float32 on the CPU
+    # the forward's autocast precision (weights and optimizer stay float32). auto: the fastest
+    # that keeps the loss curve on this machine and model (model/precision.py): bf16 on GPUs that
+    # have it (else float16 with a GradScaler); on a CPU, bf16 only where it has native bf16
+    # matmuls (AMX, AVX512-BF16) and a short probe finds it faster, else float32
     dtype: str = "auto"
     compile: bool = False
+    # intra-op threads per rank; 0: the cores this process may use (affinity, cgroup quota)
+    # split among the ranks on this machine
+    threads: int = 0
 
     def __post_init__(self) -> None:
         _require(
@@ -131,7 +135,14 @@ class TrainConfig:
             self, "batch_size", "grad_accum_steps", "max_iters", "learning_rate",
             "eval_interval", "eval_iters", "log_interval",
         )  # fmt: skip
-        for name in ("warmup_iters", "checkpoint_interval", "min_lr", "weight_decay", "grad_clip"):
+        for name in (
+            "warmup_iters",
+            "checkpoint_interval",
+            "min_lr",
+            "weight_decay",
+            "grad_clip",
+            "threads",
+        ):
             _require(getattr(self, name) >= 0, f"{name} must not be negative")
         if self.vocab_size is not None:
             _require(self.vocab_size > 0, f"vocab_size must be positive, got {self.vocab_size}")

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import gc
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -16,6 +20,7 @@ class DistInfo:
     local_rank: int
     world_size: int
     device: torch.device
+    local_world_size: int = 1  # ranks on this machine (torchrun's LOCAL_WORLD_SIZE)
 
     @property
     def is_main(self) -> bool:
@@ -41,12 +46,13 @@ def setup(requested_device: str = "auto") -> DistInfo:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     device = pick_device(requested_device, local_rank)
     if world_size > 1 and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return DistInfo(rank, local_rank, world_size, device)
+    return DistInfo(rank, local_rank, world_size, device, local_world_size)
 
 
 def teardown(ok: bool = True) -> None:
@@ -86,6 +92,18 @@ def all_reduce_mean(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         t /= info.world_size
     return t
+
+
+def broadcast_from_main(make: Callable[[], T], info: DistInfo) -> T:
+    """make() on rank 0, its result on every rank: one decision for the whole job (a probe of
+    the machine, say), even where ranks would measure differently."""
+    if not info.distributed:
+        return make()
+    box = [make() if info.is_main else None]
+    dist.broadcast_object_list(
+        box, src=0, device=info.device if info.device.type == "cuda" else None
+    )
+    return box[0]
 
 
 def print0(*args, **kwargs) -> None:

@@ -367,3 +367,10 @@ def sample_next(
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = F.softmax(logits, dim=-1)  # (B, vocab_size)
     return torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
+
+
+def flops_per_token(model: GPT) -> int:
+    """Training FLOPs per token: 6 N (N without position embeddings) + attention's 12 L C T."""
+    c = model.config
+    n = model.num_params() - model.position_embedding_table.weight.numel()
+    return 6 * n + 12 * c.n_layer * c.n_embd * c.block_size

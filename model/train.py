@@ -29,18 +29,17 @@ from model.config import TrainConfig, build_config, config_from_dict
 from model.errors import GptpipeError
 from model.evaluate import estimate_loss
 from model.exit import skip_last_collections
-from model.gpt import GPT
+from model.gpt import GPT, flops_per_token
+from model.machine import peak_flops, threads_per_rank, usable_cores
 from model.memory import keep_freed_memory
 from model.params import group_subtotals_flat, parameter_table
 from model.plots import loss_curve_png
+from model.precision import resolve_precision
 from model.progress import Progress
 from model.tokenizer import tokenizer_from_json
 from storage.tracking import training_run
 
 SUMMARY_NAME = "summary.json"
-# Peak dense matmul throughput used for MFU. CPU: float32 measured on these 2-core machines
-# (stack notes); GPUs: the vendors' dense bf16 figures.
-PEAK_FLOPS = {"cpu": 320e9, "H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
 # ----------------------------------------------------------------------------- pure helpers
@@ -56,33 +55,6 @@ def get_lr(it: int, cfg: TrainConfig) -> float:
     progress = min(1.0, (it - cfg.warmup_iters) / span)
     coeff = 0.5 * (1.0 + math.cos(math.pi * progress))
     return cfg.min_lr + coeff * (cfg.learning_rate - cfg.min_lr)
-
-
-def flops_per_token(model: GPT) -> int:
-    """Training FLOPs per token: 6 N (N without position embeddings) + attention's 12 L C T."""
-    c = model.config
-    n = model.num_params() - model.position_embedding_table.weight.numel()
-    return 6 * n + 12 * c.n_layer * c.n_embd * c.block_size
-
-
-def peak_flops(device: torch.device) -> float:
-    if device.type != "cuda":
-        return PEAK_FLOPS["cpu"]
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_FLOPS.items() if k in name), PEAK_FLOPS["H100"])
-
-
-def use_bf16(cfg: TrainConfig, device: torch.device) -> bool:
-    """Whether the forward runs under bf16 autocast (see TrainConfig.dtype)."""
-    if cfg.dtype == "auto":
-        return device.type == "cuda"
-    return cfg.dtype == "bfloat16"
-
-
-def cpu_has_amx() -> bool:
-    """AMX tiles: bf16 matmuls about 6x faster than float32 ones on these CPUs."""
-    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    return amx is not None and bool(amx())
 
 
 def seed_step(seed: int, device: torch.device) -> None:
@@ -152,6 +124,8 @@ def train(
             groups = len(ids.group_starts) - 1
             p0(f"{split}: {len(ids):,} tokens in {groups} row groups, more than "
                f"{ids.max_bytes:,} bytes: streaming the row groups each batch samples")  # fmt: skip
+    threads = threads_per_rank(info.local_world_size, requested=cfg.threads)
+    torch.set_num_threads(threads)  # before anything runs: the probe and the peak measure at it
     vocab_size = max(tokenizer.vocab_size, cfg.vocab_size or 0)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     raw_model = GPT(cfg.model_config(vocab_size)).to(info.device)
@@ -174,12 +148,19 @@ def train(
     if use_cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    bf16 = use_bf16(cfg, info.device)
+    # rank 0 decides (its probe, its cache) and every rank follows: ranks never differ
+    precision = dist.broadcast_from_main(
+        lambda: resolve_precision(
+            cfg, raw_model.config, info.device, planned_steps=cfg.max_iters - step
+        ),
+        info,
+    )
+    scaler = torch.amp.GradScaler(info.device.type, enabled=precision.needs_grad_scaler)
+    if ckpt is not None and precision.needs_grad_scaler and "scaler" in ckpt:
+        scaler.load_state_dict(ckpt["scaler"])
 
     def autocast():
-        if bf16:
-            return torch.autocast(info.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return precision.autocast(info.device.type)
 
     model = torch.compile(raw_model) if cfg.compile else raw_model
     ddp_model = (
@@ -193,9 +174,17 @@ def train(
     )  # fmt: skip
     tokens_per_step = info.world_size * cfg.grad_accum_steps * cfg.batch_size * cfg.block_size
     fpt = flops_per_token(raw_model)
-    peak = peak_flops(info.device) * info.world_size
+    rank_peak = peak_flops(info.device, precision.dtype)
+    peak = rank_peak.flops * info.world_size
     run = training_run(info.is_main)
     table = parameter_table(raw_model)
+    machine = {
+        "dtype_resolved": precision.dtype,
+        "dtype_reason": precision.reason,
+        "threads_per_rank": threads,
+        "mfu_peak_flops": peak,
+        "mfu_peak_source": f"{info.world_size} x {rank_peak.source}",
+    }
     run.log_params(
         {
             **cfg.to_dict(),
@@ -205,7 +194,7 @@ def train(
             "n_params": table.total,
             "n_params_by_group": group_subtotals_flat(table),
             "tokens_per_step": tokens_per_step,
-            "precision": "bf16 autocast" if bf16 else "float32",
+            **machine,
         }
     )
     run.log_text(table.format(), "parameter_table.txt")
@@ -213,10 +202,13 @@ def train(
     p0(
         f"training on {info.world_size} rank(s), device {info.device.type}, "
         f"{raw_model.num_params():,} parameters, {tokens_per_step:,} tokens per step, "
-        f"{'bf16 autocast' if bf16 else 'float32'}"
+        f"{precision.describe()}"
     )
-    if bf16 and info.device.type == "cpu" and not cpu_has_amx():
-        p0("note: this CPU has no AMX, where bf16 is slower than float32: --set dtype=float32")
+    if info.device.type == "cpu":
+        p0(f"threads: {threads} per rank ({usable_cores()} usable cores, "
+           f"{info.local_world_size} rank(s) on this machine)")  # fmt: skip
+    if precision.warning:
+        p0(f"warning: {precision.warning}")
 
     def evaluate_now(at_step: int) -> dict[str, float]:
         losses = estimate_loss(
@@ -248,6 +240,7 @@ def train(
                     "tokenizer_uri": tokenizer_uri,
                     "history": history,
                     "rng": {"torch": torch.get_rng_state()},
+                    **({"scaler": scaler.state_dict()} if scaler.is_enabled() else {}),
                 },
             )
 
@@ -272,10 +265,12 @@ def train(
             with sync:
                 with autocast():
                     _, loss = ddp_model(x, y)
-                (loss / cfg.grad_accum_steps).backward()
+                scaler.scale(loss / cfg.grad_accum_steps).backward()
         if cfg.grad_clip > 0:
+            scaler.unscale_(optimizer)  # clip the true gradients (a no-op without float16)
             torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip, foreach=True)
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         optimizer.zero_grad(set_to_none=True)
         step += 1
         window_steps += 1
@@ -306,6 +301,7 @@ def train(
         "device": info.device.type,
         "tokens_per_sec": tokens_per_sec,
         "mfu": mfu,
+        **machine,
         "train_seconds": train_seconds,
         "checkpoint": ckpt_uri,
         "history": history,

@@ -21,6 +21,15 @@ REPO = Path(__file__).resolve().parents[1]
 CORPUS = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def machine_cache(tmp_path_factory) -> Path:
+    """Measured peaks and precision verdicts go to a folder of the session's (and of every
+    process it starts), not the user's cache: each session measures this machine afresh."""
+    folder = tmp_path_factory.mktemp("gptpipe-cache")
+    os.environ["GPTPIPE_CACHE_DIR"] = str(folder)
+    return folder
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

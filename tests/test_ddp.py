@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from model.checkpoint import load_checkpoint
+from model.machine import threads_per_rank
 
 BASE = {
     "block_size": 32,
@@ -61,6 +62,9 @@ def test_two_gloo_ranks_equal_one_rank_with_double_batch(char_dataset, tmp_path)
     one = train(char_dataset, tmp_path / "one", nproc=1, batch_size=8)
     assert two["world_size"] == 2 and one["world_size"] == 1
     assert "training on 2 rank(s)" in two["log"]
+    # each rank's threads: the usable cores split between the machine's ranks
+    assert f"threads: {threads_per_rank(2)} per rank" in two["log"]
+    assert f"threads: {threads_per_rank(1)} per rank" in one["log"]
     assert max_abs_diff(two["weights"], one["weights"]) < 1e-5
 
     # the comparison is sharp: a run over other samples ends elsewhere
