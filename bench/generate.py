@@ -32,6 +32,7 @@ import torch
 
 from bench.common import alternate, median
 from model.gpt import GPT
+from model.machine import cpu_description
 from tests.lecture_reference import GPTLanguageModel
 
 LECTURE_SHAPE = dict(vocab_size=65, block_size=256, n_embd=384, n_head=6, n_layer=6)
@@ -76,6 +77,7 @@ def main() -> None:
         "--uncached", action="store_true", help="also time gptpipe's generate without the cache"
     )
     args = parser.parse_args()
+    print(cpu_description())
     cases = args.cases or ([(1, 64), (250, 20)] if args.quick else [(1, 255), (1, 500)])
     rounds, long_rounds = (3, 3) if args.quick else (args.rounds, args.long_rounds)
 

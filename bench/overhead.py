@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from bench.vs_nanogpt import CORPUS, REPO, prepare_ours
+from model.machine import cpu_description
 
 # where a run is, from its output: (phase name, a line that ends the phase)
 MARKS = {
@@ -69,6 +70,7 @@ def main() -> None:
     parser.add_argument("--preset", default="seed")
     parser.add_argument("--iters", type=int, default=200)
     args = parser.parse_args()
+    print(cpu_description())
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API", "MLFLOW_"))}
     sets = ["--set", f"max_iters={args.iters}", "--set", f"eval_interval={args.iters}"]
     gptpipe = str(Path(sys.executable).with_name("gptpipe"))

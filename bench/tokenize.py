@@ -22,6 +22,7 @@ import sys
 from bench.common import alternate, median
 from bench.vs_nanogpt import CORPUS, REPO
 from model.dataset import write_shard_tokens
+from model.machine import cpu_description
 from model.tokenizer import CharTokenizer, train_tokenizer
 
 
@@ -45,6 +46,7 @@ def main() -> None:
     parser.add_argument("--copies", type=int, default=8)
     parser.add_argument("--bpe-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    print(cpu_description())
     if args.bpe_worker:
         bpe_worker(args.copies, args.rounds)
         return

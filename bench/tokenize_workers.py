@@ -21,6 +21,7 @@ from pathlib import Path
 from bench.common import median
 from bench.vs_nanogpt import CORPUS
 from model.corpus import parse_byte_size
+from model.machine import cpu_description
 
 
 def main() -> None:
@@ -31,6 +32,7 @@ def main() -> None:
     parser.add_argument("--bpe-copies", type=int, default=4, help="BPE is ~100x slower than char")
     parser.add_argument("--bpe-shard-size", default="512K")
     args = parser.parse_args()
+    print(cpu_description())
     os.environ["RAYON_NUM_THREADS"] = "1"
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")

@@ -2,8 +2,8 @@
 
 Both sides start from the same weights and train on the same batches in the same process, in
 alternating rounds; the table shows median tokens/s and the ratio. The lecture's side is float32;
-gptpipe's runs at its training loop's precision for the config (the `cpu` preset: bf16 autocast,
-the last column says which).
+gptpipe's runs at the precision its training loop resolves for the config on this machine
+(`dtype: auto`, model/precision.py; the last column says which).
 
     .venv/bin/python -m bench.train_step [--rounds 15] [--steps 10] [--configs seed cpu lecture]
 """
@@ -18,7 +18,9 @@ import torch
 from bench.common import alternate, median
 from model.config import build_config
 from model.gpt import GPT
-from model.train import make_optimizer, use_bf16
+from model.machine import cpu_description
+from model.precision import resolve_precision
+from model.train import make_optimizer
 from tests.lecture_reference import GPTLanguageModel
 
 # the batch size each config is benchmarked at (its preset's)
@@ -35,13 +37,15 @@ def make_sides(preset: str, steps: int):
         window = torch.randint(65, (cfg.batch_size, cfg.block_size + 1))  # (B, T+1)
         batches.append((window[:, :-1].contiguous(), window[:, 1:].contiguous()))
 
-    # gptpipe's side runs at the precision its training loop uses for this config (dtype)
-    bf16 = use_bf16(cfg, torch.device("cpu"))
+    # gptpipe's side runs at the precision its training loop resolves for this config
+    precision = resolve_precision(
+        cfg, ours.config, torch.device("cpu"), planned_steps=cfg.max_iters
+    )
 
-    def trainer(model, optimizer, bf16=False):
+    def trainer(model, optimizer, autocast=contextlib.nullcontext):
         def run_steps():
             for x, y in batches:
-                with torch.autocast("cpu", torch.bfloat16) if bf16 else contextlib.nullcontext():
+                with autocast():
                     _, loss = model(x, y)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -53,9 +57,9 @@ def make_sides(preset: str, steps: int):
     lecture_opt = torch.optim.AdamW(reference.parameters(), lr=cfg.learning_rate)
     sides = {
         "lecture": trainer(reference, lecture_opt),
-        "gptpipe": trainer(ours, make_optimizer(ours, cfg), bf16),
+        "gptpipe": trainer(ours, make_optimizer(ours, cfg), lambda: precision.autocast("cpu")),
     }
-    return sides, cfg.batch_size * cfg.block_size * steps, "bf16" if bf16 else "fp32"
+    return sides, cfg.batch_size * cfg.block_size * steps, precision.dtype
 
 
 def main() -> None:
@@ -64,7 +68,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="training steps per timed call")
     parser.add_argument("--configs", nargs="+", default=["seed", "cpu"], choices=CONFIGS)
     args = parser.parse_args()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"{cpu_description()}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"{'config':<8} {'lecture tok/s':>14} {'gptpipe tok/s':>14} {'ratio':>7}  gptpipe")
     for preset in args.configs:
         sides, tokens, precision = make_sides(preset, args.steps)

@@ -23,6 +23,7 @@ import torch
 
 from bench.vs_nanogpt import CORPUS, REPO, ours_tokens_per_sec, run_ours
 from model.config import build_config
+from model.machine import cpu_description
 
 
 def lecture_worker(preset: str, iters: int) -> float:
@@ -70,6 +71,8 @@ def main() -> None:
         return
 
     from bench.vs_nanogpt import prepare_ours
+
+    print(cpu_description())
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

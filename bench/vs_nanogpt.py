@@ -9,8 +9,9 @@ of the corpus; gptpipe's tokenizer and Parquet writer).
         [--iters 60] [--rounds 3] [--quality] [--ours-set dtype=bfloat16 ...]
 
 throughput: median tokens/s over steady-state iterations of each run, medians over rounds.
---quality: the `cpu` config's full 2000 iterations on both sides; the wall time (process start
-to the evaluation line) at which val loss first reaches <= 1.89.
+--quality: nanoGPT's README command for the CPU (2000 iterations) against the `cpu` preset as
+it stands (with --ours-set too); the wall time (process start to the evaluation line) at which
+val loss first reaches <= 1.89.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import time
 from pathlib import Path
 
 from model.config import build_config
+from model.machine import cpu_description
 
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
@@ -125,7 +127,9 @@ def throughput(nanogpt: Path, work: Path, data, preset: str, iters: int, rounds:
     return statistics.median(theirs), statistics.median(ours)
 
 
-def time_to_quality(nanogpt: Path, work: Path, data) -> tuple[float | None, float | None]:
+def time_to_quality(
+    nanogpt: Path, work: Path, data, ours_set: list[str]
+) -> tuple[float | None, float | None]:
     """Seconds from process start until the first evaluation with val loss <= TARGET_VAL."""
 
     def first_reaching(stdout: str, start: float, pattern: str) -> float | None:
@@ -139,7 +143,7 @@ def time_to_quality(nanogpt: Path, work: Path, data) -> tuple[float | None, floa
 
     out, start = run_nanogpt(nanogpt, work, nanogpt_args("cpu", 2000, 250))
     theirs = first_reaching(out, start, r"^step (\d+): train loss [\d.]+, val loss ([\d.]+)")
-    out, start = run_ours(data, work, "cpu", [])
+    out, start = run_ours(data, work, "cpu", ours_set)
     ours = first_reaching(out, start, r"^step (\d+): train loss [\d.]+, val loss ([\d.]+)")
     return theirs, ours
 
@@ -159,6 +163,7 @@ def main() -> None:
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     data = prepare(args.work, args.nanogpt.resolve())
+    print(cpu_description())
     print(f"{'config':<8} {'nanoGPT tok/s':>14} {'gptpipe tok/s':>14} {'ratio':>7}")
     for preset in args.configs:
         iters = args.iters if preset == "cpu" else max(8, args.iters // 6)
@@ -166,7 +171,7 @@ def main() -> None:
                                   args.rounds, args.ours_set)  # fmt: skip
         print(f"{preset:<8} {theirs:>14,.0f} {ours:>14,.0f} {ours / theirs:>6.2f}x", flush=True)
     if args.quality:
-        theirs, ours = time_to_quality(args.nanogpt.resolve(), args.work, data)
+        theirs, ours = time_to_quality(args.nanogpt.resolve(), args.work, data, args.ours_set)
         print(f"time to val loss <= {TARGET_VAL} (cpu config, 2000 iterations): nanoGPT "
               f"{theirs and f'{theirs:.1f} s'}, gptpipe {ours and f'{ours:.1f} s'}"
               + (f", ratio {ours / theirs:.2f}" if theirs and ours else ""))  # fmt: skip
