@@ -195,7 +195,7 @@ def assert_same_weights(gpt: GPT, ref: GPTLanguageModel, atol: float, rtol: floa
         else:
             ours = gpt_sd[key]
         torch.testing.assert_close(
-            ours, ref_value, atol=atol, rtol=rtol, msg=lambda detail: f"{key}: {detail}"
+            ours, ref_value, atol=atol, rtol=rtol, msg=lambda detail, key=key: f"{key}: {detail}"
         )
 
 
