@@ -74,18 +74,21 @@ def train_tokens_per_sec(data, out: Path, nproc: int, threads: int, iters: int, 
     return ours_tokens_per_sec(result.stdout)
 
 
-def default_threads(procs) -> int:
-    """torch's own thread count for a process in this cgroup (what a rank got before)."""
-    code = "import torch; print(torch.get_num_threads())"
+def threads_in(procs, code: str) -> int:
+    """The integer a Python snippet prints when run in the cgroup (procs) or as it is."""
     join = (lambda: procs.write_text(str(os.getpid()))) if procs is not None else None
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
                          check=True, preexec_fn=join)  # fmt: skip
     return int(out.stdout)
 
 
 def scenario(name: str, data, work: Path, args, procs) -> None:
     for nproc in (1, 2):
-        before = default_threads(procs) if nproc == 1 else 1
+        # before: torch's own default for one rank, torchrun's OMP_NUM_THREADS=1 for two
+        before = threads_in(procs, "import torch; print(torch.get_num_threads())")
+        before = before if nproc == 1 else 1
+        split = f"from model.machine import threads_per_rank; print(threads_per_rank({nproc}))"
+        after = threads_in(procs, split)
         sides = {"before": before, "after": 0}
         rates: dict[str, list[float]] = {side: [] for side in sides}
         for _ in range(args.rounds):
@@ -95,16 +98,8 @@ def scenario(name: str, data, work: Path, args, procs) -> None:
                     train_tokens_per_sec(data, out, nproc, threads, args.iters, procs)
                 )
         b, a = statistics.median(rates["before"]), statistics.median(rates["after"])
-        print(f"{name:<22} {nproc:>5} {before:>14} {'':>2}{after_threads(nproc, procs):>13} "
+        print(f"{name:<22} {nproc:>5} {before:>14} {'':>2}{after:>13} "
               f"{b:>12,.0f} {a:>12,.0f} {a / b:>6.2f}x", flush=True)  # fmt: skip
-
-
-def after_threads(nproc: int, procs) -> int:
-    code = f"from model.machine import threads_per_rank; print(threads_per_rank({nproc}))"
-    join = (lambda: procs.write_text(str(os.getpid()))) if procs is not None else None
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
-                         check=True, preexec_fn=join)  # fmt: skip
-    return int(out.stdout)
 
 
 def main() -> None:

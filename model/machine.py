@@ -192,9 +192,10 @@ class Peak:
 
 
 def measure_matmul_flops(device: torch.device, dtype: torch.dtype, max_n: int = 1024) -> float:
-    """Best FLOP/s of square matmuls on this device and thread count; n grows from 128 until a
-    call takes a few ms (so a slow precision is measured small), at most max_n."""
-    n, best = 128, 0.0
+    """Best FLOP/s of square matmuls on this device and thread count; n grows from 512 until a
+    call takes a few ms (so a slow precision is measured small), at most max_n. Never below 512:
+    a smaller matmul measures call overhead, and a busy machine would cache a tiny peak."""
+    n, best = 512, 0.0
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     with torch.no_grad():
         while True:

@@ -148,13 +148,16 @@ def train(
     if use_cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    # rank 0 decides (its probe, its cache) and every rank follows: ranks never differ
-    precision = dist.broadcast_from_main(
-        lambda: resolve_precision(
+
+    def decide_precision():
+        chosen = resolve_precision(
             cfg, raw_model.config, info.device, planned_steps=cfg.max_iters - step
-        ),
-        info,
-    )
+        )
+        return chosen, peak_flops(info.device, chosen.dtype)
+
+    # rank 0 decides (its probe, its measured peak, its cache) and every rank follows: ranks
+    # never differ, and never measure the machine at the same time
+    precision, rank_peak = dist.broadcast_from_main(decide_precision, info)
     scaler = torch.amp.GradScaler(info.device.type, enabled=precision.needs_grad_scaler)
     if ckpt is not None and precision.needs_grad_scaler and "scaler" in ckpt:
         scaler.load_state_dict(ckpt["scaler"])
@@ -174,7 +177,6 @@ def train(
     )  # fmt: skip
     tokens_per_step = info.world_size * cfg.grad_accum_steps * cfg.batch_size * cfg.block_size
     fpt = flops_per_token(raw_model)
-    rank_peak = peak_flops(info.device, precision.dtype)
     peak = rank_peak.flops * info.world_size
     run = training_run(info.is_main)
     table = parameter_table(raw_model)
