@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 
-from model.errors import GptpipeError
+from storage.errors import GptpipeError
 
 TASK_RUNNERS = ("default", "dask", "ray")
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from model.errors import GptpipeError
+from storage.errors import GptpipeError
 
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "configs"
 TOKENIZER_KINDS = ("char", "bpe")

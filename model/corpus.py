@@ -23,7 +23,7 @@ from pathlib import Path
 
 import storage
 from model.data import decode_corpus
-from model.errors import GptpipeError
+from storage.errors import GptpipeError
 
 DEFAULT_SHARD_BYTES = 32 << 20
 # How far past a target offset we read, per request, looking for a safe cut.

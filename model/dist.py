@@ -35,7 +35,7 @@ def pick_device(requested: str = "auto", local_rank: int = 0) -> torch.device:
     if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        from model.errors import GptpipeError
+        from storage.errors import GptpipeError
 
         raise GptpipeError("device=cuda was asked for but no CUDA device is visible")
     return torch.device("cuda", local_rank % torch.cuda.device_count())

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 import torch
 
 from model.config import GPTConfig, TrainConfig
-from model.errors import GptpipeError
 from model.gpt import GPT
 from model.machine import MachineCache, cpu_bf16_units, machine_key, peak_flops
+from storage.errors import GptpipeError
 
 # The probe may cost at most this, and at most PROBE_SHARE of the run's planned training time
 PROBE_MAX_S = 1.0

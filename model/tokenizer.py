@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from model.errors import GptpipeError
+from storage.errors import GptpipeError
 
 KINDS = ("char", "bpe")
 # 256 byte tokens plus at least one merge; anything smaller is not BPE.

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 from urllib.parse import urlparse
 
-from model.errors import GptpipeError
+from storage.errors import GptpipeError
 from storage.local import LocalBackend
 
 _LOCAL = LocalBackend()

@@ -8,6 +8,7 @@ A crashed stage leaves no manifest, so its folder is simply written again.
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 from functools import cache
@@ -18,31 +19,102 @@ import storage
 
 MANIFEST = "manifest.json"
 STAGES = ("tokenize", "split", "train")
-# the code each stage's result depends on, relative to the repository's model/ package
-_CODE = {
-    "tokenize": ("tokenizer.py", "data.py", "corpus.py", "dataset.py"),
-    "split": ("data.py", "dataset.py"),
-    "train": (
-        "gpt.py",
-        "train.py",
-        "batching.py",
-        "dataset.py",
-        "evaluate.py",
-        "dist.py",
-        "checkpoint.py",
-    ),
+REPO_ROOT = Path(__file__).resolve().parent.parent
+# The modules each stage runs; its code is everything they import, found by `code_files`. train
+# also runs the program model.launch starts in child processes (`python -m model.train`).
+ENTRY_MODULES = {
+    "tokenize": ("tasks.tokenize",),
+    "split": ("tasks.split",),
+    "train": ("tasks.train", "model.train"),
 }
 
 
-@cache
-def code_version(stage: str) -> str:
-    """sha256 over the source of the modules a stage's result depends on."""
-    model_dir = Path(__file__).resolve().parent.parent / "model"
+def _module_file(root: Path, name: str) -> Path | None:
+    """The file under root that module `name` is, or None (third-party, stdlib, not a module)."""
+    if not all(part.isidentifier() for part in name.split(".")):
+        return None
+    base = root.joinpath(*name.split("."))
+    for candidate in (base / "__init__.py", base.with_suffix(".py")):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _imported_modules(tree: ast.AST, name: str, is_package: bool) -> set[str]:
+    """Every module an import statement anywhere in tree (function bodies too) may load,
+    with the packages above it, whose __init__ runs first."""
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                package = (name if is_package else name.rpartition(".")[0]).split(".")
+                if node.level > len(package):
+                    continue  # beyond the top-level package: fails when run, loads nothing
+                parts = package[: len(package) - node.level + 1]
+                base = ".".join(parts + ([node.module] if node.module else []))
+            else:
+                base = node.module or ""
+            found.add(base)
+            # `from a import b` loads module a.b when b is one
+            found.update(f"{base}.{alias.name}" for alias in node.names if alias.name != "*")
+    return _with_parents(found)
+
+
+def _with_parents(names: set[str] | tuple[str, ...]) -> set[str]:
+    """names and the packages above them (importing a.b runs a/__init__.py first)."""
+    return {".".join(n.split(".")[:i]) for n in names if n for i in range(1, n.count(".") + 2)}
+
+
+def code_files(stage: str, root: Path = REPO_ROOT) -> list[Path]:
+    """The source files a stage's result depends on: the import closure of its entry modules,
+    read statically (`import`, `from ... import`, relative and function-level imports alike),
+    kept to modules that are files under root (the project's own packages). Sorted."""
+    root = Path(root)
+    pending = sorted(_with_parents(ENTRY_MODULES[stage]))
+    seen: set[str] = set()
+    files: set[Path] = set()
+    while pending:
+        name = pending.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        path = _module_file(root, name)
+        if path is None:
+            continue
+        files.add(path)
+        try:
+            tree = ast.parse(path.read_bytes(), filename=str(path))
+        except SyntaxError:
+            continue  # hashed all the same; it has no imports to follow
+        pending.extend(_imported_modules(tree, name, path.name == "__init__.py") - seen)
+    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
+
+
+def _code_version(stage: str, root: Path) -> str:
     digest = hashlib.sha256()
-    for name in _CODE[stage]:
-        digest.update(name.encode())
-        digest.update((model_dir / name).read_bytes())
+    for path in code_files(stage, root):
+        data = path.read_bytes()
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0")
+        digest.update(len(data).to_bytes(8, "big") + data)
     return digest.hexdigest()
+
+
+@cache
+def _repo_code_version(stage: str, root: Path) -> str:
+    return _code_version(stage, root)
+
+
+def code_version(stage: str, root: Path = REPO_ROOT) -> str:
+    """sha256 over the relative paths and bytes of `code_files(stage, root)`.
+
+    Computed once per process for this repository's own tree (the code the process runs), every
+    time for any other root (tests edit copies of the tree)."""
+    root = Path(root)
+    if root == REPO_ROOT:
+        return _repo_code_version(stage, root)
+    return _code_version(stage, root)
 
 
 def cache_key(stage: str, **inputs: Any) -> str:
@@ -68,7 +140,7 @@ def save_manifest(folder: str, manifest: dict) -> None:
 
 def check_refresh(refresh: list[str] | tuple[str, ...]) -> list[str]:
     """--refresh names: stages, or `all`."""
-    from model.errors import GptpipeError
+    from storage.errors import GptpipeError
 
     names = set(refresh)
     if "all" in names:

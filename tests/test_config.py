@@ -12,7 +12,7 @@ from model.config import (
     build_config,
     config_from_dict,
 )
-from model.errors import GptpipeError
+from storage.errors import GptpipeError
 
 
 def config_error(*args, **kwargs) -> str:

@@ -24,7 +24,7 @@ import pytest
 import storage
 import storage.s3
 from model.data import load_text, read_tokens, write_tokens
-from model.errors import GptpipeError
+from storage.errors import GptpipeError
 from tests.fixtures_s3 import FaultyProxy
 from tests.test_storage import TINY_DISK_BYTES, many_ids, mounted_tiny_disk
 

@@ -13,7 +13,7 @@ import pytest
 import storage
 import storage.local
 from model.data import read_tokens, write_tokens
-from model.errors import GptpipeError
+from storage.errors import GptpipeError
 
 
 def files_under(folder: Path) -> list[str]:

@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from model.errors import GptpipeError
 from model.tokenizer import (
     BPETokenizer,
     CharTokenizer,
     tokenizer_from_json,
     train_tokenizer,
 )
+from storage.errors import GptpipeError
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 

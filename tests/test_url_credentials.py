@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from model.data import load_text
-from model.errors import GptpipeError
+from storage.errors import GptpipeError
 from tests.conftest import run_cli
 from tests.test_cli_errors import assert_clean_error
 

@@ -18,7 +18,7 @@ from typing import Any
 import mlflow.pyfunc
 
 from model.checkpoint import CHECKPOINT_NAME
-from model.errors import GptpipeError, first_line
+from storage.errors import GptpipeError, first_line
 from storage.tracking import Tracker
 
 CHAMPION = "champion"
@@ -42,10 +42,10 @@ class GPTTextGenerator(mlflow.pyfunc.PythonModel):
             sample_text(
                 self.loaded,
                 str(prompt),
-                int(params.get("max_new_tokens", 200)),
-                float(params.get("temperature", 1.0)),
-                params.get("top_k"),
-                int(params.get("seed", 1337)),
+                max_new_tokens=int(params.get("max_new_tokens", 200)),
+                temperature=float(params.get("temperature", 1.0)),
+                top_k=params.get("top_k"),
+                seed=int(params.get("seed", 1337)),
             )[0]
             for prompt in model_input
         ]
