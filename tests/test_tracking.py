@@ -265,3 +265,65 @@ def test_pipeline_on_s3_tracked_in_mlflow_server(
         assert secret not in printed
         assert secret not in in_prefect
     assert summary["outputs"]["tokens"] in everything  # the search looked at real content
+
+
+def test_mlflow_client_settings_restore_the_environment(monkeypatch):
+    """The one place MLflow's client settings are applied: inside the block MLflow reads them,
+    a value the user set wins, and after it the process environment is what it was."""
+    from mlflow.environment_variables import (
+        MLFLOW_HTTP_REQUEST_MAX_RETRIES,
+        MLFLOW_HTTP_REQUEST_TIMEOUT,
+    )
+
+    from storage.tracking import mlflow_client_settings
+
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "7")  # the user's
+    before = dict(os.environ)
+    with mlflow_client_settings({"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+                                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "9"}):  # fmt: skip
+        assert MLFLOW_HTTP_REQUEST_MAX_RETRIES.get() == 2
+        assert MLFLOW_HTTP_REQUEST_TIMEOUT.get() == 7  # the user's setting wins
+    assert dict(os.environ) == before
+    with pytest.raises(RuntimeError), mlflow_client_settings():  # the defaults; restored on errors
+        assert MLFLOW_HTTP_REQUEST_MAX_RETRIES.get() == 3
+        raise RuntimeError
+    assert dict(os.environ) == before
+
+    # blocks that overlap, closed first-opened-first (two TrainingRuns): the last one restores
+    first, second = mlflow_client_settings(), mlflow_client_settings()
+    first.__enter__()
+    second.__enter__()
+    first.__exit__(None, None, None)
+    assert MLFLOW_HTTP_REQUEST_MAX_RETRIES.get() == 3
+    second.__exit__(None, None, None)
+    assert dict(os.environ) == before
+
+
+def test_rank_zero_tracking_is_chosen_by_arguments_not_the_environment(monkeypatch):
+    """model.train's --track-stdout / --mlflow-run-id pick rank 0's run; the tracking factory
+    itself never reads os.environ ($GPTPIPE_MLFLOW_RUN_ID is only --mlflow-run-id's default)."""
+    from model.train import parse_args
+    from storage.tracking import RUN_ID_ENV, LineRun, NullRun, TrainingRun, training_run
+
+    required = ["--train", "t", "--val", "v", "--tokenizer", "k", "--out", "o"]
+    monkeypatch.delenv(RUN_ID_ENV, raising=False)
+    monkeypatch.setenv("GPTPIPE_TRACK_STDOUT", "1")  # no longer a way in
+    args = parse_args(required)
+    assert (args.track_stdout, args.mlflow_run_id) == (False, None)
+    assert isinstance(training_run(True), NullRun)
+    args = parse_args([*required, "--track-stdout", "--mlflow-run-id", "abc"])
+    assert (args.track_stdout, args.mlflow_run_id) == (True, "abc")
+    assert isinstance(training_run(True, track_stdout=True, run_id="abc"), LineRun)
+    assert isinstance(training_run(False, track_stdout=True, run_id="abc"), NullRun)
+
+    monkeypatch.setenv(RUN_ID_ENV, "from-env")  # torchrun by hand, the variable on every node
+    assert parse_args(required).mlflow_run_id == "from-env"
+    assert parse_args([*required, "--mlflow-run-id", "given"]).mlflow_run_id == "given"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:1")  # never contacted: not used
+    run = training_run(True, run_id="0" * 32, tracking_uri="sqlite:///:memory:")
+    try:
+        assert isinstance(run, TrainingRun) and run.run_id == "0" * 32
+        assert run._tracking_uri == "sqlite:///:memory:"
+    finally:
+        run.close(timeout=5)

@@ -1,0 +1,171 @@
+"""Runs by id through `MlflowClient`: the Tracker (one server, one experiment) and StageRun.
+
+Everything goes through `MlflowClient` with explicit run ids, never MLflow's "active run": stages
+run in Prefect tasks and training in other processes, where a thread-local active run would point
+at the wrong run or at none.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from storage.errors import GptpipeError, first_line
+from storage.tracking.health import check_health
+from storage.tracking.naming import DEFAULT_EXPERIMENT
+from storage.tracking.params import flatten_params
+from storage.tracking.redact import redact
+
+PARENT_TAG = "mlflow.parentRunId"
+
+
+def _client(tracking_uri: str | None):
+    from mlflow.tracking import MlflowClient
+
+    # the registry lives on the tracking server too (MLflow may default it elsewhere)
+    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+
+class Tracker:
+    """An MLflow client bound to one tracking server and experiment."""
+
+    def __init__(self, tracking_uri: str | None = None, experiment: str = DEFAULT_EXPERIMENT):
+        import mlflow
+
+        self.tracking_uri = tracking_uri or mlflow.get_tracking_uri()
+        self.experiment = experiment
+        self.client = _client(self.tracking_uri)
+        self._experiment_id: str | None = None
+
+    @property
+    def experiment_id(self) -> str:
+        if self._experiment_id is None:
+            found = self.client.get_experiment_by_name(self.experiment)
+            self._experiment_id = (
+                found.experiment_id if found else self.client.create_experiment(self.experiment)
+            )
+        return self._experiment_id
+
+    def check(self) -> None:
+        """Fail early, with one line, when the tracking server cannot be used.
+
+        A server is first asked for /health with a short timeout: MLflow's own client retries a
+        dead server with backoff for minutes before it gives up.
+        """
+        if self.tracking_uri.startswith(("http://", "https://")):
+            check_health(self.tracking_uri)
+        try:
+            self.experiment_id  # noqa: B018 - a real round trip
+        except Exception as exc:
+            raise GptpipeError(
+                f"cannot use the MLflow tracking server at {redact(self.tracking_uri)}: "
+                f"{first_line(exc, limit=300)}"
+            ) from None
+
+    def start_run(self, name: str, parent_id: str | None = None, tags: dict | None = None) -> str:
+        all_tags = dict(tags or {})
+        if parent_id:
+            all_tags[PARENT_TAG] = parent_id
+        return self.client.create_run(self.experiment_id, tags=all_tags, run_name=name).info.run_id
+
+    def run_url(self, run_id: str) -> str | None:
+        """The run's page in the MLflow UI, when the tracking URI is a server."""
+        if self.tracking_uri.startswith(("http://", "https://")):
+            base = redact(self.tracking_uri).rstrip("/")
+            return f"{base}/#/experiments/{self.experiment_id}/runs/{run_id}"
+        return None
+
+    def stage_handle(self, run_id: str) -> StageRun:
+        """Log into an existing run."""
+        return StageRun(self, run_id)
+
+    @contextmanager
+    def stage(self, name: str, parent_id: str) -> Iterator[StageRun]:
+        """A nested run for one stage; FINISHED when the block ends, FAILED when it raises."""
+        run = StageRun(self, self.start_run(name, parent_id))
+        start = time.perf_counter()
+        try:
+            yield run
+        except BaseException:
+            run.log_metrics({"duration_s": time.perf_counter() - start})
+            self.client.set_terminated(run.run_id, "FAILED")
+            raise
+        run.log_metrics({"duration_s": time.perf_counter() - start})
+        self.client.set_terminated(run.run_id, "FINISHED")
+
+
+class StageRun:
+    """Logging into one run by id."""
+
+    def __init__(self, tracker: Tracker, run_id: str):
+        self.tracker = tracker
+        self.client = tracker.client
+        self.run_id = run_id
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        flat = flatten_params(params)
+        items = [Param(k, v) for k, v in flat.items()]
+        for i in range(0, len(items), 100):  # MLflow takes at most 100 params a batch
+            self.client.log_batch(self.run_id, params=items[i : i + 100])
+
+    def log_metrics(self, metrics: dict[str, float], step: int = 0, synchronous: bool = True):
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        return self.client.log_batch(self.run_id, metrics=items, synchronous=synchronous)
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        for key, value in tags.items():
+            self.client.set_tag(self.run_id, key, str(value))
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self.client.log_text(self.run_id, text, artifact_file)
+
+    def log_dict(self, data: dict, artifact_file: str) -> None:
+        self.client.log_dict(self.run_id, data, artifact_file)
+
+    def log_artifact_bytes(self, data: bytes, artifact_file: str) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / Path(artifact_file).name
+            path.write_bytes(data)
+            parent = str(Path(artifact_file).parent)
+            self.client.log_artifact(self.run_id, str(path), None if parent == "." else parent)
+
+    def record_io(self, inputs: dict[str, dict], outputs: dict[str, dict]) -> None:
+        """Each input and output as params: <in|out>.<name>.uri / .sha256 / .bytes."""
+        params: dict[str, Any] = {}
+        for direction, refs in (("input", inputs), ("output", outputs)):
+            for name, ref in refs.items():
+                for key, value in ref.items():
+                    params[f"{direction}.{name}.{key}"] = redact(value) if key == "uri" else value
+        self.log_params(params)
+
+    def log_dataset(self, uri: str, name: str, digest: str, context: str) -> None:
+        """Register a dataset as the run's MLflow input, for lineage in the UI."""
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.entities import DatasetInput, InputTag
+
+        dataset = MetaDataset(_dataset_source(redact(uri)), name=name, digest=digest[:36])
+        entity = DatasetInput(
+            dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)]
+        )
+        self.client.log_inputs(self.run_id, datasets=[entity])
+
+
+def _dataset_source(uri: str):
+    from mlflow.data.http_dataset_source import HTTPDatasetSource
+    from mlflow.data.sources import LocalArtifactDatasetSource, S3ArtifactDatasetSource
+
+    if uri.startswith(("http://", "https://")):
+        return HTTPDatasetSource(uri)
+    if uri.startswith("s3://"):
+        return S3ArtifactDatasetSource(uri)
+    return LocalArtifactDatasetSource(os.path.abspath(uri))
