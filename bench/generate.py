@@ -31,9 +31,9 @@ import os
 import torch
 
 from bench.common import alternate, median
+from bench.lecture_reference import GPTLanguageModel
 from model.gpt import GPT
 from model.machine import cpu_description
-from tests.lecture_reference import GPTLanguageModel
 
 LECTURE_SHAPE = dict(vocab_size=65, block_size=256, n_embd=384, n_head=6, n_layer=6)
 

@@ -165,7 +165,7 @@ def check_ddp(device: torch.device, args) -> dict:
 
 
 def check_generate(device: torch.device, args) -> dict:
-    from tests.lecture_reference import GPTLanguageModel
+    from bench.lecture_reference import GPTLanguageModel
 
     torch.manual_seed(0)
     reference = GPTLanguageModel(**LECTURE_SHAPE, dropout=0.0).eval().to(device)

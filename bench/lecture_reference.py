@@ -9,8 +9,8 @@ expects.
 
 Only two things differ from the lecture file: the hyperparameters are constructor arguments
 instead of module globals, and the position indices are made on `idx.device` instead of a global
-`device`. Tests compare `model.gpt.GPT` against it; `bench/` imports it as
-`tests.lecture_reference` to time the per-head implementation.
+`device`. Tests compare `model.gpt.GPT` against it and `bench/` times the per-head
+implementation with it; it lives in bench/ because tests may import bench, never the other way.
 """
 
 from __future__ import annotations

@@ -50,7 +50,15 @@ def main() -> None:
     @flow(name="bench-tokenize")
     def timed(source: str, store: str, kind: str, shard_bytes: int) -> float:
         start = time.perf_counter()
-        tokenize(source, store, kind, 512 if kind == "bpe" else None, None, True, shard_bytes)
+        vocab_size = 512 if kind == "bpe" else None
+        tokenize(
+            source,
+            store,
+            tokenizer=kind,
+            vocab_size=vocab_size,
+            refresh=True,
+            shard_bytes=shard_bytes,
+        )
         return time.perf_counter() - start
 
     text = CORPUS.read_text(encoding="utf-8")

@@ -16,12 +16,12 @@ import contextlib
 import torch
 
 from bench.common import alternate, median
+from bench.lecture_reference import GPTLanguageModel
 from model.config import build_config
 from model.gpt import GPT
 from model.machine import cpu_description
 from model.precision import resolve_precision
 from model.train import make_optimizer
-from tests.lecture_reference import GPTLanguageModel
 
 # the batch size each config is benchmarked at (its preset's)
 CONFIGS = ("seed", "cpu", "lecture")

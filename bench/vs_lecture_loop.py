@@ -1,7 +1,7 @@
 """gptpipe's training loop against the lecture's model and loop, as separate runs, alternating.
 
 The lecture's side is its gpt.py training loop: `get_batch` stacking one window per sample in
-Python, the per-head model (tests/lecture_reference.py), AdamW, `loss.backward()`. gptpipe's side
+Python, the per-head model (bench/lecture_reference.py), AdamW, `loss.backward()`. gptpipe's side
 is `python -m model.train` on the same corpus and config. Both report steady-state tokens/s
 (evaluation excluded); the table gives medians over rounds and the ratio.
 
@@ -28,7 +28,7 @@ from model.machine import cpu_description
 
 def lecture_worker(preset: str, iters: int) -> float:
     """The lecture's loop, timed over its last 80% of iterations; returns tokens/s."""
-    from tests.lecture_reference import GPTLanguageModel
+    from bench.lecture_reference import GPTLanguageModel
 
     cfg = build_config(preset)
     text = CORPUS.read_text(encoding="utf-8")

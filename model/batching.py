@@ -13,13 +13,8 @@ from dataclasses import dataclass, field
 import torch
 
 from model.data import windows_at
-from model.dataset import TokenDataset, open_dataset
-
-
-def load_dataset(uri: str) -> TokenDataset:
-    """A dataset manifest or token file from the store, held in memory when it fits and streamed
-    by row group otherwise (see model.dataset)."""
-    return open_dataset(uri)
+from model.dataset import TokenDataset
+from storage.errors import GptpipeError
 
 
 def seed_for(*parts: int) -> int:
@@ -43,6 +38,14 @@ class BatchSampler:
     grad_accum_steps: int
     device: torch.device
     generator: torch.Generator = field(default_factory=torch.Generator)
+
+    def __post_init__(self) -> None:
+        for split, data in self.data.items():
+            if len(data) < self.block_size + 1:
+                raise GptpipeError(
+                    f"the {split} split has {len(data)} tokens, too few for "
+                    f"block_size={self.block_size}; need at least {self.block_size + 1}"
+                )
 
     def _take(self, split: str, seed: int, n_slices: int, slot: int):
         data = self.data[split]

@@ -6,7 +6,6 @@ pickled objects, so loading an untrusted file cannot run code.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import os
@@ -22,17 +21,11 @@ from typing import Any
 import torch
 
 import storage
-from model.errors import GptpipeError, first_line
+from storage.errors import GptpipeError, first_line
+from storage.local import atomic_write
 
 CHECKPOINT_NAME = "ckpt.pt"
 FORMAT_VERSION = 1
-
-
-def save_checkpoint(uri: str, payload: dict[str, Any]) -> None:
-    """Save and upload one checkpoint, waiting for the upload."""
-    writer = CheckpointWriter(uri)
-    writer.save(payload)
-    writer.finish()
 
 
 def local_copy_path(uri: str) -> Path:
@@ -62,23 +55,26 @@ class CheckpointWriter:
 
     def save(self, payload: dict[str, Any]) -> None:
         self.wait()  # one upload at a time; the last one is usually long done
-        tmp = self.local.with_name(f".{self.local.name}.tmp")
         try:
-            self.local.parent.mkdir(parents=True, exist_ok=True)
-            torch.save({"format_version": FORMAT_VERSION, **payload}, tmp)
-            os.replace(tmp, self.local)
-        except (OSError, RuntimeError) as exc:  # torch reports a full disk as a RuntimeError
-            with contextlib.suppress(OSError):
-                tmp.unlink(missing_ok=True)
-            reason = getattr(exc, "strerror", None) or first_line(exc)
-            raise GptpipeError(
-                f"could not write the checkpoint {self.local}: {reason} "
-                f"({_free_mb(self.local.parent):.1f} MB free on that disk)"
-            ) from None
+            with atomic_write(self.local, on_error=self._write_error) as f:
+                torch.save({"format_version": FORMAT_VERSION, **payload}, f)
+        except RuntimeError as exc:  # torch reports a full disk as a RuntimeError
+            raise self._write_error(exc) from None
         if self.remote:
             self._error = None
             self._upload = threading.Thread(target=self._put, daemon=True)
             self._upload.start()
+
+    def _write_error(self, exc: Exception) -> GptpipeError:
+        # torch.save turns the file's OSError (a full disk) into a RuntimeError, the OSError
+        # kept as its context: name the OSError's reason
+        if not isinstance(exc, OSError) and isinstance(exc.__context__, OSError):
+            exc = exc.__context__
+        reason = getattr(exc, "strerror", None) or first_line(exc)
+        return GptpipeError(
+            f"could not write the checkpoint {self.local}: {reason} "
+            f"({_free_mb(self.local.parent):.1f} MB free on that disk)"
+        )
 
     def _put(self) -> None:
         try:
@@ -124,6 +120,8 @@ def latest_checkpoint(uri: str, map_location: str | torch.device = "cpu") -> dic
 
 
 def load_checkpoint(uri: str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """The checkpoint at uri; one that is not a gptpipe checkpoint, or whose format_version is
+    newer than this gptpipe's FORMAT_VERSION, is a one-line GptpipeError."""
     raw = storage.get_bytes(uri)
     if not raw.startswith(b"PK\x03\x04"):  # torch.save writes a zip archive
         raise GptpipeError(f"{uri} is not a readable checkpoint (corrupt or truncated)")
@@ -139,6 +137,12 @@ def load_checkpoint(uri: str, map_location: str | torch.device = "cpu") -> dict[
         raise GptpipeError(
             f"{uri} is not a readable checkpoint (corrupt or truncated): {first}"
         ) from None
+    version = ckpt.get("format_version", FORMAT_VERSION) if isinstance(ckpt, dict) else None
+    if isinstance(version, int) and version > FORMAT_VERSION:
+        raise GptpipeError(
+            f"checkpoint {uri} has format_version {version}; this gptpipe reads up to "
+            f"{FORMAT_VERSION}: upgrade gptpipe"
+        )
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise GptpipeError(f"{uri} is not a gptpipe checkpoint (no model weights or config in it)")
     return ckpt

@@ -31,12 +31,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from model.errors import GptpipeError
+from storage.errors import GptpipeError
+from storage.local import atomic_write
 
-# The lecture's corpus; only fetched when the caller asks for a URL.
-TINY_SHAKESPEARE_URL = (
-    "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
-)
 DOWNLOAD_TIMEOUT_S = 30
 ROW_GROUP_SIZE = 1 << 20  # ~1M tokens (2 MiB of uint16) per row group
 FORMAT = "gptpipe-tokens-1"
@@ -220,13 +217,8 @@ def write_tokens(
     if not isinstance(where, str | os.PathLike):
         _write_chunks(chunks, where, schema, vocab_size, row_group_size, n_tokens)
         return
-    path = Path(where)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        _write_chunks(chunks, tmp, schema, vocab_size, row_group_size, n_tokens)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_write(where) as f:
+        _write_chunks(chunks, f, schema, vocab_size, row_group_size, n_tokens)
 
 
 def _check_ids(ids: Any) -> np.ndarray:
@@ -343,40 +335,6 @@ def split_tokens(ids: Any, val_fraction: float, block_size: int) -> tuple[Any, A
                 f"{'smaller' if part == 'train' else 'larger'} val_fraction"
             )
     return train, val
-
-
-def tokens_to_tensor(ids: np.ndarray) -> torch.Tensor:
-    """A 1-D int64 tensor of ``ids`` (one vectorised conversion from uint16/uint32 files)."""
-    return torch.from_numpy(np.asarray(ids).astype(np.int64, copy=False))
-
-
-def get_batch(
-    data: torch.Tensor,
-    batch_size: int,
-    block_size: int,
-    generator: torch.Generator,
-    device: str | torch.device = "cpu",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random (x, y) windows as the lecture's ``get_batch``, without a Python loop per sample.
-
-    ``data`` is a 1-D integer tensor on the CPU, ideally int64 (see ``tokens_to_tensor``); a
-    compact dtype such as uint16 also works and only the gathered windows are widened. ``x`` and
-    ``y`` are contiguous int64 (batch_size, block_size) tensors on ``device``, ``y`` being ``x``
-    shifted by one. Given the same ``generator`` state the windows equal the lecture's exactly,
-    since the start offsets come from the same ``torch.randint`` call.
-    """
-    if data.ndim != 1:
-        raise ValueError(f"data must be 1-D, got shape {tuple(data.shape)}")
-    if len(data) < block_size + 1:
-        raise GptpipeError(
-            f"{len(data)} tokens are too few for block_size={block_size}; need at least "
-            f"{block_size + 1}"
-        )
-    ix = torch.randint(len(data) - block_size, (batch_size,), generator=generator)
-    x, y = windows_at(data, ix, block_size)
-    if torch.device(device).type != "cpu":
-        return x.to(device), y.to(device)
-    return x, y
 
 
 def windows_at(

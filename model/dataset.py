@@ -26,9 +26,9 @@ import numpy as np
 import torch
 
 import storage
-from model.data import column_ids, open_token_file, read_tokens, windows_at, write_tokens
-from model.errors import GptpipeError
+from model.data import column_ids, open_token_file, windows_at, write_tokens
 from model.tokenizer import BPETokenizer, CharTokenizer
+from storage.errors import GptpipeError
 
 FORMAT = "gptpipe-dataset-1"
 # Row groups of sharded token files: 64Ki tokens (128 KiB of uint16) keeps a streamed window's
@@ -240,12 +240,3 @@ class TokenDataset:
 def open_dataset(uri: str, max_bytes: int | None = None) -> TokenDataset:
     """A dataset manifest (``.json``) or a single token file (``.parquet``) from the store."""
     return TokenDataset(read_manifest(uri), max_bytes)
-
-
-def dataset_ids(uri: str) -> np.ndarray:
-    """Every id of a dataset, in order, in their stored dtype."""
-    parts = []
-    for shard in read_manifest(uri)["shards"]:
-        with storage.open_read(shard["uri"]) as f:
-            parts.append(read_tokens(f)[0])
-    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint16)

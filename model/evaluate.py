@@ -57,14 +57,15 @@ def evaluate_checkpoint(
     The datasets are closed before it returns: it runs in long-lived processes (a Prefect
     worker, register evaluating past champions), where open shard files would pile up.
     """
-    from model.batching import BatchSampler, load_dataset
+    from model.batching import BatchSampler
+    from model.dataset import open_dataset
     from model.dist import DistInfo, pick_device
     from model.sample import load_model
 
     loaded = load_model(checkpoint_uri, device)
     info = DistInfo(rank=0, local_rank=0, world_size=1, device=pick_device(device))
     with contextlib.ExitStack() as stack:
-        data = {split: stack.enter_context(load_dataset(uri)) for split, uri in data_uris.items()}
+        data = {split: stack.enter_context(open_dataset(uri)) for split, uri in data_uris.items()}
         sampler = BatchSampler(
             data, batch_size, loaded.model.config.block_size, seed, 0, 1, 1, info.device
         )

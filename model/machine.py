@@ -9,6 +9,7 @@ than float32). Nothing here assumes one of them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -19,6 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from storage.errors import GptpipeError
+from storage.local import atomic_write
 
 # ----------------------------------------------------------------------------- cores
 
@@ -150,13 +154,9 @@ class MachineCache:
 
     def put(self, key: str, entry: dict[str, Any]) -> None:
         data = {**self._load(), key: entry}
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp.write_text(json.dumps(data, indent=1, sort_keys=True), encoding="utf-8")
-            os.replace(tmp, self.path)  # readers see the old file or the new one
-        except OSError:
-            tmp.unlink(missing_ok=True)
+        text = json.dumps(data, indent=1, sort_keys=True)
+        with contextlib.suppress(GptpipeError), atomic_write(self.path) as f:
+            f.write(text.encode("utf-8"))  # readers see the old file or the new one
 
 
 def machine_key(device: torch.device, *parts: object) -> str:

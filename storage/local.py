@@ -7,12 +7,12 @@ import os
 import secrets
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from model.errors import GptpipeError
+from storage.errors import GptpipeError
 
 _CHUNK = 1 << 20
 
@@ -41,19 +41,27 @@ def _create_temp(path: Path) -> tuple[int, Path]:
 
 
 @contextmanager
-def _open_atomic(path: Path) -> Iterator[BinaryIO]:
-    """A temporary file beside ``path``, renamed onto it only if the block completes.
+def atomic_write(
+    path: Path | str, on_error: Callable[[OSError], GptpipeError] | None = None
+) -> Iterator[BinaryIO]:
+    """``with atomic_write(path) as f:`` - the one way gptpipe writes a local file all or nothing.
 
-    An OSError while writing - in the block (a full disk under a Parquet writer), syncing or
-    renaming - becomes a one-line GptpipeError; any other exception from the block (say a
+    ``f`` is a new temporary file beside ``path`` (made with mode 0666 less the umask, see
+    ``_create_temp``; the folder is created if needed), flushed, fsynced and renamed onto
+    ``path`` only if the block completes, so a reader sees the old file or the new one, never a
+    half-written one. An OSError while writing - in the block (a full disk under a Parquet
+    writer), syncing or renaming - becomes ``on_error(exc)``, by default the one-line
+    GptpipeError "could not write PATH: REASON"; any other exception from the block (say a
     GptpipeError for bad input) passes through unchanged. Either way the temporary file is
     removed and the old file, if any, is left as it was.
     """
+    path = Path(path)
+    fail = on_error or (lambda exc: _write_error(path, exc))
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = _create_temp(path)
     except OSError as exc:
-        raise _write_error(path, exc) from None
+        raise fail(exc) from None
     try:
         with os.fdopen(fd, "w+b") as f:
             yield f
@@ -61,20 +69,15 @@ def _open_atomic(path: Path) -> Iterator[BinaryIO]:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as exc:
-        raise _write_error(path, exc) from None
+        raise fail(exc) from None
     finally:
         tmp.unlink(missing_ok=True)
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Write ``path`` all or nothing with ``write(f)``; a failed write is a GptpipeError."""
-    with _open_atomic(path) as f:
-        write(f)
-
-
 class LocalBackend:
     def put_bytes(self, path: Path, data: bytes) -> None:
-        _atomic_write(path, lambda f: f.write(data))
+        with atomic_write(path) as f:
+            f.write(data)
 
     def put_file(self, path: Path, source: Path) -> None:
         try:
@@ -83,8 +86,8 @@ class LocalBackend:
             raise GptpipeError(
                 f"could not write {path}: cannot read {source}: {exc.strerror or exc}"
             ) from None
-        with src:
-            _atomic_write(path, lambda f: shutil.copyfileobj(src, f, _CHUNK))
+        with src, atomic_write(path) as f:
+            shutil.copyfileobj(src, f, _CHUNK)
 
     def get_bytes(self, path: Path) -> bytes:
         try:
@@ -136,7 +139,7 @@ class LocalBackend:
 
     def open_write(self, path: Path) -> AbstractContextManager[BinaryIO]:
         """A temporary file beside ``path``, renamed onto it only if the block completes."""
-        return _open_atomic(path)
+        return atomic_write(path)
 
     def arrow_filesystem(self, path: Path) -> tuple[Any, str]:
         from pyarrow import fs as pafs

@@ -45,8 +45,8 @@ from boto3.exceptions import RetriesExceededError, S3UploadFailedError
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 
-from model.errors import GptpipeError
-from storage.local import _atomic_write
+from storage.errors import GptpipeError
+from storage.local import atomic_write
 
 MiB = 1 << 20
 # Objects up to MULTIPART_THRESHOLD go up in one PUT, larger ones in MULTIPART_CHUNKSIZE parts
@@ -399,7 +399,8 @@ class S3Backend:
             with _errors(loc, conn):
                 conn.client.download_fileobj(loc.bucket, loc.key, f, Config=_transfer_config())
 
-        _atomic_write(dest, download)
+        with atomic_write(dest) as f:
+            download(f)
 
     def exists(self, uri: str) -> bool:
         """An object, a bucket (bare s3://bucket) or a "folder" (a prefix with objects under it)

@@ -4,10 +4,11 @@ import pytest
 import torch
 
 import storage
-from model.checkpoint import FORMAT_VERSION, load_checkpoint, save_checkpoint
+from model import checkpoint
+from model.checkpoint import FORMAT_VERSION, CheckpointWriter, load_checkpoint
 from model.config import GPTConfig
-from model.errors import GptpipeError, first_line
 from model.gpt import GPT
+from storage.errors import GptpipeError, first_line
 
 
 def payload() -> dict:
@@ -23,6 +24,13 @@ def payload() -> dict:
         "losses": [2.5, 2.25],
         "tokenizer": '{"kind": "char"}',
     }
+
+
+def save_checkpoint(uri: str, payload: dict) -> None:
+    """Save as training does: rank 0's writer, waiting for the (local: no) upload."""
+    writer = CheckpointWriter(uri)
+    writer.save(payload)
+    writer.finish()
 
 
 @pytest.fixture
@@ -82,6 +90,45 @@ def test_a_folder_that_cannot_be_made_is_a_one_line_error():
         "could not write the checkpoint /proc/gptpipe-out/ckpt.pt: No such file or directory "
         "(0.0 MB free on that disk)"
     )
+
+
+# ----------------------------------------------------------------------------- format_version
+
+
+@pytest.fixture
+def newer(tmp_path, monkeypatch) -> str:
+    """A real checkpoint, written by a gptpipe whose FORMAT_VERSION is one higher."""
+    uri = str(tmp_path / "ckpt.pt")
+    with monkeypatch.context() as patch:
+        patch.setattr(checkpoint, "FORMAT_VERSION", FORMAT_VERSION + 1)
+        save_checkpoint(uri, payload())
+    return uri
+
+
+def test_a_checkpoint_of_a_newer_format_is_a_one_line_error(newer):
+    assert load_error(newer) == (
+        f"checkpoint {newer} has format_version {FORMAT_VERSION + 1}; this gptpipe reads up to "
+        f"{FORMAT_VERSION}: upgrade gptpipe"
+    )
+
+
+def test_a_checkpoint_of_an_older_or_the_current_format_loads(saved, tmp_path):
+    uri, _ = saved
+    assert load_checkpoint(uri)["format_version"] == FORMAT_VERSION
+    old = tmp_path / "old.pt"
+    torch.save({"format_version": FORMAT_VERSION - 1, **payload()}, old)
+    assert load_checkpoint(str(old))["step"] == 123
+
+
+def test_the_cli_reports_a_newer_format_in_one_line(newer, capsys):
+    from flows.cli import main
+
+    assert main(["sample", "--checkpoint", newer, "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == [
+        f"error: checkpoint {newer} has format_version {FORMAT_VERSION + 1}; this gptpipe reads "
+        f"up to {FORMAT_VERSION}: upgrade gptpipe"
+    ]
 
 
 def test_first_line_of_an_error():

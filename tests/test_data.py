@@ -12,20 +12,19 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from model.batching import BatchSampler
+from model.batching import BatchSampler, seed_for
 from model.data import (
     ROW_GROUP_SIZE,
     decode_corpus,
-    get_batch,
     load_text,
     read_tokens,
     sha256_bytes,
     split_tokens,
-    tokens_to_tensor,
     write_tokens,
 )
-from model.errors import GptpipeError
+from model.dataset import open_dataset
 from model.tokenizer import CharTokenizer
+from storage.errors import GptpipeError
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 
@@ -289,35 +288,48 @@ def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def test_get_batch_equals_the_lecture(corpus_ids):
-    data = tokens_to_tensor(corpus_ids)
-    assert data.dtype == torch.int64
-    ours, theirs = _gen(1337), _gen(1337)
-    for _ in range(3):
-        x, y = get_batch(data, 32, 64, ours)
-        lx, ly = _lecture_get_batch(data, 32, 64, theirs)
-        assert torch.equal(x, lx) and torch.equal(y, ly)
+CPU = torch.device("cpu")
+
+
+def _sampler(data, batch_size: int, block_size: int, seed: int) -> BatchSampler:
+    """One rank's sampler, as training builds it for a single process."""
+    return BatchSampler({"train": data}, batch_size, block_size, seed, 0, 1, 1, CPU)
+
+
+@pytest.mark.parametrize("max_bytes", [None, 1], ids=["resident", "streamed"])
+def test_batches_equal_the_lecture(corpus_ids, tmp_path, max_bytes):
+    """The batches training draws (a token file opened as training opens it, held in memory or
+    streamed by row group) are the lecture's windows for the same generator state."""
+    path = tmp_path / "train.parquet"
+    write_tokens(corpus_ids, path, _meta(corpus_ids), row_group_size=65_536)
+    lecture_data = torch.from_numpy(corpus_ids.astype(np.int64))
+    with open_dataset(str(path), max_bytes) as dataset:
+        assert dataset.streaming == (max_bytes is not None)
+        sampler = _sampler(dataset, 32, 64, seed=1337)
+        for step in range(3):
+            x, y = sampler.train_batch(step, 0)
+            lx, ly = _lecture_get_batch(lecture_data, 32, 64, _gen(seed_for(1337, step)))
+            assert torch.equal(x, lx) and torch.equal(y, ly)
     assert x.shape == y.shape == (32, 64)
     assert x.dtype == y.dtype == torch.int64
     assert x.is_contiguous() and y.is_contiguous()
     assert torch.equal(x[:, 1:], y[:, :-1])
 
 
-def test_get_batch_accepts_uint16(corpus_ids):
-    wide = tokens_to_tensor(corpus_ids)
+def test_batches_accept_uint16(corpus_ids):
+    wide = torch.from_numpy(corpus_ids.astype(np.int64))
     narrow = torch.from_numpy(corpus_ids.astype(np.uint16))
-    x, y = get_batch(narrow, 4, 16, _gen(5))
-    wx, wy = get_batch(wide, 4, 16, _gen(5))
+    x, y = _sampler(narrow, 4, 16, seed=5).train_batch(0, 0)
+    wx, wy = _sampler(wide, 4, 16, seed=5).train_batch(0, 0)
     assert x.dtype == torch.int64 and torch.equal(x, wx) and torch.equal(y, wy)
 
 
 def test_sampler_ranks_slice_one_global_batch(corpus_ids):
     """2 ranks of batch B together see exactly the windows 1 rank of batch 2B sees."""
-    data = {"train": tokens_to_tensor(corpus_ids)}
-    cpu = torch.device("cpu")
+    data = {"train": torch.from_numpy(corpus_ids.astype(np.int64))}
 
     def sampler(batch_size, rank, world_size, accum=1, seed=7):
-        return BatchSampler(data, batch_size, 32, seed, rank, world_size, accum, cpu)
+        return BatchSampler(data, batch_size, 32, seed, rank, world_size, accum, CPU)
 
     whole = sampler(8, 0, 1).train_batch(step=3, micro=0)[0]
     halves = [sampler(4, r, 2).train_batch(step=3, micro=0)[0] for r in (0, 1)]
@@ -329,8 +341,8 @@ def test_sampler_ranks_slice_one_global_batch(corpus_ids):
     assert not torch.equal(sampler(8, 0, 1, seed=8).train_batch(3, 0)[0], whole)
 
 
-def test_get_batch_too_little_data():
-    with pytest.raises(GptpipeError, match="too few"):
-        get_batch(torch.arange(8), 2, 8, _gen(0))
-    x, y = get_batch(torch.arange(9), 2, 8, _gen(0))  # exactly one window
+def test_batches_from_too_little_data():
+    with pytest.raises(GptpipeError, match="the train split has 8 tokens, too few"):
+        _sampler(torch.arange(8), 2, 8, seed=0)
+    x, y = _sampler(torch.arange(9), 2, 8, seed=0).train_batch(0, 0)  # exactly one window
     assert torch.equal(x[0], torch.arange(8)) and torch.equal(y[0], torch.arange(1, 9))

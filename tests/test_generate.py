@@ -9,9 +9,9 @@ cache can no longer be used.
 import pytest
 import torch
 
+from bench.lecture_reference import GPTLanguageModel
 from model.config import GPTConfig
 from model.gpt import GPT, KVCache
-from tests.lecture_reference import GPTLanguageModel
 
 SEED_SHAPE = dict(vocab_size=65, block_size=8, n_embd=64, n_head=4, n_layer=4)
 OTHER_SHAPE = dict(vocab_size=50, block_size=16, n_embd=32, n_head=2, n_layer=3)

@@ -5,10 +5,10 @@ import dataclasses
 import pytest
 import torch
 
+from bench.lecture_reference import GPTLanguageModel
 from model.config import GPTConfig
-from model.errors import GptpipeError
 from model.gpt import GPT
-from tests.lecture_reference import GPTLanguageModel
+from storage.errors import GptpipeError
 
 SEED_SHAPE = dict(vocab_size=65, block_size=8, n_embd=64, n_head=4, n_layer=4)
 LECTURE_SHAPE = dict(vocab_size=65, block_size=256, n_embd=384, n_head=6, n_layer=6)
