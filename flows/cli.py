@@ -8,8 +8,8 @@ import os
 import sys
 import textwrap
 
-from model.errors import GptpipeError
 from model.exit import skip_last_collections
+from storage.errors import GptpipeError
 
 EXAMPLES = {
     "run": """\
@@ -289,11 +289,11 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
         shard_bytes=args.shard_size or DEFAULT_SHARD_BYTES,
         refresh=args.refresh,
     )
-    meta, outputs = result["metadata"], result["outputs"]
+    meta = result.metadata
     print(
         f"\n{meta['n_tokens']:,} {meta['tokenizer']} tokens (vocab {meta['vocab_size']}) in "
-        f"{meta['n_shards']} shard(s){' (cached)' if result['cached'] else ''}\n"
-        f"  dataset    {outputs['tokens']['uri']}\n  tokenizer  {outputs['tokenizer']['uri']}",
+        f"{meta['n_shards']} shard(s){' (cached)' if result.cached else ''}\n"
+        f"  dataset    {result.tokens.uri}\n  tokenizer  {result.tokenizer.uri}",
         flush=True,
     )
     return 0
@@ -364,8 +364,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from model.sample import load_model, sample_text
 
     if args.model:
-        from storage.registry import FetchedCheckpoint
         from storage.tracking import Tracker
+        from tasks.registry import FetchedCheckpoint
 
         with FetchedCheckpoint(Tracker(args.tracking_uri), args.model) as path:
             loaded = load_model(path, args.device)
@@ -374,10 +374,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
     text, notes = sample_text(
         loaded,
         args.prompt,
-        args.max_new_tokens,
-        args.temperature,
-        args.top_k,
-        args.seed,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        seed=args.seed,
     )
     for note in notes:
         print(f"note: {note}", file=sys.stderr)

@@ -26,6 +26,7 @@ from tasks.tokenize import source_parameter
 @flow(name="nightly-retrain")
 def nightly_retrain(
     source: str | None = None,
+    *,
     preset: str | None = None,
     overrides: list[str] | None = None,
     nproc: int = 1,

@@ -9,18 +9,20 @@ import json
 import os
 import secrets
 import time
+from dataclasses import dataclass
 
 from prefect import flow, get_run_logger
 
 import storage
 from flows.defaults import DEFAULT_STORE, TINY_SHAKESPEARE_URL
-from model.config import config_from_dict
+from model.config import TrainConfig, config_from_dict
 from model.corpus import DEFAULT_SHARD_BYTES
-from storage.registry import warm_up_in_background
 from storage.tracking import DEFAULT_EXPERIMENT, Tracker, model_name_for, redact
 from tasks.cache import check_refresh
 from tasks.evaluate import evaluate
 from tasks.register import register_model
+from tasks.registry import warm_up_in_background
+from tasks.results import RunPlace, SamplingSettings, Tracking
 from tasks.sample import sample
 from tasks.split import split
 from tasks.tokenize import SourceURL, reveal, tokenize
@@ -34,6 +36,7 @@ def new_run_id() -> str:
 @flow(name="gptpipe-pipeline")
 def pipeline(
     source: str | SourceURL = TINY_SHAKESPEARE_URL,
+    *,
     config: dict | None = None,
     store: str = DEFAULT_STORE,
     nproc: int = 1,
@@ -67,15 +70,32 @@ def pipeline(
     parent_id = tracker.start_run(
         run_id, tags={"gptpipe.run_id": run_id, "gptpipe.store": redact(run_uri)}
     )
-    tracking = {"uri": tracker.tracking_uri, "experiment": experiment, "parent_id": parent_id}
+    place = RunPlace(
+        run_id=run_id,
+        store=store,
+        tracking=Tracking(uri=tracker.tracking_uri, experiment=experiment, parent_id=parent_id),
+    )
     parent = tracker.stage_handle(parent_id)
-    parent.log_params({**cfg.to_dict(), "source": redact(url), "nproc": nproc,
-                       "store": redact(run_uri)})  # fmt: skip
+    shown = {"source": redact(url), "nproc": nproc, "store": redact(run_uri)}
+    parent.log_params({**cfg.to_dict(), **shown})
     logger.info("run %s -> %s (MLflow run %s)", run_id, run_uri, parent_id)
+    options = StageOptions(
+        nproc=nproc,
+        resume=resume,
+        refresh=frozenset(check_refresh(refresh or [])),
+        shard_bytes=shard_bytes,
+        val_shards=val_shards,
+    )
+    sampling = SamplingSettings(prompt=prompt, max_new_tokens=sample_tokens, seed=cfg.seed)
     try:
-        summary = _stages(cfg, url, store, run_uri, run_id, nproc, prompt, sample_tokens,
-                          tracking, model_name, check_refresh(refresh or []), resume,
-                          shard_bytes, val_shards)  # fmt: skip
+        summary = _stages(
+            cfg,
+            url,
+            place=place,
+            options=options,
+            sampling=sampling,
+            model_name=model_name or model_name_for(url, cfg.tokenizer),
+        )
     except BaseException:
         tracker.client.set_terminated(parent_id, "FAILED")
         raise
@@ -131,8 +151,8 @@ def publish_report(summary: dict) -> None:
 
 
 def _check_prompt(prompt: str, tokenizer_uri: str) -> None:
-    from model.errors import GptpipeError
     from model.tokenizer import tokenizer_from_json
+    from storage.errors import GptpipeError
 
     unknown = tokenizer_from_json(storage.get_bytes(tokenizer_uri).decode()).unknown_chars(prompt)
     if unknown:
@@ -140,65 +160,100 @@ def _check_prompt(prompt: str, tokenizer_uri: str) -> None:
         raise GptpipeError(f"--prompt has characters the tokenizer does not know: {shown}")
 
 
-def _stages(cfg, source, store, run_uri, run_id, nproc, prompt, sample_tokens, tracking,
-            model_name, refresh, resume, shard_bytes, val_shards):  # fmt: skip
-    tokenized = tokenize(source, store, cfg.tokenizer, cfg.vocab_size, tracking,
-                         refresh="tokenize" in refresh, shard_bytes=shard_bytes)  # fmt: skip
-    tokens, tokenizer = tokenized["outputs"]["tokens"], tokenized["outputs"]["tokenizer"]
-    _check_prompt(prompt, tokenizer["uri"])  # before training, not after it
-    splits = split(tokens, store, cfg.val_fraction, cfg.block_size, tracking,
-                   refresh="split" in refresh, val_shards=val_shards)  # fmt: skip
-    train_uri, val_uri = splits["outputs"]["train"]["uri"], splits["outputs"]["val"]["uri"]
-    trained = train(cfg.to_dict(), splits, tokenizer, store, nproc, resume=resume,
-                    tracking=tracking, refresh="train" in refresh)  # fmt: skip
-    checkpoint_uri = trained["checkpoint"]
-    evaluated = evaluate(
-        checkpoint_uri, train_uri, val_uri, cfg.eval_iters, cfg.batch_size, cfg.seed, tracking
+@dataclass(frozen=True)
+class StageOptions:
+    """How the stages run: ranks, resume, which caches to ignore, how the data is cut."""
+
+    nproc: int = 1
+    resume: bool = False
+    refresh: frozenset[str] = frozenset()
+    shard_bytes: int = DEFAULT_SHARD_BYTES
+    val_shards: int = 0
+
+
+def _stages(
+    cfg: TrainConfig,
+    source: str,
+    *,
+    place: RunPlace,
+    options: StageOptions,
+    sampling: SamplingSettings,
+    model_name: str,
+) -> dict:
+    """Every stage in order; the run's summary (summary.json's shape)."""
+    tracking, refresh = place.tracking, options.refresh
+    tokenized = tokenize(
+        source,
+        place.store,
+        tokenizer=cfg.tokenizer,
+        vocab_size=cfg.vocab_size,
+        tracking=tracking,
+        refresh="tokenize" in refresh,
+        shard_bytes=options.shard_bytes,
     )
-    sampled = sample(checkpoint_uri, run_uri, prompt, sample_tokens, seed=cfg.seed,
-                     tracking=tracking)  # fmt: skip
+    _check_prompt(sampling.prompt, tokenized.tokenizer.uri)  # before training, not after it
+    splits = split(
+        tokenized.tokens,
+        place.store,
+        val_fraction=cfg.val_fraction,
+        block_size=cfg.block_size,
+        val_shards=options.val_shards,
+        tracking=tracking,
+        refresh="split" in refresh,
+    )
+    trained = train(
+        cfg.to_dict(),
+        splits,
+        tokenizer=tokenized.tokenizer,
+        store=place.store,
+        nproc=options.nproc,
+        resume=options.resume,
+        tracking=tracking,
+        refresh="train" in refresh,
+    )
+    evaluated = evaluate(
+        trained.checkpoint,
+        splits,
+        eval_iters=cfg.eval_iters,
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
+        tracking=tracking,
+    )
+    sampled = sample(trained.checkpoint, place.run_uri, settings=sampling, tracking=tracking)
     registered = register_model(
         tracking,
-        model_name or model_name_for(source, cfg.tokenizer),
-        trained["model_uri"],
-        trained["mlflow_run_id"],
-        evaluated["val_loss"],
-        val_uri,
-        tokenizer["uri"],
-        cfg.eval_iters,
-        cfg.batch_size,
-        cfg.seed,
-        run_id,
+        model_name,
+        trained=trained,
+        evaluated=evaluated,
+        splits=splits,
+        tokenizer=tokenized.tokenizer,
+        run_id=place.run_id,
     )
     return {
-        "run_id": run_id,
-        "run_uri": run_uri,
+        "run_id": place.run_id,
+        "run_uri": place.run_uri,
         "source": redact(source),
         "config": cfg.to_dict(),
-        "world_size": trained["world_size"],
-        "n_params": trained["n_params"],
-        "train_loss": evaluated["train_loss"],
-        "val_loss": evaluated["val_loss"],
+        "world_size": trained.world_size,
+        "n_params": trained.n_params,
+        "train_loss": evaluated.train_loss,
+        "val_loss": evaluated.val_loss,
         "outputs": {
-            "tokenizer": tokenizer["uri"],
-            "tokens": tokens["uri"],
-            "train": train_uri,
-            "val": val_uri,
-            "checkpoint": checkpoint_uri,
-            "samples": sampled["outputs"]["samples"]["uri"],
+            "tokenizer": tokenized.tokenizer.uri,
+            "tokens": tokenized.tokens.uri,
+            "train": splits.train.uri,
+            "val": splits.val.uri,
+            "checkpoint": trained.checkpoint.uri,
+            "samples": sampled.samples.uri,
         },
-        "sample": sampled["text"],
-        "cached": {
-            "tokenize": tokenized["cached"],
-            "split": splits["cached"],
-            "train": trained["cached"],
-        },  # fmt: skip
-        "model": {**registered, "uri": trained["model_uri"]},
+        "sample": sampled.text,
+        "cached": {"tokenize": tokenized.cached, "split": splits.cached, "train": trained.cached},
+        "model": {**registered.to_dict(), "uri": trained.model_uri},
         "stages": {
-            "tokenize": tokenized,
-            "split": splits,
-            "train": {k: v for k, v in trained.items() if k != "history"},
-            "evaluate": evaluated,
-            "sample": {k: v for k, v in sampled.items() if k != "text"},
+            "tokenize": tokenized.to_dict(),
+            "split": splits.to_dict(),
+            "train": trained.to_dict(history=False),
+            "evaluate": evaluated.to_dict(),
+            "sample": sampled.to_dict(text=False),
         },
     }

@@ -14,23 +14,32 @@ from prefect import flow
 import storage
 from flows.defaults import DEFAULT_STORE
 from model.corpus import DEFAULT_SHARD_BYTES
+from tasks.results import TokenizeResult
 from tasks.tokenize import BPE_SAMPLE_BYTES, SourceURL, tokenize
 
 
 @flow(name="gptpipe-tokenize")
 def tokenize_corpus(
     source: str | SourceURL,
+    *,
     store: str = DEFAULT_STORE,
     tokenizer: str = "char",
     vocab_size: int | None = None,
     shard_bytes: int = DEFAULT_SHARD_BYTES,
     refresh: bool = False,
     bpe_sample_bytes: int = BPE_SAMPLE_BYTES,
-) -> dict:
-    """Tokenize ``source`` into a sharded dataset in ``store``; returns the stage's manifest.
+) -> TokenizeResult:
+    """Tokenize ``source`` into a sharded dataset in ``store``: the dataset and its tokenizer.
 
     A ``source`` URL with credentials comes as a SourceURL, which Prefect stores without them.
     """
     storage.preflight(store)
-    return tokenize(source, store, tokenizer, vocab_size, None, refresh, shard_bytes,
-                    bpe_sample_bytes)  # fmt: skip
+    return tokenize(
+        source,
+        store,
+        tokenizer=tokenizer,
+        vocab_size=vocab_size,
+        refresh=refresh,
+        shard_bytes=shard_bytes,
+        bpe_sample_bytes=bpe_sample_bytes,
+    )

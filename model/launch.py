@@ -12,14 +12,15 @@ import os
 import subprocess
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 import storage
 from model.config import TrainConfig
-from model.errors import GptpipeError
-from model.train import SUMMARY_NAME
-from storage.tracking import TRACK_STDOUT_ENV, TrainingRun
+from model.train import SUMMARY_NAME, TRACK_STDOUT_ARG
+from storage.errors import GptpipeError
+from storage.tracking import TrainingRun
 
 # How long a child that was told to stop (SIGTERM) gets before it is killed; torchrun passes the
 # signal on to its ranks and waits for them
@@ -44,101 +45,103 @@ def check_nproc(nproc: int, device: str = "auto") -> None:
 RDZV_BACKENDS = ("c10d", "static")
 
 
-def train_command(
-    nproc: int,
-    nnodes: int = 1,
-    node_rank: int = 0,
-    rdzv_endpoint: str | None = None,
-    rdzv_id: str = "gptpipe",
-    rdzv_backend: str = "c10d",
-) -> list[str]:
-    """The launcher: nproc ranks on this machine, times nnodes machines when nnodes > 1.
+@dataclass(frozen=True)
+class Rendezvous:
+    """Where the nodes of a multi-node training meet: torchrun's rendezvous (one node: unused).
 
-    Several nodes meet through torchrun's rendezvous at rdzv_endpoint (HOST:PORT, the same on
-    every node). With the c10d backend (torchrun's documented, fault-tolerant way) the store is
-    hosted by the node whose address is HOST and global ranks are assigned at the rendezvous, so
-    node_rank is not passed (torchrun ignores it there). With the static backend node_rank R
-    gets global ranks R*nproc .. R*nproc+nproc-1: node 0 holds rank 0, which writes the outputs.
+    Several nodes meet at ``endpoint`` (HOST:PORT, the same on every node). With the c10d backend
+    (torchrun's documented, fault-tolerant way) the store is hosted by the node whose address is
+    HOST and global ranks are assigned at the rendezvous, so node_rank is not passed (torchrun
+    ignores it there). With the static backend node_rank R gets global ranks R*nproc ..
+    R*nproc+nproc-1: node 0 holds rank 0, which writes the outputs.
     """
-    if nnodes > 1:
-        return [sys.executable, "-m", "torch.distributed.run",
-                *multinode_args(nnodes, node_rank, rdzv_endpoint, rdzv_id, rdzv_backend),
-                f"--nproc_per_node={nproc}", "-m", "model.train"]  # fmt: skip
+
+    nnodes: int = 1
+    node_rank: int = 0
+    endpoint: str | None = None
+    id: str = "gptpipe"
+    backend: str = "c10d"
+
+    def torchrun_args(self) -> list[str]:
+        """torchrun's flags for this node; checks them with one-line errors."""
+        if self.backend not in RDZV_BACKENDS:
+            raise GptpipeError(
+                f"rdzv_backend must be one of {', '.join(RDZV_BACKENDS)}, got {self.backend!r}"
+            )
+        if not 0 <= self.node_rank < self.nnodes:
+            raise GptpipeError(f"node_rank must be in 0..{self.nnodes - 1}, got {self.node_rank}")
+        host, sep, port = (self.endpoint or "").rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise GptpipeError(
+                f"training on {self.nnodes} nodes needs rdzv_endpoint HOST:PORT (the same on "
+                f"every node), got {self.endpoint!r}"
+            )
+        args = [
+            f"--nnodes={self.nnodes}",
+            f"--rdzv_backend={self.backend}",
+            f"--rdzv_endpoint={self.endpoint}",
+        ]
+        if self.backend == "static":
+            return [*args, f"--node_rank={self.node_rank}"]
+        return [*args, f"--rdzv_id={self.id}"]
+
+
+ONE_NODE = Rendezvous()
+
+
+def train_command(nproc: int, rendezvous: Rendezvous = ONE_NODE) -> list[str]:
+    """The launcher: nproc ranks on this machine, times the rendezvous' nodes if there are more."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run"]
+    entry = [f"--nproc_per_node={nproc}", "-m", "model.train"]
+    if rendezvous.nnodes > 1:
+        return [*torchrun, *rendezvous.torchrun_args(), *entry]
     if nproc == 1:
         return [sys.executable, "-m", "model.train"]
-    return [
-        sys.executable, "-m", "torch.distributed.run",
-        "--standalone", f"--nproc_per_node={nproc}", "-m", "model.train",
-    ]  # fmt: skip
-
-
-def multinode_args(
-    nnodes: int, node_rank: int, rdzv_endpoint: str | None, rdzv_id: str, rdzv_backend: str
-) -> list[str]:
-    """torchrun's flags for one node of nnodes; checks them with one-line errors."""
-    if rdzv_backend not in RDZV_BACKENDS:
-        raise GptpipeError(
-            f"rdzv_backend must be one of {', '.join(RDZV_BACKENDS)}, got {rdzv_backend!r}"
-        )
-    if not 0 <= node_rank < nnodes:
-        raise GptpipeError(f"node_rank must be in 0..{nnodes - 1}, got {node_rank}")
-    host, sep, port = (rdzv_endpoint or "").rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise GptpipeError(
-            f"training on {nnodes} nodes needs rdzv_endpoint HOST:PORT (the same on every "
-            f"node), got {rdzv_endpoint!r}"
-        )
-    args = [f"--nnodes={nnodes}", f"--rdzv_backend={rdzv_backend}",
-            f"--rdzv_endpoint={rdzv_endpoint}"]  # fmt: skip
-    if rdzv_backend == "static":
-        return [*args, f"--node_rank={node_rank}"]
-    return [*args, f"--rdzv_id={rdzv_id}"]
+    return [*torchrun, "--standalone", *entry]
 
 
 def launch_training(
     cfg: TrainConfig,
+    out_uri: str,
+    *,
     train_uri: str,
     val_uri: str,
     tokenizer_uri: str,
-    out_uri: str,
     nproc: int = 1,
     resume: bool = False,
     on_line: Callable[[str], None] = print,
     extra_env: dict[str, str] | None = None,
-    nnodes: int = 1,
-    node_rank: int = 0,
-    rdzv_endpoint: str | None = None,
-    rdzv_id: str = "gptpipe",
-    rdzv_backend: str = "c10d",
+    rendezvous: Rendezvous = ONE_NODE,
     mlflow_run: tuple[str, str] | None = None,
 ) -> dict:
     """Run training to the end, passing each output line to on_line; return its summary.
 
-    mlflow_run: (tracking URI, run id) of the MLflow run to log training into. Rank 0 then prints
-    its tracking calls (`storage.tracking.LineRun`) and this process sends them, from a thread
-    (training never waits on MLflow), so the training processes need not load MLflow. After the
-    training this waits on MLflow `storage.tracking.CLOSE_TIMEOUT_S` (60 s) at most.
+    mlflow_run: (tracking URI, run id) of the MLflow run to log training into. Rank 0 is then
+    told (`--track-stdout`) to print its tracking calls (`storage.tracking.LineRun`) and this
+    process sends them, from a thread (training never waits on MLflow), so the training
+    processes need not load MLflow. After the training this waits on MLflow
+    `storage.tracking.CLOSE_TIMEOUT_S` (60 s) at most.
 
     If reading the training's output fails (on_line raises, Ctrl-C), the training is stopped
     rather than waited for.
 
-    With nnodes > 1, call this on every node (same arguments but node_rank); out_uri should be a
+    With several nodes (`Rendezvous`), call this on every node (same arguments but the node_rank);
+    out_uri should be a
     store every node reaches (s3://, a shared filesystem): global rank 0 writes the checkpoint and
     the summary there. A node that cannot see them returns {"node_rank": R} only.
     """
     check_nproc(nproc, cfg.device)
-    launcher = train_command(nproc, nnodes, node_rank, rdzv_endpoint, rdzv_id, rdzv_backend)
-    cmd = launcher + [
-        "--train", train_uri, "--val", val_uri, "--tokenizer", tokenizer_uri, "--out", out_uri,
-        "--config-json", json.dumps(cfg.to_dict()),
-    ]  # fmt: skip
+    cmd = [
+        *train_command(nproc, rendezvous),
+        *("--train", train_uri, "--val", val_uri, "--tokenizer", tokenizer_uri),
+        *("--out", out_uri, "--config-json", json.dumps(cfg.to_dict())),
+    ]
     if resume:
         cmd.append("--resume")
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(extra_env or {})}
     run = TrainingRun(*mlflow_run) if mlflow_run else None
-    env.pop(TRACK_STDOUT_ENV, None)
     if run is not None:
-        env[TRACK_STDOUT_ENV] = "1"
+        cmd.append(TRACK_STDOUT_ARG)  # rank 0 prints its calls; _read_output hands them to run
     tail: collections.deque[str] = collections.deque(maxlen=40)
     errors: list[str] = []
     try:
@@ -159,8 +162,8 @@ def launch_training(
             raise GptpipeError(errors[0].removeprefix("error: "))
         raise RuntimeError(f"training exited with code {code}; last output:\n" + "\n".join(tail))
     summary_uri = storage.join(out_uri, SUMMARY_NAME)
-    if nnodes > 1 and not storage.exists(summary_uri):
-        return {"node_rank": node_rank}  # rank 0 ran on another node and wrote elsewhere
+    if rendezvous.nnodes > 1 and not storage.exists(summary_uri):
+        return {"node_rank": rendezvous.node_rank}  # rank 0 ran on another node and wrote elsewhere
     return json.loads(storage.get_bytes(summary_uri))
 
 

@@ -10,9 +10,9 @@ import torch
 from model.checkpoint import load_checkpoint
 from model.config import GPTConfig
 from model.dist import pick_device
-from model.errors import GptpipeError
 from model.gpt import GPT
 from model.tokenizer import tokenizer_from_json
+from storage.errors import GptpipeError
 
 
 @dataclass
@@ -43,6 +43,7 @@ def load_model(uri: str, device: str = "auto") -> LoadedModel:
 def sample_text(
     loaded: LoadedModel,
     prompt: str = "",
+    *,
     max_new_tokens: int = 500,
     temperature: float = 1.0,
     top_k: int | None = None,

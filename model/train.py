@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import json
 import math
+import os
 import sys
 import time
 from typing import Any
@@ -23,10 +24,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import storage
 from model import dist
-from model.batching import BatchSampler, load_dataset, seed_for
+from model.batching import BatchSampler, seed_for
 from model.checkpoint import CHECKPOINT_NAME, CheckpointWriter, latest_checkpoint
 from model.config import TrainConfig, build_config, config_from_dict
-from model.errors import GptpipeError
+from model.dataset import open_dataset
 from model.evaluate import estimate_loss
 from model.exit import skip_last_collections
 from model.gpt import GPT, flops_per_token
@@ -37,9 +38,13 @@ from model.plots import loss_curve_png
 from model.precision import resolve_precision
 from model.progress import Progress
 from model.tokenizer import tokenizer_from_json
-from storage.tracking import training_run
+from storage.errors import GptpipeError
+from storage.tracking import RUN_ID_ENV, training_run
 
 SUMMARY_NAME = "summary.json"
+# How model.launch tells rank 0 to print its tracking calls for the launcher to send
+TRACK_STDOUT_ARG = "--track-stdout"
+MLFLOW_RUN_ID_ARG = "--mlflow-run-id"
 
 
 # ----------------------------------------------------------------------------- pure helpers
@@ -102,18 +107,25 @@ def _check_resumable(ckpt: dict, ckpt_uri: str, tokenizer_json: str, tokenizer_u
 
 def train(
     cfg: TrainConfig,
+    out_uri: str,
+    *,
     train_uri: str,
     val_uri: str,
     tokenizer_uri: str,
-    out_uri: str,
     info: dist.DistInfo,
     resume: bool = False,
+    track_stdout: bool = False,
+    mlflow_run_id: str | None = None,
 ) -> dict[str, Any]:
-    """Run training on this process's rank; rank 0 writes checkpoints and the summary."""
+    """Run training on this process's rank; rank 0 writes checkpoints and the summary.
+
+    Rank 0's tracking: track_stdout prints its calls for the launcher (`storage.tracking.LineRun`),
+    else mlflow_run_id logs into that run itself ($MLFLOW_TRACKING_URI); neither: none.
+    """
     p0 = dist.print0
     tokenizer_json = storage.get_bytes(tokenizer_uri).decode("utf-8")
     tokenizer = tokenizer_from_json(tokenizer_json)
-    data = {"train": load_dataset(train_uri), "val": load_dataset(val_uri)}
+    data = {"train": open_dataset(train_uri), "val": open_dataset(val_uri)}
     for split, ids in data.items():
         if len(ids) < cfg.block_size + 1:
             raise GptpipeError(
@@ -178,7 +190,7 @@ def train(
     tokens_per_step = info.world_size * cfg.grad_accum_steps * cfg.batch_size * cfg.block_size
     fpt = flops_per_token(raw_model)
     peak = rank_peak.flops * info.world_size
-    run = training_run(info.is_main)
+    run = training_run(info.is_main, track_stdout=track_stdout, run_id=mlflow_run_id)
     table = parameter_table(raw_model)
     machine = {
         "dtype_resolved": precision.dtype,
@@ -241,7 +253,6 @@ def train(
                     "tokenizer": tokenizer_json,
                     "tokenizer_uri": tokenizer_uri,
                     "history": history,
-                    "rng": {"torch": torch.get_rng_state()},
                     **({"scaler": scaler.state_dict()} if scaler.is_enabled() else {}),
                 },
             )
@@ -344,6 +355,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--config-json", help="a whole resolved config as JSON (used by tasks)")
     parser.add_argument("--resume", action="store_true", help="continue from out/ckpt.pt")
+    parser.add_argument(
+        TRACK_STDOUT_ARG,
+        action="store_true",
+        help="rank 0 prints its MLflow calls for the launcher to send (set by model.launch)",
+    )
+    parser.add_argument(
+        MLFLOW_RUN_ID_ARG,
+        default=os.environ.get(RUN_ID_ENV) or None,
+        metavar="RUN_ID",
+        help=f"rank 0 logs into this MLflow run on $MLFLOW_TRACKING_URI (default: ${RUN_ID_ENV})",
+    )
     return parser.parse_args(argv)
 
 
@@ -358,7 +380,17 @@ def main(argv: list[str] | None = None) -> int:
         else:
             cfg = build_config(args.preset, args.config, args.set)
         info = dist.setup(cfg.device)
-        train(cfg, args.train, args.val, args.tokenizer, args.out, info, resume=args.resume)
+        train(
+            cfg,
+            args.out,
+            train_uri=args.train,
+            val_uri=args.val,
+            tokenizer_uri=args.tokenizer,
+            info=info,
+            resume=args.resume,
+            track_stdout=args.track_stdout,
+            mlflow_run_id=args.mlflow_run_id,
+        )
     except GptpipeError as exc:
         # the error line first: leaving after an error may be the last thing this rank does
         print(f"error: {exc}", file=sys.stderr, flush=True)

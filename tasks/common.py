@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-import storage
-from model.errors import GptpipeError
+from storage.errors import GptpipeError
 from storage.tracking import NullRun, StageRun, Tracker
+from tasks.results import Tracking
 
 
 def retry_unless_user_error(task, task_run, state) -> bool:
@@ -29,26 +29,18 @@ IO_RETRIES = {
 }
 
 
-def describe(uri: str) -> dict[str, str | int]:
-    """An artifact reference as stages record it: URI, sha256 and size."""
-    return {"uri": uri, "sha256": storage.sha256(uri), "bytes": storage.size(uri)}
-
-
-def tracker_for(tracking: dict | None) -> Tracker | None:
-    if not tracking:
+def tracker_for(tracking: Tracking | None) -> Tracker | None:
+    if tracking is None:
         return None
-    return Tracker(tracking.get("uri"), tracking.get("experiment", "gptpipe"))
+    return Tracker(tracking.uri, tracking.experiment)
 
 
 @contextmanager
-def stage_run(tracking: dict | None, name: str) -> Iterator[StageRun | NullRun]:
-    """The stage's nested MLflow run under the pipeline's run (a no-op without tracking).
-
-    `tracking` is {"uri": tracking URI, "experiment": name, "parent_id": the pipeline's run id}.
-    """
+def stage_run(tracking: Tracking | None, name: str) -> Iterator[StageRun | NullRun]:
+    """The stage's nested MLflow run under the pipeline's run (a no-op without tracking)."""
     tracker = tracker_for(tracking)
     if tracker is None:
         yield NullRun()
         return
-    with tracker.stage(name, tracking["parent_id"]) as run:
+    with tracker.stage(name, tracking.parent_id) as run:
         yield run

@@ -8,24 +8,29 @@ import storage
 from model.checkpoint import load_checkpoint
 from model.dist import pick_device
 from model.evaluate import evaluate_checkpoint
-from storage.registry import CHAMPION, FetchedCheckpoint, current_champion, register
 from tasks.common import IO_RETRIES, tracker_for
+from tasks.registry import CHAMPION, FetchedCheckpoint, current_champion, register
+from tasks.results import (
+    Artifact,
+    EvaluateResult,
+    RegisterResult,
+    SplitResult,
+    Tracking,
+    TrainResult,
+)
 
 
 @task(name="register", **IO_RETRIES)
 def register_model(
-    tracking: dict,
+    tracking: Tracking,
     name: str,
-    model_uri: str,
-    train_run_id: str,
-    val_loss: float,
-    val_uri: str,
-    tokenizer_uri: str,
-    eval_iters: int,
-    batch_size: int,
-    seed: int,
+    *,
+    trained: TrainResult,
+    evaluated: EvaluateResult,
+    splits: SplitResult,
+    tokenizer: Artifact,
     run_id: str,
-) -> dict:
+) -> RegisterResult:
     """Register a new version; `champion` moves to it only if it beats the champion's val loss.
 
     Both losses are measured on this run's val split with the evaluate stage's batches: the
@@ -34,21 +39,25 @@ def register_model(
     """
     logger = get_run_logger()
     tracker = tracker_for(tracking)
-    val_sha256 = storage.sha256(val_uri)
+    val_loss = evaluated.val_loss
     evaluation = json.dumps(
-        {"val_sha256": val_sha256, "tokenizer_sha256": storage.sha256(tokenizer_uri),
-         "eval_iters": eval_iters, "batch_size": batch_size, "seed": seed,
-         "device": pick_device("auto").type},
+        {
+            "val_sha256": splits.val.sha256,
+            "tokenizer_sha256": tokenizer.sha256,
+            "eval_iters": evaluated.eval_iters,
+            "batch_size": evaluated.batch_size,
+            "seed": evaluated.seed,
+            "device": pick_device("auto").type,
+        },
         sort_keys=True,
-    )  # fmt: skip
-    version = register(
-        tracker,
-        name,
-        model_uri,
-        train_run_id,
-        tags={"val_loss": f"{val_loss:.6f}", "val_sha256": val_sha256, "evaluation": evaluation,
-              "gptpipe.run_id": run_id},
-    )  # fmt: skip
+    )
+    tags = {
+        "val_loss": f"{val_loss:.6f}",
+        "val_sha256": splits.val.sha256,
+        "evaluation": evaluation,
+        "gptpipe.run_id": run_id,
+    }
+    version = register(tracker, name, trained.model_uri, trained.mlflow_run_id, tags=tags)
     champion = current_champion(tracker, name)
     champion_loss = None
     if champion is None:
@@ -58,12 +67,10 @@ def register_model(
             tracker,
             name,
             champion,
-            evaluation,
-            tokenizer_uri,
-            val_uri,
-            eval_iters,
-            batch_size,
-            seed,
+            evaluation=evaluation,
+            evaluated=evaluated,
+            val_uri=splits.val.uri,
+            tokenizer_uri=tokenizer.uri,
         )
         if champion_loss is None:
             promote = False
@@ -78,21 +85,28 @@ def register_model(
             )
     if promote:
         tracker.client.set_registered_model_alias(name, CHAMPION, version)
-    logger.info("registered %s version %s; %s%s", name, version, reason,
-                f" -> {CHAMPION}" if promote else "")  # fmt: skip
-    return {
-        "name": name,
-        "version": version,
-        "champion": promote,
-        "champion_version": version if promote else (champion.version if champion else None),
-        "previous_champion_val_loss": champion_loss,
-        "reason": reason,
-    }
+    moved = f" -> {CHAMPION}" if promote else ""
+    logger.info("registered %s version %s; %s%s", name, version, reason, moved)
+    return RegisterResult(
+        name=name,
+        version=version,
+        champion=promote,
+        champion_version=version if promote else (champion.version if champion else None),
+        previous_champion_val_loss=champion_loss,
+        reason=reason,
+    )
 
 
-def _champion_val_loss(tracker, name: str, champion, evaluation: str, tokenizer_uri: str,
-                       val_uri: str, eval_iters: int, batch_size: int,
-                       seed: int) -> tuple[float | None, bool]:  # fmt: skip
+def _champion_val_loss(
+    tracker,
+    name: str,
+    champion,
+    *,
+    evaluation: str,
+    evaluated: EvaluateResult,
+    val_uri: str,
+    tokenizer_uri: str,
+) -> tuple[float | None, bool]:
     """The champion's loss on this run's val batches, and whether it is its recorded one (it was
     measured the same way: what evaluating it again would give); None if the champion uses
     another tokenizer."""
@@ -101,5 +115,7 @@ def _champion_val_loss(tracker, name: str, champion, evaluation: str, tokenizer_
     with FetchedCheckpoint(tracker, f"models:/{name}/{champion.version}") as path:
         if load_checkpoint(path)["tokenizer"] != storage.get_bytes(tokenizer_uri).decode("utf-8"):
             return None, False
-        losses = evaluate_checkpoint(path, {"val": val_uri}, eval_iters, batch_size, seed)
+        losses = evaluate_checkpoint(
+            path, {"val": val_uri}, evaluated.eval_iters, evaluated.batch_size, evaluated.seed
+        )
     return losses["val"], False

@@ -4,38 +4,39 @@ from prefect import get_run_logger, task
 
 import storage
 from model.sample import load_model, sample_text
-from tasks.common import IO_RETRIES, describe, stage_run
+from tasks.common import IO_RETRIES, stage_run
+from tasks.results import Artifact, SampleResult, SamplingSettings, Tracking
 
 
 @task(name="sample", **IO_RETRIES)
 def sample(
-    checkpoint_uri: str,
+    checkpoint: Artifact,
     run_uri: str,
-    prompt: str = "",
-    max_new_tokens: int = 500,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    seed: int = 1337,
-    tracking: dict | None = None,
-) -> dict:
-    """Generate text from the trained model and store it as samples.txt."""
-    settings = {
-        "prompt": prompt,
-        "max_new_tokens": max_new_tokens,
-        "temperature": temperature,
-        "top_k": top_k,
-        "seed": seed,
-    }
+    *,
+    settings: SamplingSettings,
+    tracking: Tracking | None = None,
+) -> SampleResult:
+    """Generate text from the trained model and store it as samples.txt in the run's folder."""
     with stage_run(tracking, "sample") as run:
         text, notes = sample_text(
-            load_model(checkpoint_uri), prompt, max_new_tokens, temperature, top_k, seed
+            load_model(checkpoint.uri),
+            settings.prompt,
+            max_new_tokens=settings.max_new_tokens,
+            temperature=settings.temperature,
+            top_k=settings.top_k,
+            seed=settings.seed,
         )
         uri = storage.put_bytes(storage.join(run_uri, "samples.txt"), text.encode("utf-8"))
-        outputs = {"samples": describe(uri)}
-        run.log_params(settings)
+        samples = Artifact.of(uri)
+        run.log_params(settings.to_dict())
         run.log_text(text, "samples.txt")
-        run.record_io({"checkpoint": describe(checkpoint_uri)}, outputs)
+        run.record_io({"checkpoint": checkpoint.to_dict()}, {"samples": samples.to_dict()})
     for note in notes:
         get_run_logger().warning(note)
-    return {"text": text, "notes": notes, "settings": settings, "outputs": outputs,
-            "mlflow_run_id": run.run_id}  # fmt: skip
+    return SampleResult(
+        text=text,
+        notes=tuple(notes),
+        settings=settings,
+        samples=samples,
+        mlflow_run_id=run.run_id,
+    )

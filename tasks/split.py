@@ -14,47 +14,56 @@ from prefect import get_run_logger, task
 import storage
 from model.data import read_tokens, split_tokens, write_tokens
 from model.dataset import SHARD_ROW_GROUP_SIZE, make_manifest, read_manifest, write_manifest
-from model.errors import GptpipeError
+from storage.errors import GptpipeError
 from tasks.cache import cache_key, load_manifest, save_manifest, stage_dir
-from tasks.common import IO_RETRIES, describe, stage_run
+from tasks.common import IO_RETRIES, stage_run
+from tasks.results import Artifact, SplitResult, Tracking
 
 _ENTRY_KEYS = ("uri", "sha256", "bytes", "n_tokens")
 
 
 @task(name="split", **IO_RETRIES)
 def split(
-    tokens: dict,
+    tokens: Artifact,
     store: str,
+    *,
     val_fraction: float,
     block_size: int,
-    tracking: dict | None = None,
-    refresh: bool = False,
     val_shards: int = 0,
-) -> dict:
-    """Split the tokenize stage's dataset (``tokens``: its manifest's uri, sha256, bytes)."""
+    tracking: Tracking | None = None,
+    refresh: bool = False,
+) -> SplitResult:
+    """Split the tokenize stage's dataset (``tokens``: its manifest) into train and val."""
     logger = get_run_logger()
     with stage_run(tracking, "split") as run:
-        key = cache_key("split", dataset_sha256=tokens["sha256"], val_fraction=val_fraction,
-                        block_size=block_size, val_shards=val_shards)  # fmt: skip
+        key = cache_key(
+            "split",
+            dataset_sha256=tokens.sha256,
+            val_fraction=val_fraction,
+            block_size=block_size,
+            val_shards=val_shards,
+        )
         folder = stage_dir(store, "split", key)
         manifest = None if refresh else load_manifest(folder)
         cached = manifest is not None
         if manifest is None:
-            manifest = _split(tokens["uri"], folder, val_fraction, block_size, val_shards)
+            manifest = _split(tokens.uri, folder, val_fraction, block_size, val_shards)
             save_manifest(folder, manifest)
         run.log_params({**manifest["metadata"], "cached": cached, "cache_key": key})
-        run.record_io({"tokens": tokens}, manifest["outputs"])
+        run.record_io({"tokens": tokens.to_dict()}, manifest["outputs"])
     meta = manifest["metadata"]
     if cached:
         logger.info("split: re-using %s (cached: same data and settings)", folder)
     else:
-        logger.info("split %d tokens: %d train, %d val", meta["n_train_tokens"] +
-                    meta["n_val_tokens"], meta["n_train_tokens"], meta["n_val_tokens"])  # fmt: skip
-    return {**manifest, "cached": cached, "mlflow_run_id": run.run_id}
+        n_train, n_val = meta["n_train_tokens"], meta["n_val_tokens"]
+        logger.info("split %d tokens: %d train, %d val", n_train + n_val, n_train, n_val)
+    return SplitResult.from_manifest(manifest, cached=cached, mlflow_run_id=run.run_id)
 
 
-def _split(dataset_uri: str, folder: str, val_fraction: float, block_size: int,
-           val_shards: int) -> dict:  # fmt: skip
+def _split(
+    dataset_uri: str, folder: str, val_fraction: float, block_size: int, val_shards: int
+) -> dict:
+    """The split's manifest, ``{"metadata", "outputs"}``, as the cache stores it."""
     dataset = read_manifest(dataset_uri)
     shards = [{k: s[k] for k in _ENTRY_KEYS if k in s} for s in dataset["shards"]]
     if val_shards:
@@ -63,16 +72,14 @@ def _split(dataset_uri: str, folder: str, val_fraction: float, block_size: int,
         sides = _split_by_fraction(shards, folder, val_fraction, block_size)
     outputs = {}
     for name, entries in zip(("train", "val"), sides, strict=True):
-        uri = write_manifest(
-            storage.join(folder, f"{name}.json"),
-            make_manifest(
-                entries,
-                tokenizer=dataset.get("tokenizer"),
-                vocab_size=dataset["vocab_size"],
-                split=name,
-            ),  # fmt: skip
+        manifest = make_manifest(
+            entries,
+            tokenizer=dataset.get("tokenizer"),
+            vocab_size=dataset["vocab_size"],
+            split=name,
         )
-        outputs[name] = describe(uri)
+        uri = write_manifest(storage.join(folder, f"{name}.json"), manifest)
+        outputs[name] = Artifact.of(uri).to_dict()
     metadata = {
         "val_fraction": val_fraction,
         "val_shards": val_shards,
@@ -106,9 +113,13 @@ def _cut_shard(shard: dict, at: int, folder: str) -> tuple[dict, dict]:
     for name, part in (("train-tail", ids[:at]), ("val-head", ids[at:])):
         uri = storage.join(folder, f"{name}.parquet")
         with storage.open_write(uri) as f:
-            write_tokens(part, f, {**metadata, "n_tokens": len(part), "split": name},
-                         row_group_size=SHARD_ROW_GROUP_SIZE)  # fmt: skip
-        halves.append({**describe(uri), "n_tokens": len(part)})
+            write_tokens(
+                part,
+                f,
+                {**metadata, "n_tokens": len(part), "split": name},
+                row_group_size=SHARD_ROW_GROUP_SIZE,
+            )
+        halves.append({**Artifact.of(uri).to_dict(), "n_tokens": len(part)})
     return halves[0], halves[1]
 
 

@@ -36,7 +36,8 @@ from model.dataset import make_manifest, write_manifest, write_shard_tokens
 from model.tokenizer import CharTokenizer, tokenizer_from_json, train_tokenizer
 from storage.tracking import redact
 from tasks.cache import cache_key, load_manifest, save_manifest, stage_dir
-from tasks.common import IO_RETRIES, describe, stage_run
+from tasks.common import IO_RETRIES, stage_run
+from tasks.results import Artifact, TokenizeResult, Tracking, artifact_dicts
 
 # BPE learns its merges from at most this much text, taken evenly from the shards' beginnings.
 BPE_SAMPLE_BYTES = 64 << 20
@@ -69,8 +70,8 @@ def reveal(source: str | SecretStr) -> str:
 @task(name="plan-shards", **IO_RETRIES)
 def plan(source: str, store: str, settings: dict, shard_bytes: int, refresh: bool) -> dict:
     """The input's files and content key; the cached result, or the shards to tokenize."""
-    files_source = stage_download(source, store) if source.startswith(("http://", "https://")) \
-        else source  # fmt: skip
+    is_url = source.startswith(("http://", "https://"))
+    files_source = stage_download(source, store) if is_url else source
     files = list_inputs(files_source)
     content = [storage.content_id(f.uri) for f in files]
     source_id = hashlib.sha256(json.dumps(content).encode()).hexdigest()
@@ -113,20 +114,22 @@ def encode_shard(index: int, pieces: list[dict], tokenizer_uri: str, folder: str
     uri = storage.join(folder, f"shard-{index:05d}.parquet")
     with storage.open_write(uri) as f:
         n_tokens = write_shard_tokens(tok, text, f, {"shard": index}, what=f"shard {index}")
-    return {**describe(uri), "n_tokens": n_tokens, "source_chars": len(text), "pieces": pieces}
+    entry = Artifact.of(uri).to_dict()
+    return {**entry, "n_tokens": n_tokens, "source_chars": len(text), "pieces": pieces}
 
 
 def tokenize(
     source: str | SecretStr,
     store: str,
-    tokenizer: str,
-    vocab_size: int | None,
-    tracking: dict | None = None,
+    *,
+    tokenizer: str = "char",
+    vocab_size: int | None = None,
+    tracking: Tracking | None = None,
     refresh: bool = False,
     shard_bytes: int = DEFAULT_SHARD_BYTES,
     bpe_sample_bytes: int = BPE_SAMPLE_BYTES,
-) -> dict:
-    """Run the stage from a flow (see the module docstring); returns its manifest and outputs."""
+) -> TokenizeResult:
+    """Run the stage from a flow (see the module docstring): the dataset and its tokenizer."""
     logger = get_run_logger()
     # `shown` is what the stage records and logs; only the plan task, which downloads an http(s)
     # source, gets the URL with its credentials (Prefect does not store task parameters)
@@ -144,22 +147,40 @@ def tokenize(
             manifest["source"] = shown
             save_manifest(folder, manifest)
         meta = manifest["metadata"]
-        run.log_params({**meta, "source": shown, "cached": cached, "cache_key": planned["key"],
-                        "n_files": len(planned["files"])})  # fmt: skip
-        total_bytes = sum(f["bytes"] for f in planned["files"])
-        run.record_io({"source": {"uri": shown, "content_sha256": planned["source_id"],
-                                  "bytes": total_bytes}}, manifest["outputs"])  # fmt: skip
-        run.log_text(storage.get_bytes(manifest["outputs"]["tokenizer"]["uri"]).decode(),
-                     "tokenizer.json")  # fmt: skip
+        n_files = len(planned["files"])
+        run.log_params(
+            {
+                **meta,
+                "source": shown,
+                "cached": cached,
+                "cache_key": planned["key"],
+                "n_files": n_files,
+            }
+        )
+        source_ref = {
+            "uri": shown,
+            "content_sha256": planned["source_id"],
+            "bytes": sum(f["bytes"] for f in planned["files"]),
+        }
+        run.record_io({"source": source_ref}, manifest["outputs"])
+        tokenizer_json = storage.get_bytes(manifest["outputs"]["tokenizer"]["uri"]).decode()
+        run.log_text(tokenizer_json, "tokenizer.json")
         run.log_dict(manifest, "dataset_manifest.json")
         run.log_dataset(shown, _dataset_name(shown), planned["source_id"], context="tokenize")
     if cached:
         logger.info("tokenize: re-using %s (cached: same source and settings)", folder)
     else:
-        logger.info("tokenized %s: %d %s tokens (vocab %d) in %d shard(s) from %d file(s) -> %s",
-                    shown, meta["n_tokens"], meta["tokenizer"], meta["vocab_size"],
-                    meta["n_shards"], len(planned["files"]), folder)  # fmt: skip
-    return {**manifest, "cached": cached, "mlflow_run_id": run.run_id}
+        logger.info(
+            "tokenized %s: %d %s tokens (vocab %d) in %d shard(s) from %d file(s) -> %s",
+            shown,
+            meta["n_tokens"],
+            meta["tokenizer"],
+            meta["vocab_size"],
+            meta["n_shards"],
+            n_files,
+            folder,
+        )
+    return TokenizeResult.from_manifest(manifest, cached=cached, mlflow_run_id=run.run_id)
 
 
 def _dataset_name(source: str) -> str:
@@ -191,11 +212,11 @@ def _tokenize_shards(planned: dict, kind: str, vocab_size: int | None, sample_by
         "n_shards": len(entries),
         "source_id": planned["source_id"],
     }
-    dataset_uri = write_manifest(
-        storage.join(folder, "dataset.json"),
-        make_manifest(
-            entries, tokenizer=tok.kind, vocab_size=tok.vocab_size, files=planned["files"]
-        ),  # fmt: skip
+    dataset = make_manifest(
+        entries, tokenizer=tok.kind, vocab_size=tok.vocab_size, files=planned["files"]
     )
-    outputs = {"tokenizer": describe(tokenizer_uri), "tokens": describe(dataset_uri)}
+    dataset_uri = write_manifest(storage.join(folder, "dataset.json"), dataset)
+    outputs = artifact_dicts(
+        {"tokenizer": Artifact.of(tokenizer_uri), "tokens": Artifact.of(dataset_uri)}
+    )
     return {"metadata": metadata, "outputs": outputs}

@@ -12,20 +12,22 @@ from model.config import config_from_dict
 from model.launch import launch_training
 from model.train import SUMMARY_NAME
 from tasks.cache import cache_key, load_manifest, save_manifest, stage_dir
-from tasks.common import describe, retry_unless_user_error, stage_run, tracker_for
+from tasks.common import retry_unless_user_error, stage_run, tracker_for
+from tasks.results import Artifact, SplitResult, Tracking, TrainResult, artifact_dicts
 
 
 @task(name="train", retries=1, retry_delay_seconds=5, retry_condition_fn=retry_unless_user_error)
 def train(
     config: dict,
-    split: dict,
-    tokenizer: dict,
+    splits: SplitResult,
+    *,
+    tokenizer: Artifact,
     store: str,
     nproc: int = 1,
     resume: bool = False,
-    tracking: dict | None = None,
+    tracking: Tracking | None = None,
     refresh: bool = False,
-) -> dict:
+) -> TrainResult:
     """Train on nproc ranks (rank 0 logs to MLflow), then log the weights as an MLflow model.
 
     Keyed on the split data, the tokenizer, the config, nproc and the training code: the same
@@ -33,9 +35,14 @@ def train(
     folder's last checkpoint instead of starting again.
     """
     logger = get_run_logger()
-    outputs = split["outputs"]
-    key = cache_key("train", train=outputs["train"]["sha256"], val=outputs["val"]["sha256"],
-                    tokenizer=tokenizer["sha256"], config=config, nproc=nproc)  # fmt: skip
+    key = cache_key(
+        "train",
+        train=splits.train.sha256,
+        val=splits.val.sha256,
+        tokenizer=tokenizer.sha256,
+        config=config,
+        nproc=nproc,
+    )
     folder = stage_dir(store, "train", key)
     resume = resume or task_run.run_count > 1
     with stage_run(tracking, "train") as run:
@@ -44,40 +51,47 @@ def train(
         if cached:
             summary = json.loads(storage.get_bytes(storage.join(folder, SUMMARY_NAME)))
             logger.info("train: re-using %s (cached: same data, config and code)", folder)
-            run.log_params({"cached": True, "cache_key": key, "n_params": summary["n_params"],
-                            "world_size": summary["world_size"]})  # fmt: skip
+            reused = {"n_params": summary["n_params"], "world_size": summary["world_size"]}
+            run.log_params({"cached": True, "cache_key": key, **reused})
         else:
             summary = launch_training(
                 config_from_dict(config),
-                outputs["train"]["uri"],
-                outputs["val"]["uri"],
-                tokenizer["uri"],
                 folder,
+                train_uri=splits.train.uri,
+                val_uri=splits.val.uri,
+                tokenizer_uri=tokenizer.uri,
                 nproc=nproc,
                 resume=resume,
                 on_line=logger.info,
-                mlflow_run=(tracking["uri"], run.run_id) if run.run_id else None,
+                mlflow_run=(tracking.uri, run.run_id) if run.run_id else None,
             )
             run.log_params({"cached": False, "cache_key": key})
-        checkpoint = describe(summary["checkpoint"])
+        checkpoint = Artifact.of(summary["checkpoint"])
         if not cached:
-            save_manifest(folder, {"checkpoint": checkpoint, "config": config, "nproc": nproc})
-        run.record_io(
-            {"train": outputs["train"], "val": outputs["val"], "tokenizer": tokenizer},
-            {"checkpoint": checkpoint},
-        )
-        model_uri = _log_model(tracking, run.run_id, summary["checkpoint"])
+            manifest = {"checkpoint": checkpoint.to_dict(), "config": config, "nproc": nproc}
+            save_manifest(folder, manifest)
+        inputs = {"train": splits.train, "val": splits.val, "tokenizer": tokenizer}
+        run.record_io(artifact_dicts(inputs), {"checkpoint": checkpoint.to_dict()})
+        model_uri = _log_model(tracking, run.run_id, checkpoint.uri)
         if model_uri:
             logger.info("logged the model to MLflow as %s", model_uri)
-    return {**summary, "cached": cached, "outputs": {"checkpoint": checkpoint},
-            "model_uri": model_uri, "mlflow_run_id": run.run_id}  # fmt: skip
+    return TrainResult(
+        checkpoint=checkpoint,
+        step=summary["step"],
+        n_params=summary["n_params"],
+        world_size=summary["world_size"],
+        cached=cached,
+        model_uri=model_uri,
+        mlflow_run_id=run.run_id,
+        summary=summary,
+    )
 
 
-def _log_model(tracking: dict | None, run_id: str | None, checkpoint_uri: str) -> str | None:
+def _log_model(tracking: Tracking | None, run_id: str | None, checkpoint_uri: str) -> str | None:
     tracker = tracker_for(tracking)
     if tracker is None:
         return None
-    from storage.registry import log_model
+    from tasks.registry import log_model
 
     with tempfile.TemporaryDirectory() as tmp:
         local = storage.get_file(checkpoint_uri, Path(tmp) / "ckpt.pt")

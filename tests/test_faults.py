@@ -92,10 +92,14 @@ def test_forwarded_tracking_goes_on_while_mlflow_is_away(
 
         start = time.monotonic()
         summary = launch_training(
-            config_from_dict(CONFIG), char_dataset["train.parquet"], char_dataset["val.parquet"],
-            char_dataset["tokenizer.json"], str(tmp_path / "out"), on_line=on_line,
+            config_from_dict(CONFIG),
+            str(tmp_path / "out"),
+            train_uri=char_dataset["train.parquet"],
+            val_uri=char_dataset["val.parquet"],
+            tokenizer_uri=char_dataset["tokenizer.json"],
+            on_line=on_line,
             mlflow_run=(proxy.url, run_id),
-        )  # fmt: skip
+        )
         seconds = time.monotonic() - start
         assert proxy.failed, "the outage must have hit some requests"
     assert [h["step"] for h in summary["history"]] == [0, 100, 200, 300, 400]
@@ -184,7 +188,7 @@ def test_full_disk_is_a_clear_error_and_leaves_no_half_file(tiny_disk, small_cor
     assert not [p for p in leftovers if p.name.endswith(".tmp") or p.name.startswith(".")]
     assert not [p for p in leftovers if p.name == "ckpt.pt"]
     # what was written completely is whole: the token data reads back
-    from model.dataset import dataset_ids
+    from model.dataset import open_dataset
 
     tokens = [p for p in leftovers if p.name == "dataset.json"]
-    assert tokens and len(dataset_ids(str(tokens[0]))) == 60_000
+    assert tokens and len(open_dataset(str(tokens[0])).ids()) == 60_000

@@ -18,8 +18,8 @@ import torch
 
 from model.checkpoint import load_checkpoint
 from model.config import config_from_dict
-from model.errors import GptpipeError
-from model.launch import launch_training, train_command
+from model.launch import ONE_NODE, Rendezvous, launch_training, train_command
+from storage.errors import GptpipeError
 from tests.conftest import free_port
 from tests.test_ddp import BASE  # the same tiny config
 
@@ -32,12 +32,24 @@ def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> floa
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
-def launch(data: dict[str, str], out: Path, batch_size: int, lines: list[str], **multinode):
+def launch(
+    data: dict[str, str],
+    out: Path,
+    batch_size: int,
+    lines: list[str],
+    rendezvous: Rendezvous = ONE_NODE,
+):
     cfg = config_from_dict({**BASE, "batch_size": batch_size})
     return launch_training(
-        cfg, data["train.parquet"], data["val.parquet"], data["tokenizer.json"], str(out),
-        on_line=lines.append, extra_env=ENV, **multinode,
-    )  # fmt: skip
+        cfg,
+        str(out),
+        train_uri=data["train.parquet"],
+        val_uri=data["val.parquet"],
+        tokenizer_uri=data["tokenizer.json"],
+        on_line=lines.append,
+        extra_env=ENV,
+        rendezvous=rendezvous,
+    )
 
 
 def run_two_nodes(data: dict[str, str], outs: tuple[Path, Path], backend: str) -> list[dict]:
@@ -48,8 +60,10 @@ def run_two_nodes(data: dict[str, str], outs: tuple[Path, Path], backend: str) -
     def node(rank: int) -> None:
         lines: list[str] = []
         try:
-            summary = launch(data, outs[rank], 4, lines, nnodes=2, node_rank=rank,
-                             rdzv_endpoint=endpoint, rdzv_id=job, rdzv_backend=backend)  # fmt: skip
+            rendezvous = Rendezvous(
+                nnodes=2, node_rank=rank, endpoint=endpoint, id=job, backend=backend
+            )
+            summary = launch(data, outs[rank], 4, lines, rendezvous)
             results[rank] = {"summary": summary, "lines": lines}
         except BaseException as exc:  # reported by the main thread
             results[rank] = {"error": exc, "lines": lines}
@@ -84,14 +98,15 @@ def test_single_node_commands_are_unchanged():
 
 
 def test_multinode_command_uses_the_rendezvous():
-    c10d = train_command(4, nnodes=2, node_rank=1, rdzv_endpoint="node0:29400", rdzv_id="job7")
+    c10d = train_command(4, Rendezvous(nnodes=2, node_rank=1, endpoint="node0:29400", id="job7"))
     assert c10d == [sys.executable, "-m", "torch.distributed.run", "--nnodes=2",
                     "--rdzv_backend=c10d", "--rdzv_endpoint=node0:29400", "--rdzv_id=job7",
                     "--nproc_per_node=4", "-m", "model.train"]  # fmt: skip
     assert "--standalone" not in c10d and not any(a.startswith("--node_rank") for a in c10d)
     # one rank per node is still torchrun: the nodes have to meet
-    static = train_command(1, nnodes=3, node_rank=2, rdzv_endpoint="10.0.0.8:6000",
-                           rdzv_backend="static")  # fmt: skip
+    static = train_command(
+        1, Rendezvous(nnodes=3, node_rank=2, endpoint="10.0.0.8:6000", backend="static")
+    )
     assert static[3:] == ["--nnodes=3", "--rdzv_backend=static", "--rdzv_endpoint=10.0.0.8:6000",
                           "--node_rank=2", "--nproc_per_node=1", "-m", "model.train"]  # fmt: skip
 
@@ -99,16 +114,16 @@ def test_multinode_command_uses_the_rendezvous():
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"rdzv_endpoint": None}, "needs rdzv_endpoint HOST:PORT"),
-        ({"rdzv_endpoint": "node0"}, "needs rdzv_endpoint HOST:PORT"),
-        ({"rdzv_endpoint": "node0:x"}, "needs rdzv_endpoint HOST:PORT"),
-        ({"rdzv_endpoint": "node0:1", "node_rank": 2}, "node_rank must be in 0..1"),
-        ({"rdzv_endpoint": "node0:1", "rdzv_backend": "etcd"}, "rdzv_backend must be one of"),
+        ({"endpoint": None}, "needs rdzv_endpoint HOST:PORT"),
+        ({"endpoint": "node0"}, "needs rdzv_endpoint HOST:PORT"),
+        ({"endpoint": "node0:x"}, "needs rdzv_endpoint HOST:PORT"),
+        ({"endpoint": "node0:1", "node_rank": 2}, "node_rank must be in 0..1"),
+        ({"endpoint": "node0:1", "backend": "etcd"}, "rdzv_backend must be one of"),
     ],
 )
 def test_multinode_arguments_are_checked(kwargs, message):
     with pytest.raises(GptpipeError, match=message):
-        train_command(1, nnodes=2, **kwargs)
+        train_command(1, Rendezvous(nnodes=2, **kwargs))
 
 
 # ----------------------------------------------------------------------------- real runs

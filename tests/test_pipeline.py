@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from model.dataset import dataset_ids, read_manifest
+from model.dataset import open_dataset, read_manifest
 from tests.conftest import run_cli
 
 TINY = [
@@ -42,7 +42,7 @@ def test_gptpipe_run_end_to_end(small_corpus, cli_env, tmp_path, nproc):
     for name in ("tokenizer", "tokens", "train", "val", "checkpoint", "samples"):
         assert Path(outputs[name]).is_file(), name
     assert outputs["samples"] == str(run_dir / "samples.txt")
-    ids, meta = dataset_ids(outputs["tokens"]), read_manifest(outputs["tokens"])
+    ids, meta = open_dataset(outputs["tokens"]).ids(), read_manifest(outputs["tokens"])
     assert len(ids) == 60_000 and meta["n_tokens"] == 60_000
     assert meta["vocab_size"] == summary["stages"]["tokenize"]["metadata"]["vocab_size"]
     split_meta = summary["stages"]["split"]["metadata"]

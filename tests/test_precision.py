@@ -12,9 +12,9 @@ import torch
 
 import model.precision as precision
 from model.config import build_config
-from model.errors import GptpipeError
 from model.machine import MachineCache, Peak, cpu_bf16_units
 from model.precision import ProbeResult, plan_probe, probe_speeds, resolve_precision
+from storage.errors import GptpipeError
 
 CPU = torch.device("cpu")
 TINY = ["block_size=8", "n_embd=64", "n_head=4", "n_layer=4", "batch_size=32"]
@@ -202,8 +202,14 @@ def test_a_forced_slow_precision_warns_in_the_training_log(
 
     cfg = config_from_dict({**SHORT, "dtype": "bfloat16"})
     info = dist.DistInfo(rank=0, local_rank=0, world_size=1, device=CPU)
-    summary = train(cfg, char_dataset["train.parquet"], char_dataset["val.parquet"],
-                    char_dataset["tokenizer.json"], str(tmp_path / "out"), info)  # fmt: skip
+    summary = train(
+        cfg,
+        str(tmp_path / "out"),
+        train_uri=char_dataset["train.parquet"],
+        val_uri=char_dataset["val.parquet"],
+        tokenizer_uri=char_dataset["tokenizer.json"],
+        info=info,
+    )
     out = capsys.readouterr().out
     assert "bfloat16 autocast (dtype=bfloat16 was set)" in out
     assert "warning: dtype=bfloat16 on a CPU without native bf16 matmuls" in out
@@ -222,10 +228,14 @@ def test_the_resolved_precision_and_the_mfu_peak_reach_mlflow(char_dataset, tmp_
     run_id = Tracker(uri, "precision").start_run("train")
     lines: list[str] = []
     summary = launch_training(
-        config_from_dict(SHORT), char_dataset["train.parquet"], char_dataset["val.parquet"],
-        char_dataset["tokenizer.json"], str(tmp_path / "out"), on_line=lines.append,
+        config_from_dict(SHORT),
+        str(tmp_path / "out"),
+        train_uri=char_dataset["train.parquet"],
+        val_uri=char_dataset["val.parquet"],
+        tokenizer_uri=char_dataset["tokenizer.json"],
+        on_line=lines.append,
         mlflow_run=(uri, run_id),
-    )  # fmt: skip
+    )
     params = MlflowClient(uri).get_run(run_id).data.params
     # 3 steps never pay for a probe: float32 on every CPU, with the reason why
     assert summary["dtype_resolved"] == params["dtype_resolved"] == "float32"

@@ -95,9 +95,12 @@ def test_launcher_stops_the_training_when_reading_its_output_fails(char_dataset,
     start = time.monotonic()
     with pytest.raises(ShowFailed):
         launch_training(
-            config_from_dict(config), char_dataset["train.parquet"],
-            char_dataset["val.parquet"], char_dataset["tokenizer.json"], str(tmp_path / "out"),
+            config_from_dict(config),
+            str(tmp_path / "out"),
+            train_uri=char_dataset["train.parquet"],
+            val_uri=char_dataset["val.parquet"],
+            tokenizer_uri=char_dataset["tokenizer.json"],
             on_line=on_line,
-        )  # fmt: skip
+        )
     assert time.monotonic() - start < 60
     assert _training_children() == []

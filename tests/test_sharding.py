@@ -19,14 +19,14 @@ from model.data import read_tokens, split_tokens, windows_at, write_tokens
 from model.dataset import (
     SHARD_ROW_GROUP_SIZE,
     TokenDataset,
-    dataset_ids,
     make_manifest,
+    open_dataset,
     read_manifest,
     write_manifest,
     write_shard_tokens,
 )
-from model.errors import GptpipeError
 from model.tokenizer import tokenizer_from_json, train_tokenizer
+from storage.errors import GptpipeError
 from tests.conftest import run_cli
 
 SAFE = re.compile(rb"[\x21-\x7e]\n[\x21-\x7e]")
@@ -210,7 +210,8 @@ def test_a_dataset_that_fits_is_read_once_into_memory(sharded):
     uri, ids = sharded
     data = TokenDataset(read_manifest(uri))
     assert not data.streaming and data.row_groups_read == len(data.group_starts) - 1
-    assert np.array_equal(data.ids(), ids) and np.array_equal(dataset_ids(uri), ids)
+    assert np.array_equal(data.ids(), ids)
+    assert np.array_equal(open_dataset(uri, max_bytes=0).ids(), ids)  # streamed: the same
 
 
 def test_a_changed_shard_is_caught(sharded):
@@ -318,8 +319,8 @@ def test_the_fraction_split_across_shards_equals_the_whole_split(sharded, tmp_pa
     out = _split(uri, str(tmp_path / "split"), 0.1, 32, 0)
     train_ref, val_ref = split_tokens(ids, 0.1, 32)
     train_uri, val_uri = out["outputs"]["train"]["uri"], out["outputs"]["val"]["uri"]
-    assert np.array_equal(dataset_ids(train_uri), train_ref)
-    assert np.array_equal(dataset_ids(val_uri), val_ref)
+    assert np.array_equal(open_dataset(train_uri).ids(), train_ref)
+    assert np.array_equal(open_dataset(val_uri).ids(), val_ref)
     assert out["metadata"]["n_train_tokens"] == len(train_ref) == 630_000
     # only the shard the cut falls in is rewritten; the others are referenced where they are
     written = sorted(p.name for p in (tmp_path / "split").iterdir())
@@ -333,8 +334,8 @@ def test_val_shards_takes_whole_trailing_shards(sharded, tmp_path):
 
     uri, ids = sharded
     out = _split(uri, str(tmp_path / "split"), 0.1, 32, 2)
-    assert np.array_equal(dataset_ids(out["outputs"]["val"]["uri"]), ids[250_001:])
-    assert np.array_equal(dataset_ids(out["outputs"]["train"]["uri"]), ids[:250_001])
+    assert np.array_equal(open_dataset(out["outputs"]["val"]["uri"]).ids(), ids[250_001:])
+    assert np.array_equal(open_dataset(out["outputs"]["train"]["uri"]).ids(), ids[:250_001])
     assert sorted(p.name for p in (tmp_path / "split").iterdir()) == ["train.json", "val.json"]
     with pytest.raises(GptpipeError, match="the dataset has 5 shard"):
         _split(uri, str(tmp_path / "split2"), 0.1, 32, 5)
@@ -363,8 +364,8 @@ def test_tokenize_on_a_cluster_equals_one_process(runner, many_files, cli_env, t
     assert "Dask cluster" in output if runner == "dask" else "Ray" in output
     manifest = read_manifest(str(two))
     assert len(manifest["shards"]) >= 8 and f"in {len(manifest['shards'])} shard(s)" in output
-    ids = dataset_ids(str(two))
-    assert np.array_equal(ids, dataset_ids(str(one)))
+    ids = open_dataset(str(two)).ids()
+    assert np.array_equal(ids, open_dataset(str(one)).ids())
     tok = tokenizer_from_json((two.parent / "tokenizer.json").read_text(encoding="utf-8"))
     assert tok.vocab == sorted(set(text))  # the map-reduce vocabulary is the whole text's
     assert np.array_equal(ids, tok.encode(text))
@@ -381,7 +382,7 @@ def test_bpe_through_the_stage_equals_whole_text_encoding(many_files, cli_env, t
                                tmp_path / "store")  # fmt: skip
     tok = tokenizer_from_json((dataset.parent / "tokenizer.json").read_text(encoding="utf-8"))
     assert tok.kind == "bpe" and tok == train_tokenizer("bpe", text, 400)  # sample = all of it
-    assert np.array_equal(dataset_ids(str(dataset)), tok.encode(text))
+    assert np.array_equal(open_dataset(str(dataset)).ids(), tok.encode(text))
 
 
 def test_bpe_learns_from_a_bounded_sample(tmp_path, shakespeare):
@@ -420,7 +421,7 @@ def test_s3_prefix_input_and_store_with_dask_and_streaming(s3_env, many_files, c
     assert "streaming the row groups each batch samples" in result.stdout + result.stderr
     keys = [o["Key"] for o in client.list_objects_v2(Bucket=s3_env.bucket)["Contents"]]
     dataset = next(k for k in keys if k.endswith("dataset.json") and "/tokenize-" in k)
-    ids = dataset_ids(f"s3://{s3_env.bucket}/{dataset}")
+    ids = open_dataset(f"s3://{s3_env.bucket}/{dataset}").ids()
     tok_key = dataset.replace("dataset.json", "tokenizer.json")
     tok = tokenizer_from_json(client.get_object(Bucket=s3_env.bucket, Key=tok_key)["Body"]
                               .read().decode())  # fmt: skip
@@ -484,7 +485,7 @@ def test_an_http_input_is_staged_into_the_store(small_corpus, cli_env, tmp_path)
     text = raw.decode("utf-8")
     tok = tokenizer_from_json((dataset.parent / "tokenizer.json").read_text(encoding="utf-8"))
     assert len(read_manifest(str(dataset))["shards"]) >= 3
-    assert np.array_equal(dataset_ids(str(dataset)), tok.encode(text))
+    assert np.array_equal(open_dataset(str(dataset)).ids(), tok.encode(text))
 
 
 def _worker_env(cli_env: dict[str, str]) -> dict[str, str]:
@@ -528,7 +529,7 @@ def test_tokenize_on_a_running_dask_scheduler(many_files, cli_env, tmp_path):
             worker.wait(30)
     assert f"Connecting to an existing Dask cluster at {address}" in result.stdout + result.stderr
     tok = tokenizer_from_json((dataset.parent / "tokenizer.json").read_text(encoding="utf-8"))
-    assert np.array_equal(dataset_ids(str(dataset)), tok.encode(text))
+    assert np.array_equal(open_dataset(str(dataset)).ids(), tok.encode(text))
 
 
 @pytest.mark.slow
@@ -556,7 +557,7 @@ def test_tokenize_on_a_running_ray_cluster(many_files, cli_env, tmp_path):
         subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
     assert "Connected to Ray cluster" in result.stdout + result.stderr
     tok = tokenizer_from_json((dataset.parent / "tokenizer.json").read_text(encoding="utf-8"))
-    assert np.array_equal(dataset_ids(str(dataset)), tok.encode(text))
+    assert np.array_equal(open_dataset(str(dataset)).ids(), tok.encode(text))
 
 
 def test_an_unreachable_cluster_is_a_clear_error(small_corpus, tmp_path):
@@ -669,7 +670,7 @@ def _cli_with(name, dask, ray, small_corpus, env, cwd):
 NIGHTLY = """
 import sys
 from flows.nightly import nightly_retrain
-from model.errors import GptpipeError
+from storage.errors import GptpipeError
 name, dask, ray, source, store = [a or None for a in sys.argv[1:]]
 try:
     nightly_retrain(source=source, store=store, task_runner=name, dask_address=dask,

@@ -1,0 +1,228 @@
+"""What the stages hand each other: frozen, typed results, and the specs that travel together.
+
+Tasks return these and flows read them by attribute. They are plain frozen dataclasses of
+built-in values, so Prefect can pickle them between tasks, into its result store and to Dask or
+Ray workers. `to_dict()` gives the JSON shape the run's summary.json has always had (an artifact
+as ``{"uri", "sha256", "bytes"}``, the shape the stages' stored manifests use too).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import storage
+from storage.tracking import DEFAULT_EXPERIMENT
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A stored file as the stages record it: where it is, its sha256 and its size in bytes."""
+
+    uri: str
+    sha256: str
+    size: int
+
+    @classmethod
+    def of(cls, uri: str) -> Artifact:
+        """The artifact at ``uri``, hashed and measured now."""
+        return cls(uri=uri, sha256=storage.sha256(uri), size=storage.size(uri))
+
+    @classmethod
+    def from_dict(cls, ref: Mapping[str, Any]) -> Artifact:
+        """From a stored manifest's reference, ``{"uri", "sha256", "bytes"}``."""
+        return cls(uri=ref["uri"], sha256=ref["sha256"], size=ref["bytes"])
+
+    def to_dict(self) -> dict[str, str | int]:
+        return {"uri": self.uri, "sha256": self.sha256, "bytes": self.size}
+
+
+def artifact_dicts(artifacts: Mapping[str, Artifact]) -> dict[str, dict[str, str | int]]:
+    """Named artifacts as a manifest's (and `StageRun.record_io`'s) ``outputs`` mapping."""
+    return {name: artifact.to_dict() for name, artifact in artifacts.items()}
+
+
+@dataclass(frozen=True)
+class Tracking:
+    """Where the stages' MLflow runs go: the tracking URI, the experiment, the pipeline's run."""
+
+    uri: str | None
+    experiment: str = DEFAULT_EXPERIMENT
+    parent_id: str | None = None
+
+
+@dataclass(frozen=True)
+class RunPlace:
+    """Where one pipeline run lives: its id, the store its stages write to, how it is tracked."""
+
+    run_id: str
+    store: str
+    tracking: Tracking
+
+    @property
+    def run_uri(self) -> str:
+        """The run's own folder in the store (samples.txt, summary.json)."""
+        return storage.join(self.store, "runs", self.run_id)
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How the sample stage generates: from which prompt, how many tokens, how randomly."""
+
+    prompt: str = ""
+    max_new_tokens: int = 500
+    temperature: float = 1.0
+    top_k: int | None = None
+    seed: int = 1337
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class TokenizeResult:
+    """The tokenized dataset (its manifest) and the tokenizer, with the dataset's metadata."""
+
+    tokens: Artifact
+    tokenizer: Artifact
+    metadata: dict[str, Any]
+    source: str
+    cached: bool
+    mlflow_run_id: str | None = None
+
+    @classmethod
+    def from_manifest(
+        cls, manifest: Mapping[str, Any], *, cached: bool, mlflow_run_id: str | None
+    ) -> TokenizeResult:
+        outputs = manifest["outputs"]
+        return cls(
+            tokens=Artifact.from_dict(outputs["tokens"]),
+            tokenizer=Artifact.from_dict(outputs["tokenizer"]),
+            metadata=dict(manifest["metadata"]),
+            source=manifest.get("source", ""),
+            cached=cached,
+            mlflow_run_id=mlflow_run_id,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "metadata": self.metadata,
+            "outputs": artifact_dicts({"tokenizer": self.tokenizer, "tokens": self.tokens}),
+            "source": self.source,
+            "cached": self.cached,
+            "mlflow_run_id": self.mlflow_run_id,
+        }
+
+
+@dataclass(frozen=True)
+class SplitResult:
+    """The train and val datasets (their manifests) and how the tokens were divided."""
+
+    train: Artifact
+    val: Artifact
+    metadata: dict[str, Any]
+    cached: bool
+    mlflow_run_id: str | None = None
+
+    @classmethod
+    def from_manifest(
+        cls, manifest: Mapping[str, Any], *, cached: bool, mlflow_run_id: str | None
+    ) -> SplitResult:
+        outputs = manifest["outputs"]
+        return cls(
+            train=Artifact.from_dict(outputs["train"]),
+            val=Artifact.from_dict(outputs["val"]),
+            metadata=dict(manifest["metadata"]),
+            cached=cached,
+            mlflow_run_id=mlflow_run_id,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "metadata": self.metadata,
+            "outputs": artifact_dicts({"train": self.train, "val": self.val}),
+            "cached": self.cached,
+            "mlflow_run_id": self.mlflow_run_id,
+        }
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """The trained checkpoint, the MLflow model logged from it, and the training's summary.
+
+    ``summary`` is what rank 0 wrote as summary.json (step, n_params, world_size, the precision
+    chosen, the loss history ...); the fields the flows read are attributes of their own.
+    """
+
+    checkpoint: Artifact
+    step: int
+    n_params: int
+    world_size: int
+    cached: bool
+    model_uri: str | None
+    mlflow_run_id: str | None
+    summary: dict[str, Any] = field(repr=False)
+
+    def to_dict(self, *, history: bool = True) -> dict[str, Any]:
+        summary = (
+            self.summary if history else {k: v for k, v in self.summary.items() if k != "history"}
+        )
+        return {
+            **summary,
+            "cached": self.cached,
+            "outputs": {"checkpoint": self.checkpoint.to_dict()},
+            "model_uri": self.model_uri,
+            "mlflow_run_id": self.mlflow_run_id,
+        }
+
+
+@dataclass(frozen=True)
+class EvaluateResult:
+    """The final model's eval-mode losses, and the batches they were measured on."""
+
+    train_loss: float
+    val_loss: float
+    eval_iters: int
+    batch_size: int
+    seed: int
+    mlflow_run_id: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class SampleResult:
+    """The generated text, stored as samples.txt, and the settings it was made with."""
+
+    text: str
+    notes: tuple[str, ...]
+    settings: SamplingSettings
+    samples: Artifact
+    mlflow_run_id: str | None = None
+
+    def to_dict(self, *, text: bool = True) -> dict[str, Any]:
+        shown = {"text": self.text} if text else {}
+        return {
+            **shown,
+            "notes": list(self.notes),
+            "settings": self.settings.to_dict(),
+            "outputs": {"samples": self.samples.to_dict()},
+            "mlflow_run_id": self.mlflow_run_id,
+        }
+
+
+@dataclass(frozen=True)
+class RegisterResult:
+    """The model version this run registered, and whether `champion` moved to it (and why)."""
+
+    name: str
+    version: str
+    champion: bool
+    champion_version: str | None
+    previous_champion_val_loss: float | None
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
