@@ -37,6 +37,7 @@ from pathlib import Path
 
 import torch
 
+from bench.common import train_cli
 from bench.vs_nanogpt import CORPUS, REPO, prepare_ours
 from model.config import GPTConfig, build_config
 from model.gpt import GPT
@@ -140,17 +141,32 @@ def _ddp_steps(device: torch.device) -> dict:
     dist.broadcast(reference, src=0)
     diff = (flat - reference).abs().max()
     dist.all_reduce(diff, op=dist.ReduceOp.MAX)
-    return {"backend": dist.get_backend(), "world_size": dist.get_world_size(),
-            "max_diff": diff.item()}  # fmt: skip
+    return {
+        "backend": dist.get_backend(),
+        "world_size": dist.get_world_size(),
+        "max_diff": diff.item(),
+    }
 
 
 def check_ddp(device: torch.device, args) -> dict:
     nproc = torch.cuda.device_count() if device.type == "cuda" else 2
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone",
-         f"--nproc_per_node={nproc}", "-m", "bench.gpu", "--ddp-worker", device.type],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            "-m",
+            "bench.gpu",
+            "--ddp-worker",
+            device.type,
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     found = re.search(r"^ddp-result (.*)$", result.stdout, re.M)
     if result.returncode != 0 or not found:
         raise CheckFailed(f"torchrun exited {result.returncode}: {_cause(result)}")
@@ -212,32 +228,47 @@ def check_train(device: torch.device, args) -> dict:
         work = Path(tmp)
         data = prepare_ours(work, args.corpus)
         sets = [
-            f"device={device.type}", f"compile={str(compile_).lower()}",
-            f"max_iters={args.iters}", "checkpoint_interval=0", *args.set,
-        ]  # fmt: skip
+            f"device={device.type}",
+            f"compile={str(compile_).lower()}",
+            f"max_iters={args.iters}",
+            "checkpoint_interval=0",
+            *args.set,
+        ]
         result = subprocess.run(
-            [sys.executable, "-m", "model.train", "--train", data["train.parquet"],
-             "--val", data["val.parquet"], "--tokenizer", data["tokenizer.json"],
-             "--out", str(work / "out"), "--preset", args.preset,
-             *[x for item in sets for x in ("--set", item)]],
-            cwd=REPO, capture_output=True, text=True, timeout=args.timeout,
-        )  # fmt: skip
+            [
+                *train_cli(data, str(work / "out")),
+                "--preset",
+                args.preset,
+                *[x for item in sets for x in ("--set", item)],
+            ],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=args.timeout,
+        )
         summary_path = work / "out" / "summary.json"
         trained = json.loads(summary_path.read_text()) if summary_path.exists() else {}
-    done = re.search(r"^done: (\d+) steps in ([\d.]+) s, final val loss ([\d.]+)", result.stdout,
-                     re.M)  # fmt: skip
+    done = re.search(
+        r"^done: (\d+) steps in ([\d.]+) s, final val loss ([\d.]+)", result.stdout, re.M
+    )
     if result.returncode != 0 or not done:
         raise CheckFailed(f"model.train exited {result.returncode}: {_cause(result)}")
     steps, seconds, val_loss = int(done.group(1)), float(done.group(2)), float(done.group(3))
     rates = re.findall(r"([\d,]+) tokens/s, mfu ([\d.]+)%", result.stdout)
-    tokens_per_sec, mfu = (float(rates[-1][0].replace(",", "")), float(rates[-1][1])) if rates \
-        else (0.0, 0.0)  # fmt: skip
+    tokens_per_sec, mfu = (
+        (float(rates[-1][0].replace(",", "")), float(rates[-1][1])) if rates else (0.0, 0.0)
+    )
     precision = trained.get("dtype_resolved", "?")
     figures = {
-        "steps": steps, "seconds": seconds, "val_loss": val_loss,
-        "tokens_per_sec": tokens_per_sec, "mfu_percent": mfu, "precision": precision,
-        "precision_reason": trained.get("dtype_reason"), "compile": compile_,
-    }  # fmt: skip
+        "steps": steps,
+        "seconds": seconds,
+        "val_loss": val_loss,
+        "tokens_per_sec": tokens_per_sec,
+        "mfu_percent": mfu,
+        "precision": precision,
+        "precision_reason": trained.get("dtype_reason"),
+        "compile": compile_,
+    }
     summary = (
         f"{args.preset}, {steps} steps in {seconds:.1f} s, val loss {val_loss:.4f}, "
         f"{tokens_per_sec:,.0f} tokens/s, MFU {mfu:.1f}%, {precision}"
@@ -278,12 +309,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--corpus", type=Path, default=CORPUS, help="the training text")
     parser.add_argument("--preset", default="lecture")
     parser.add_argument("--iters", type=int, default=5000, help="training iterations")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="more config overrides for the train check")  # fmt: skip
     parser.add_argument(
-        "--compile", action=argparse.BooleanOptionalAction, default=None,
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="more config overrides for the train check",
+    )
+    parser.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
         help="torch.compile in the train check (default: on CUDA only)",
-    )  # fmt: skip
+    )
     parser.add_argument("--max-val-loss", type=float, default=1.48)
     parser.add_argument("--max-seconds", type=float, default=60.0)
     parser.add_argument("--generate-tokens", type=int, default=255)
@@ -300,8 +338,11 @@ def main(argv: list[str] | None = None) -> int:
         ddp_worker(args.ddp_worker)
         return 0
     if args.device == "cuda" and not torch.cuda.is_available():
-        print("error: no CUDA device is visible: run this on a GPU machine, or pass "
-              "--device cpu for the small run", file=sys.stderr)  # fmt: skip
+        print(
+            "error: no CUDA device is visible: run this on a GPU machine, or pass "
+            "--device cpu for the small run",
+            file=sys.stderr,
+        )
         return 2
     if "train" in args.checks and not args.corpus.is_file():
         print(f"error: corpus not found: {args.corpus} (--corpus PATH)", file=sys.stderr)

@@ -23,6 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.common import train_cli
 from bench.vs_nanogpt import CORPUS, REPO, prepare_ours
 from model.machine import cpu_description
 
@@ -40,8 +41,14 @@ def timed(cmd: list[str], cwd: Path, env: dict) -> tuple[float, dict[str, float]
     start = time.perf_counter()
     marks: dict[str, float] = {}
     tail: list[str] = []
-    with subprocess.Popen(cmd, cwd=cwd, env={**env, "PYTHONUNBUFFERED": "1"}, text=True,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as proc:  # fmt: skip
+    with subprocess.Popen(
+        cmd,
+        cwd=cwd,
+        env={**env, "PYTHONUNBUFFERED": "1"},
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    ) as proc:
         assert proc.stdout is not None
         for line in proc.stdout:
             now = time.perf_counter() - start
@@ -77,11 +84,25 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         data = prepare_ours(work)
-        train = [sys.executable, "-m", "model.train", "--train", data["train.parquet"],
-                 "--val", data["val.parquet"], "--tokenizer", data["tokenizer.json"],
-                 "--out", str(work / "train-out"), "--preset", args.preset, *sets]  # fmt: skip
-        run = [gptpipe, "run", "--input", str(CORPUS), "--preset", args.preset, *sets,
-               "--refresh", "all", "--sample-tokens", "200"]  # fmt: skip
+        train = [
+            *train_cli(data, str(work / "train-out")),
+            "--preset",
+            args.preset,
+            *sets,
+        ]
+        run = [
+            gptpipe,
+            "run",
+            "--input",
+            str(CORPUS),
+            "--preset",
+            args.preset,
+            *sets,
+            "--refresh",
+            "all",
+            "--sample-tokens",
+            "200",
+        ]
         cold, _ = timed(run, work, env)
         pipeline, plain = [], []
         for _ in range(args.rounds):
@@ -99,8 +120,10 @@ def main() -> None:
         print(f"{name:<40}{ours:>10.1f} s{theirs:>10.1f} s{ours - theirs:>10.1f} s")
     flow = [(m["flow"], m["train_start"] - m["flow"], tot - m["flow_end"]) for tot, m in pipeline]
     start, to_train, exit_ = (statistics.median(values) for values in zip(*flow, strict=True))
-    print(f"gptpipe run: {start:.1f} s to the flow's start, {to_train:.1f} s from there to the "
-          f"first training line, {exit_:.1f} s from the flow's end to the exit")  # fmt: skip
+    print(
+        f"gptpipe run: {start:.1f} s to the flow's start, {to_train:.1f} s from there to the "
+        f"first training line, {exit_:.1f} s from the flow's end to the exit"
+    )
 
 
 if __name__ == "__main__":

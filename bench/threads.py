@@ -22,6 +22,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from bench.common import run_training, timed_run_sets
 from bench.vs_nanogpt import REPO, ours_tokens_per_sec, prepare_ours
 from model.machine import cpu_description, usable_cores
 
@@ -54,31 +55,27 @@ def cpu_quota_cgroup(cores: float):
 
 
 def train_tokens_per_sec(data, out: Path, nproc: int, threads: int, iters: int, procs) -> float:
-    launcher = [sys.executable, "-m", "model.train"] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone",
-        f"--nproc_per_node={nproc}", "-m", "model.train"]  # fmt: skip
-    sets = [f"max_iters={iters}", "eval_interval=100000", "eval_iters=2",
-            f"log_interval={max(1, iters // 6)}", "checkpoint_interval=0", "dtype=float32",
-            f"threads={threads}"]  # fmt: skip
+    sets = [*timed_run_sets(iters), "dtype=float32", f"threads={threads}"]
 
     def join_cgroup():
         if procs is not None:
             procs.write_text(str(os.getpid()))
 
-    result = subprocess.run(
-        [*launcher, "--train", data["train.parquet"], "--val", data["val.parquet"],
-         "--tokenizer", data["tokenizer.json"], "--out", str(out), "--preset", "cpu",
-         *[x for item in sets for x in ("--set", item)]],
-        cwd=REPO, capture_output=True, text=True, check=True, preexec_fn=join_cgroup,
-    )  # fmt: skip
-    return ours_tokens_per_sec(result.stdout)
+    stdout = run_training(data, out, preset="cpu", sets=sets, nproc=nproc, preexec_fn=join_cgroup)
+    return ours_tokens_per_sec(stdout)
 
 
 def threads_in(procs, code: str) -> int:
     """The integer a Python snippet prints when run in the cgroup (procs) or as it is."""
     join = (lambda: procs.write_text(str(os.getpid()))) if procs is not None else None
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
-                         check=True, preexec_fn=join)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        check=True,
+        preexec_fn=join,
+    )
     return int(out.stdout)
 
 
@@ -98,8 +95,11 @@ def scenario(name: str, data, work: Path, args, procs) -> None:
                     train_tokens_per_sec(data, out, nproc, threads, args.iters, procs)
                 )
         b, a = statistics.median(rates["before"]), statistics.median(rates["after"])
-        print(f"{name:<22} {nproc:>5} {before:>14} {'':>2}{after:>13} "
-              f"{b:>12,.0f} {a:>12,.0f} {a / b:>6.2f}x", flush=True)  # fmt: skip
+        print(
+            f"{name:<22} {nproc:>5} {before:>14} {'':>2}{after:>13} "
+            f"{b:>12,.0f} {a:>12,.0f} {a / b:>6.2f}x",
+            flush=True,
+        )
 
 
 def main() -> None:
@@ -109,8 +109,10 @@ def main() -> None:
     parser.add_argument("--no-quota", action="store_true", help="skip the cgroup scenario")
     args = parser.parse_args()
     print(f"{cpu_description()}; {usable_cores()} usable cores; float32, `cpu` preset")
-    print(f"{'scenario':<22} {'ranks':>5} {'threads before':>14} {'threads after':>15} "
-          f"{'before tok/s':>12} {'after tok/s':>12} {'ratio':>7}")  # fmt: skip
+    print(
+        f"{'scenario':<22} {'ranks':>5} {'threads before':>14} {'threads after':>15} "
+        f"{'before tok/s':>12} {'after tok/s':>12} {'ratio':>7}"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         data = prepare_ours(work)

@@ -12,28 +12,20 @@ from __future__ import annotations
 import argparse
 import re
 import statistics
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
-from bench.vs_nanogpt import REPO, ours_tokens_per_sec, prepare_ours
+from bench.common import run_training, timed_run_sets
+from bench.vs_nanogpt import ours_tokens_per_sec, prepare_ours
 from model.machine import cpu_description
 
 TINY = ["block_size=8", "n_embd=64", "n_head=4", "n_layer=4", "batch_size=32"]
 
 
 def run(data, out: Path, preset: str, sets: list[str], iters: int) -> tuple[float, str]:
-    sets = [*sets, f"max_iters={iters}", "eval_interval=100000", "eval_iters=2",
-            f"log_interval={max(1, iters // 6)}", "checkpoint_interval=0"]  # fmt: skip
-    result = subprocess.run(
-        [sys.executable, "-m", "model.train", "--train", data["train.parquet"],
-         "--val", data["val.parquet"], "--tokenizer", data["tokenizer.json"],
-         "--out", str(out), "--preset", preset, *[x for item in sets for x in ("--set", item)]],
-        cwd=REPO, capture_output=True, text=True, check=True,
-    )  # fmt: skip
-    precision = re.search(r"tokens per step, (\S+)", result.stdout)
-    return ours_tokens_per_sec(result.stdout), precision.group(1) if precision else "?"
+    stdout = run_training(data, out, preset=preset, sets=[*sets, *timed_run_sets(iters)])
+    precision = re.search(r"tokens per step, (\S+)", stdout)
+    return ours_tokens_per_sec(stdout), precision.group(1) if precision else "?"
 
 
 def main() -> None:

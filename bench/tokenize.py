@@ -16,11 +16,9 @@ import io
 import json
 import os
 import statistics
-import subprocess
-import sys
 
-from bench.common import alternate, median
-from bench.vs_nanogpt import CORPUS, REPO
+from bench.common import alternate, median, run_module
+from bench.vs_nanogpt import CORPUS
 from model.dataset import write_shard_tokens
 from model.machine import cpu_description
 from model.tokenizer import CharTokenizer, train_tokenizer
@@ -67,23 +65,24 @@ def main() -> None:
 
     sides = {"lecture": lecture, "encode": gptpipe_encode, "parquet": gptpipe_parquet}
     rate = {k: megabytes / median(v) for k, v in alternate(sides, args.rounds).items()}
-    print(f"char, {megabytes:.1f} MB: lecture encode {rate['lecture']:,.1f} MB/s; gptpipe "
-          f"encode {rate['encode']:,.1f} MB/s ({rate['encode'] / rate['lecture']:.1f}x), "
-          f"encode + Parquet {rate['parquet']:,.1f} MB/s "
-          f"({rate['parquet'] / rate['lecture']:.1f}x)")  # fmt: skip
+    print(
+        f"char, {megabytes:.1f} MB: lecture encode {rate['lecture']:,.1f} MB/s; gptpipe "
+        f"encode {rate['encode']:,.1f} MB/s ({rate['encode'] / rate['lecture']:.1f}x), "
+        f"encode + Parquet {rate['parquet']:,.1f} MB/s "
+        f"({rate['parquet'] / rate['lecture']:.1f}x)"
+    )
 
     rates = {}
     for threads in ("1", str(os.cpu_count())):
         env = {**os.environ, "RAYON_NUM_THREADS": threads, "TOKENIZERS_PARALLELISM": "true"}
-        out = subprocess.run(
-            [sys.executable, "-m", "bench.tokenize", "--bpe-worker", "--copies",
-             str(args.copies), "--rounds", str(args.rounds)],
-            cwd=REPO, env=env, capture_output=True, text=True, check=True,
-        )  # fmt: skip
-        rates[threads] = json.loads(out.stdout)["mb_per_s"]
+        flags = ["--bpe-worker", "--copies", str(args.copies), "--rounds", str(args.rounds)]
+        out = run_module("bench.tokenize", *flags, env=env)
+        rates[threads] = json.loads(out)["mb_per_s"]
     one, many = rates["1"], rates[str(os.cpu_count())]
-    print(f"bpe (vocab 1024) encode: 1 thread {one:.1f} MB/s, {os.cpu_count()} threads "
-          f"{many:.1f} MB/s, ratio {many / one:.2f}x")  # fmt: skip
+    print(
+        f"bpe (vocab 1024) encode: 1 thread {one:.1f} MB/s, {os.cpu_count()} threads "
+        f"{many:.1f} MB/s, ratio {many / one:.2f}x"
+    )
 
 
 if __name__ == "__main__":

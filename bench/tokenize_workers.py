@@ -43,6 +43,7 @@ def main() -> None:
     from prefect_dask import DaskTaskRunner
 
     from flows.engines import share_temporary_server
+    from tasks.results import Workspace
     from tasks.tokenize import tokenize
 
     share_temporary_server()  # the workers report to the same Prefect server as this process
@@ -51,24 +52,24 @@ def main() -> None:
     def timed(source: str, store: str, kind: str, shard_bytes: int) -> float:
         start = time.perf_counter()
         vocab_size = 512 if kind == "bpe" else None
-        tokenize(
-            source,
-            store,
-            tokenizer=kind,
-            vocab_size=vocab_size,
-            refresh=True,
-            shard_bytes=shard_bytes,
-        )
+        workspace = Workspace(store=store, refresh=frozenset({"tokenize"}))  # timed every time
+        tokenize(source, workspace, tokenizer=kind, vocab_size=vocab_size, shard_bytes=shard_bytes)
         return time.perf_counter() - start
 
     text = CORPUS.read_text(encoding="utf-8")
-    options = {"threads_per_worker": 1, "processes": True, "memory_limit": 0,
-               "dashboard_address": None}  # fmt: skip
+    options = {
+        "threads_per_worker": 1,
+        "processes": True,
+        "memory_limit": 0,
+        "dashboard_address": None,
+    }
     clusters = {n: LocalCluster(n_workers=n, **options) for n in (1, 2)}
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            for kind, copies, size in (("char", args.copies, args.shard_size),
-                                       ("bpe", args.bpe_copies, args.bpe_shard_size)):  # fmt: skip
+            for kind, copies, size in (
+                ("char", args.copies, args.shard_size),
+                ("bpe", args.bpe_copies, args.bpe_shard_size),
+            ):
                 shard_bytes = parse_byte_size(size)
                 corpus = Path(tmp) / f"corpus-{kind}.txt"
                 corpus.write_text(text * copies, encoding="utf-8")
@@ -85,9 +86,12 @@ def main() -> None:
                         times[n].append(runs[n](str(corpus), f"{tmp}/store-{n}", kind, shard_bytes))
                 t1, t2 = median(times[1]), median(times[2])
                 n_shards = -(-corpus.stat().st_size // shard_bytes)
-                print(f"{kind}: {mb:.1f} MB in about {n_shards} shards; 1 worker {t1:.2f} s "
-                      f"({mb / t1:.1f} MB/s), 2 workers {t2:.2f} s ({mb / t2:.1f} MB/s): "
-                      f"{t1 / t2:.2f}x  [medians of {args.rounds}]", flush=True)  # fmt: skip
+                print(
+                    f"{kind}: {mb:.1f} MB in about {n_shards} shards; 1 worker {t1:.2f} s "
+                    f"({mb / t1:.1f} MB/s), 2 workers {t2:.2f} s ({mb / t2:.1f} MB/s): "
+                    f"{t1 / t2:.2f}x  [medians of {args.rounds}]",
+                    flush=True,
+                )
     finally:
         for cluster in clusters.values():
             cluster.close()

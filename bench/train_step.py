@@ -75,8 +75,10 @@ def main() -> None:
         rounds = args.rounds if preset != "lecture" else max(3, args.rounds // 3)
         times = alternate(sides, rounds)
         lecture, ours = tokens / median(times["lecture"]), tokens / median(times["gptpipe"])
-        print(f"{preset:<8} {lecture:>14,.0f} {ours:>14,.0f} {ours / lecture:>6.2f}x  {precision}",
-              flush=True)  # fmt: skip
+        print(
+            f"{preset:<8} {lecture:>14,.0f} {ours:>14,.0f} {ours / lecture:>6.2f}x  {precision}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

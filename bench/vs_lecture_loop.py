@@ -13,15 +13,14 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from bench.vs_nanogpt import CORPUS, REPO, ours_tokens_per_sec, run_ours
+from bench.common import run_module
+from bench.vs_nanogpt import CORPUS, ours_tokens_per_sec, run_ours
 from model.config import build_config
 from model.machine import cpu_description
 
@@ -44,8 +43,9 @@ def lecture_worker(preset: str, iters: int) -> float:
         return x, y
 
     torch.manual_seed(1337)
-    model = GPTLanguageModel(len(chars), cfg.block_size, cfg.n_embd, cfg.n_head, cfg.n_layer,
-                             cfg.dropout)  # fmt: skip
+    model = GPTLanguageModel(
+        len(chars), cfg.block_size, cfg.n_embd, cfg.n_head, cfg.n_layer, cfg.dropout
+    )
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate)
     warm = iters // 5
     for it in range(iters):
@@ -81,12 +81,9 @@ def main() -> None:
         for preset in args.configs:
             theirs, ours = [], []
             for _ in range(args.rounds):
-                worker = subprocess.run(
-                    [sys.executable, "-m", "bench.vs_lecture_loop", "--worker", preset,
-                     "--iters", str(args.iters)],
-                    cwd=REPO, capture_output=True, text=True, check=True,
-                )  # fmt: skip
-                theirs.append(json.loads(worker.stdout)["tokens_per_sec"])
+                flags = ["--worker", preset, "--iters", str(args.iters)]
+                worker = run_module("bench.vs_lecture_loop", *flags)
+                theirs.append(json.loads(worker)["tokens_per_sec"])
                 overrides = [
                     f"max_iters={args.iters}",
                     f"eval_interval={10 * args.iters}",
@@ -96,8 +93,9 @@ def main() -> None:
                 out, _ = run_ours(data, work, preset, overrides)
                 ours.append(ours_tokens_per_sec(out))
             lecture, mine = statistics.median(theirs), statistics.median(ours)
-            print(f"{preset:<8} {lecture:>14,.0f} {mine:>14,.0f} {mine / lecture:>6.2f}x",
-                  flush=True)  # fmt: skip
+            print(
+                f"{preset:<8} {lecture:>14,.0f} {mine:>14,.0f} {mine / lecture:>6.2f}x", flush=True
+            )
 
 
 if __name__ == "__main__":

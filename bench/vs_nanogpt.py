@@ -25,10 +25,10 @@ import sys
 import time
 from pathlib import Path
 
+from bench.common import REPO, run_training
 from model.config import build_config
 from model.machine import cpu_description
 
-REPO = Path(__file__).resolve().parents[1]
 CORPUS = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
 TARGET_VAL = 1.89
 
@@ -38,12 +38,20 @@ def nanogpt_args(
 ) -> list[str]:
     cfg = build_config(preset)
     args = [
-        "--device=cpu", "--compile=False", f"--block_size={cfg.block_size}",
-        f"--batch_size={cfg.batch_size}", f"--n_layer={cfg.n_layer}", f"--n_head={cfg.n_head}",
-        f"--n_embd={cfg.n_embd}", f"--dropout={cfg.dropout}", f"--max_iters={iters}",
-        f"--lr_decay_iters={max(iters, 2000)}", f"--eval_interval={eval_interval}",
-        f"--eval_iters={eval_iters or cfg.eval_iters}", "--log_interval=1",
-    ]  # fmt: skip
+        "--device=cpu",
+        "--compile=False",
+        f"--block_size={cfg.block_size}",
+        f"--batch_size={cfg.batch_size}",
+        f"--n_layer={cfg.n_layer}",
+        f"--n_head={cfg.n_head}",
+        f"--n_embd={cfg.n_embd}",
+        f"--dropout={cfg.dropout}",
+        f"--max_iters={iters}",
+        f"--lr_decay_iters={max(iters, 2000)}",
+        f"--eval_interval={eval_interval}",
+        f"--eval_iters={eval_iters or cfg.eval_iters}",
+        "--log_interval=1",
+    ]
     if preset == "cpu":
         args += ["--learning_rate=1e-3"]  # nanoGPT's README command for the CPU
     return args
@@ -79,28 +87,31 @@ def prepare_ours(work: Path, corpus: Path = CORPUS) -> dict[str, str]:
 def run_nanogpt(nanogpt: Path, work: Path, args: list[str]) -> tuple[str, float]:
     start = time.perf_counter()
     result = subprocess.run(
-        [sys.executable, str(nanogpt / "train.py"), str(nanogpt / "config" /
-         "train_shakespeare_char.py"), *args],
-        cwd=work, capture_output=True, text=True, check=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            str(nanogpt / "train.py"),
+            str(nanogpt / "config" / "train_shakespeare_char.py"),
+            *args,
+        ],
+        cwd=work,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return result.stdout, start
 
 
 def run_ours(data: dict[str, str], work: Path, preset: str, overrides: list[str]):
     start = time.perf_counter()
-    sets = [x for item in overrides for x in ("--set", item)]
-    result = subprocess.run(
-        [sys.executable, "-m", "model.train", "--train", data["train.parquet"],
-         "--val", data["val.parquet"], "--tokenizer", data["tokenizer.json"],
-         "--out", str(work / "gptpipe-out"), "--preset", preset, *sets],
-        cwd=REPO, capture_output=True, text=True, check=True,
-    )  # fmt: skip
-    return result.stdout, start
+    return run_training(data, work / "gptpipe-out", preset=preset, sets=overrides), start
 
 
 def nanogpt_tokens_per_sec(stdout: str, tokens_per_iter: int) -> float:
-    ms = [float(m) for m in re.findall(r"^iter (\d+): .*time ([\d.]+)ms", stdout, re.M)[5:]
-          for m in [m[1]]]  # fmt: skip
+    ms = [
+        float(m)
+        for m in re.findall(r"^iter (\d+): .*time ([\d.]+)ms", stdout, re.M)[5:]
+        for m in [m[1]]
+    ]
     return tokens_per_iter / (statistics.median(ms) / 1000)
 
 
@@ -109,8 +120,9 @@ def ours_tokens_per_sec(stdout: str) -> float:
     return statistics.median(rates)
 
 
-def throughput(nanogpt: Path, work: Path, data, preset: str, iters: int, rounds: int,
-               ours_set: list[str]):  # fmt: skip
+def throughput(
+    nanogpt: Path, work: Path, data, preset: str, iters: int, rounds: int, ours_set: list[str]
+):
     cfg = build_config(preset)
     tokens_per_iter = cfg.batch_size * cfg.block_size
     theirs, ours = [], []
@@ -120,8 +132,14 @@ def throughput(nanogpt: Path, work: Path, data, preset: str, iters: int, rounds:
         out, _ = run_nanogpt(nanogpt, work, nanogpt_args(preset, iters, 10 * iters, eval_iters=2))
         theirs.append(nanogpt_tokens_per_sec(out, tokens_per_iter))
         log_every = max(1, iters // 6)
-        overrides = [f"max_iters={iters}", f"eval_interval={10 * iters}", "eval_iters=2",
-                     f"log_interval={log_every}", "checkpoint_interval=0", *ours_set]  # fmt: skip
+        overrides = [
+            f"max_iters={iters}",
+            f"eval_interval={10 * iters}",
+            "eval_iters=2",
+            f"log_interval={log_every}",
+            "checkpoint_interval=0",
+            *ours_set,
+        ]
         out, _ = run_ours(data, work, preset, overrides)
         ours.append(ours_tokens_per_sec(out))
     return statistics.median(theirs), statistics.median(ours)
@@ -155,10 +173,8 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=60)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--quality", action="store_true")
-    parser.add_argument(
-        "--ours-set", nargs="+", default=[], metavar="KEY=VALUE",
-        help="config overrides for gptpipe's side only, e.g. dtype=bfloat16",
-    )  # fmt: skip
+    ours_help = "config overrides for gptpipe's side only, e.g. dtype=bfloat16"
+    parser.add_argument("--ours-set", nargs="+", default=[], metavar="KEY=VALUE", help=ours_help)
     parser.add_argument("--work", type=Path, default=Path("/tmp/gptpipe-vs-nanogpt"))
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
@@ -167,14 +183,17 @@ def main() -> None:
     print(f"{'config':<8} {'nanoGPT tok/s':>14} {'gptpipe tok/s':>14} {'ratio':>7}")
     for preset in args.configs:
         iters = args.iters if preset == "cpu" else max(8, args.iters // 6)
-        theirs, ours = throughput(args.nanogpt.resolve(), args.work, data, preset, iters,
-                                  args.rounds, args.ours_set)  # fmt: skip
+        theirs, ours = throughput(
+            args.nanogpt.resolve(), args.work, data, preset, iters, args.rounds, args.ours_set
+        )
         print(f"{preset:<8} {theirs:>14,.0f} {ours:>14,.0f} {ours / theirs:>6.2f}x", flush=True)
     if args.quality:
         theirs, ours = time_to_quality(args.nanogpt.resolve(), args.work, data, args.ours_set)
-        print(f"time to val loss <= {TARGET_VAL} (cpu config, 2000 iterations): nanoGPT "
-              f"{theirs and f'{theirs:.1f} s'}, gptpipe {ours and f'{ours:.1f} s'}"
-              + (f", ratio {ours / theirs:.2f}" if theirs and ours else ""))  # fmt: skip
+        print(
+            f"time to val loss <= {TARGET_VAL} (cpu config, 2000 iterations): nanoGPT "
+            f"{theirs and f'{theirs:.1f} s'}, gptpipe {ours and f'{ours:.1f} s'}"
+            + (f", ratio {ours / theirs:.2f}" if theirs and ours else "")
+        )
 
 
 if __name__ == "__main__":

@@ -199,8 +199,13 @@ def _quiet_user_errors() -> None:
                 record.exc_info, record.exc_text = None, None
             return True
 
-    for name in ("prefect.task_runs", "prefect.flow_runs", "prefect.task_engine",
-                 "prefect.flow_engine", "prefect"):  # fmt: skip
+    for name in (
+        "prefect.task_runs",
+        "prefect.flow_runs",
+        "prefect.task_engine",
+        "prefect.flow_engine",
+        "prefect",
+    ):
         logging.getLogger(name).addFilter(DropTraceback())
 
 
@@ -396,8 +401,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     vocab_size = cfg.vocab_size or 65  # the character vocabulary of Tiny Shakespeare
     with torch.device("meta"):  # shapes only: no memory, whatever the size
         model = GPT(cfg.model_config(vocab_size))
-    print(f"vocab_size {vocab_size}, block_size {cfg.block_size}, n_embd {cfg.n_embd}, "
-          f"n_head {cfg.n_head}, n_layer {cfg.n_layer}")  # fmt: skip
+    print(
+        f"vocab_size {vocab_size}, block_size {cfg.block_size}, n_embd {cfg.n_embd}, "
+        f"n_head {cfg.n_head}, n_layer {cfg.n_layer}"
+    )
     print(parameter_table(model).format())
     return 0
 
@@ -407,8 +414,12 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     skip_last_collections()
     args = build_parser().parse_args(argv)
-    handler = {"run": cmd_run, "tokenize": cmd_tokenize, "sample": cmd_sample,
-               "inspect": cmd_inspect}[args.command]  # fmt: skip
+    handler = {
+        "run": cmd_run,
+        "tokenize": cmd_tokenize,
+        "sample": cmd_sample,
+        "inspect": cmd_inspect,
+    }[args.command]
     try:
         return handler(args)
     except GptpipeError as exc:

@@ -12,8 +12,9 @@ from storage.errors import GptpipeError
 TASK_RUNNERS = ("default", "dask", "ray")
 
 
-def resolve_task_runner(name: str, dask_address: str | None = None,
-                        ray_address: str | None = None) -> tuple[str, str | None]:  # fmt: skip
+def resolve_task_runner(
+    name: str, dask_address: str | None = None, ray_address: str | None = None
+) -> tuple[str, str | None]:
     """The task runner and the cluster address to use: an address implies its runner.
 
     The one rule for the CLI (``--dask-address``) and the nightly flow (``dask_address``): a
@@ -84,8 +85,7 @@ def _import_runner(name: str):
         ) from None
 
 
-def make_task_runner(name: str = "default", address: str | None = None,
-                     workers: int | None = None):  # fmt: skip
+def make_task_runner(name: str = "default", address: str | None = None, workers: int | None = None):
     """A Prefect task runner, or None for the flow's default (a thread pool in this process)."""
     check_task_runner(name, address, workers)
     if name == "default":
@@ -98,16 +98,22 @@ def make_task_runner(name: str = "default", address: str | None = None,
         # one single-threaded worker process per core: tokenizing holds the GIL
         # memory_limit=0: no spill folder. Dask names it `storage` inside the worker's folder,
         # which is first on the worker's sys.path and would shadow our `storage` package.
-        cluster = {"n_workers": n_workers, "threads_per_worker": 1, "processes": True,
-                   "dashboard_address": None, "memory_limit": 0}  # fmt: skip
+        cluster = {
+            "n_workers": n_workers,
+            "threads_per_worker": 1,
+            "processes": True,
+            "dashboard_address": None,
+            "memory_limit": 0,
+        }
         return runner_class(cluster_kwargs=cluster)
     if address:
         return runner_class(address=address)
     return runner_class(init_kwargs={"num_cpus": n_workers, "include_dashboard": False})
 
 
-def with_task_runner(flow, name: str = "default", address: str | None = None,
-                     workers: int | None = None):  # fmt: skip
+def with_task_runner(
+    flow, name: str = "default", address: str | None = None, workers: int | None = None
+):
     """``flow`` set to run its tasks on the chosen engine."""
     runner = make_task_runner(name, address, workers)
     if runner is None:

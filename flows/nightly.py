@@ -74,7 +74,10 @@ def nightly_retrain(
     )
     model = summary["model"]
     logger.info(
-        "%s version %s: %s (%s)", model["name"], model["version"],
-        "now champion" if model["champion"] else "champion unchanged", model["reason"],
-    )  # fmt: skip
+        "%s version %s: %s (%s)",
+        model["name"],
+        model["version"],
+        "now champion" if model["champion"] else "champion unchanged",
+        model["reason"],
+    )
     return summary

@@ -22,7 +22,7 @@ from tasks.cache import check_refresh
 from tasks.evaluate import evaluate
 from tasks.register import register_model
 from tasks.registry import warm_up_in_background
-from tasks.results import RunPlace, SamplingSettings, Tracking
+from tasks.results import SamplingSettings, Tracking, Workspace
 from tasks.sample import sample
 from tasks.split import split
 from tasks.tokenize import SourceURL, reveal, tokenize
@@ -70,28 +70,25 @@ def pipeline(
     parent_id = tracker.start_run(
         run_id, tags={"gptpipe.run_id": run_id, "gptpipe.store": redact(run_uri)}
     )
-    place = RunPlace(
-        run_id=run_id,
+    workspace = Workspace(
         store=store,
         tracking=Tracking(uri=tracker.tracking_uri, experiment=experiment, parent_id=parent_id),
+        refresh=frozenset(check_refresh(refresh or [])),
     )
     parent = tracker.stage_handle(parent_id)
     shown = {"source": redact(url), "nproc": nproc, "store": redact(run_uri)}
     parent.log_params({**cfg.to_dict(), **shown})
     logger.info("run %s -> %s (MLflow run %s)", run_id, run_uri, parent_id)
     options = StageOptions(
-        nproc=nproc,
-        resume=resume,
-        refresh=frozenset(check_refresh(refresh or [])),
-        shard_bytes=shard_bytes,
-        val_shards=val_shards,
+        nproc=nproc, resume=resume, shard_bytes=shard_bytes, val_shards=val_shards
     )
     sampling = SamplingSettings(prompt=prompt, max_new_tokens=sample_tokens, seed=cfg.seed)
     try:
         summary = _stages(
             cfg,
             url,
-            place=place,
+            workspace=workspace,
+            run_id=run_id,
             options=options,
             sampling=sampling,
             model_name=model_name or model_name_for(url, cfg.tokenizer),
@@ -162,11 +159,10 @@ def _check_prompt(prompt: str, tokenizer_uri: str) -> None:
 
 @dataclass(frozen=True)
 class StageOptions:
-    """How the stages run: ranks, resume, which caches to ignore, how the data is cut."""
+    """How the stages run: on how many ranks, resuming or not, how the data is cut."""
 
     nproc: int = 1
     resume: bool = False
-    refresh: frozenset[str] = frozenset()
     shard_bytes: int = DEFAULT_SHARD_BYTES
     val_shards: int = 0
 
@@ -175,63 +171,58 @@ def _stages(
     cfg: TrainConfig,
     source: str,
     *,
-    place: RunPlace,
+    workspace: Workspace,
+    run_id: str,
     options: StageOptions,
     sampling: SamplingSettings,
     model_name: str,
 ) -> dict:
     """Every stage in order; the run's summary (summary.json's shape)."""
-    tracking, refresh = place.tracking, options.refresh
     tokenized = tokenize(
         source,
-        place.store,
+        workspace,
         tokenizer=cfg.tokenizer,
         vocab_size=cfg.vocab_size,
-        tracking=tracking,
-        refresh="tokenize" in refresh,
         shard_bytes=options.shard_bytes,
     )
     _check_prompt(sampling.prompt, tokenized.tokenizer.uri)  # before training, not after it
     splits = split(
         tokenized.tokens,
-        place.store,
+        workspace,
         val_fraction=cfg.val_fraction,
         block_size=cfg.block_size,
         val_shards=options.val_shards,
-        tracking=tracking,
-        refresh="split" in refresh,
     )
     trained = train(
         cfg.to_dict(),
         splits,
+        workspace=workspace,
         tokenizer=tokenized.tokenizer,
-        store=place.store,
         nproc=options.nproc,
         resume=options.resume,
-        tracking=tracking,
-        refresh="train" in refresh,
     )
     evaluated = evaluate(
         trained.checkpoint,
         splits,
+        workspace=workspace,
         eval_iters=cfg.eval_iters,
         batch_size=cfg.batch_size,
         seed=cfg.seed,
-        tracking=tracking,
     )
-    sampled = sample(trained.checkpoint, place.run_uri, settings=sampling, tracking=tracking)
+    run_uri = storage.join(workspace.store, "runs", run_id)
+    sampled = sample(trained.checkpoint, run_uri, workspace=workspace, settings=sampling)
     registered = register_model(
-        tracking,
+        workspace.tracking,
         model_name,
         trained=trained,
         evaluated=evaluated,
         splits=splits,
         tokenizer=tokenized.tokenizer,
-        run_id=place.run_id,
+        run_id=run_id,
     )
     return {
-        "run_id": place.run_id,
-        "run_uri": place.run_uri,
+        "run_id": run_id,
+        "run_uri": run_uri,
         "source": redact(source),
         "config": cfg.to_dict(),
         "world_size": trained.world_size,

@@ -69,9 +69,23 @@ class TemporaryServer:
 
         self.port = _free_port()
         # what prefect.server.api.server.SubprocessASGIServer runs
-        cmd = [sys.executable, "-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent),
-               "--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1",
-               "--port", str(self.port), "--log-level", "error", "--lifespan", "on"]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "--app-dir",
+            str(prefect.__module_path__.parent),
+            "--factory",
+            "prefect.server.api.server:create_app",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--log-level",
+            "error",
+            "--lifespan",
+            "on",
+        ]
         env = {
             **os.environ,
             "PREFECT_UI_ENABLED": "0",

@@ -14,7 +14,7 @@ from prefect import flow
 import storage
 from flows.defaults import DEFAULT_STORE
 from model.corpus import DEFAULT_SHARD_BYTES
-from tasks.results import TokenizeResult
+from tasks.results import TokenizeResult, Workspace
 from tasks.tokenize import BPE_SAMPLE_BYTES, SourceURL, tokenize
 
 
@@ -34,12 +34,12 @@ def tokenize_corpus(
     A ``source`` URL with credentials comes as a SourceURL, which Prefect stores without them.
     """
     storage.preflight(store)
+    workspace = Workspace(store=store, refresh=frozenset({"tokenize"} if refresh else ()))
     return tokenize(
         source,
-        store,
+        workspace,
         tokenizer=tokenizer,
         vocab_size=vocab_size,
-        refresh=refresh,
         shard_bytes=shard_bytes,
         bpe_sample_bytes=bpe_sample_bytes,
     )

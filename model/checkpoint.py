@@ -81,8 +81,12 @@ class CheckpointWriter:
             storage.put_file(self.uri, self.local)
         except Exception as exc:  # the store is away: keep training, keep the local copy
             self._error = first_line(exc)
-            print(f"warning: could not upload the checkpoint to {self.uri} ({self._error}); "
-                  f"kept at {self.local}", file=sys.stderr, flush=True)  # fmt: skip
+            print(
+                f"warning: could not upload the checkpoint to {self.uri} ({self._error}); "
+                f"kept at {self.local}",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def wait(self) -> None:
         if self._upload is not None:

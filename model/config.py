@@ -72,13 +72,13 @@ class TrainConfig:
     # bpe: vocabulary to learn (DEFAULT_BPE_VOCAB_SIZE when unset); char: pad up to this
     vocab_size: int | None = None
     val_fraction: float = 0.1
-    # model
-    block_size: int = 256
-    n_embd: int = 384
-    n_head: int = 6
-    n_layer: int = 6
-    dropout: float = 0.2
-    bias: bool = True
+    # model: every GPTConfig field but vocab_size, with GPTConfig's defaults
+    block_size: int = GPTConfig.block_size
+    n_embd: int = GPTConfig.n_embd
+    n_head: int = GPTConfig.n_head
+    n_layer: int = GPTConfig.n_layer
+    dropout: float = GPTConfig.dropout
+    bias: bool = GPTConfig.bias
     # optimisation
     batch_size: int = 64  # per rank and micro-step
     grad_accum_steps: int = 1
@@ -132,9 +132,15 @@ class TrainConfig:
             f"val_fraction must be between 0 and 1 (exclusive), got {self.val_fraction}",
         )
         _check_positive(
-            self, "batch_size", "grad_accum_steps", "max_iters", "learning_rate",
-            "eval_interval", "eval_iters", "log_interval",
-        )  # fmt: skip
+            self,
+            "batch_size",
+            "grad_accum_steps",
+            "max_iters",
+            "learning_rate",
+            "eval_interval",
+            "eval_iters",
+            "log_interval",
+        )
         for name in (
             "warmup_iters",
             "checkpoint_interval",
@@ -157,15 +163,8 @@ class TrainConfig:
         self.model_config(self.vocab_size or 1)
 
     def model_config(self, vocab_size: int) -> GPTConfig:
-        return GPTConfig(
-            vocab_size=vocab_size,
-            block_size=self.block_size,
-            n_embd=self.n_embd,
-            n_head=self.n_head,
-            n_layer=self.n_layer,
-            dropout=self.dropout,
-            bias=self.bias,
-        )
+        shape = {f.name: getattr(self, f.name) for f in fields(GPTConfig) if f.name != "vocab_size"}
+        return GPTConfig(vocab_size=vocab_size, **shape)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

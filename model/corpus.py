@@ -67,8 +67,9 @@ def list_inputs(source: str) -> list[SourceFile]:
     if source.startswith("s3://"):
         uris = _s3_inputs(source)
     elif _GLOB_CHARS.search(source):
-        uris = sorted(p for p in glob.glob(os.path.expanduser(source), recursive=True)
-                      if os.path.isfile(p))  # fmt: skip
+        uris = sorted(
+            p for p in glob.glob(os.path.expanduser(source), recursive=True) if os.path.isfile(p)
+        )
         if not uris:
             raise GptpipeError(f"--input {source}: the pattern matches no files")
     else:
@@ -86,9 +87,10 @@ def _local_inputs(source: str) -> list[str]:
         return [str(path)]
     if path.is_dir():
         files = sorted(
-            str(p) for p in path.rglob("*")
+            str(p)
+            for p in path.rglob("*")
             if p.is_file() and not _hidden(p.relative_to(path).as_posix())
-        )  # fmt: skip
+        )
         if not files:
             raise GptpipeError(f"input directory {source} has no files; put text files in it")
         return files

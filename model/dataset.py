@@ -55,8 +55,12 @@ def write_shard_tokens(
     else:
         ids = tok.encode(text, what=what)
         n_tokens = len(ids)
-    metadata = {"tokenizer": tok.kind, "vocab_size": tok.vocab_size, "n_tokens": n_tokens,
-                **metadata}  # fmt: skip
+    metadata = {
+        "tokenizer": tok.kind,
+        "vocab_size": tok.vocab_size,
+        "n_tokens": n_tokens,
+        **metadata,
+    }
     write_tokens(ids, where, metadata, row_group_size=SHARD_ROW_GROUP_SIZE)
     return n_tokens
 

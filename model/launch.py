@@ -18,7 +18,7 @@ import torch
 
 import storage
 from model.config import TrainConfig
-from model.train import SUMMARY_NAME, TRACK_STDOUT_ARG
+from model.train import SUMMARY_NAME, TRACK_STDOUT_ARG, TrainingData
 from storage.errors import GptpipeError
 from storage.tracking import TrainingRun
 
@@ -104,9 +104,7 @@ def launch_training(
     cfg: TrainConfig,
     out_uri: str,
     *,
-    train_uri: str,
-    val_uri: str,
-    tokenizer_uri: str,
+    inputs: TrainingData,
     nproc: int = 1,
     resume: bool = False,
     on_line: Callable[[str], None] = print,
@@ -133,8 +131,9 @@ def launch_training(
     check_nproc(nproc, cfg.device)
     cmd = [
         *train_command(nproc, rendezvous),
-        *("--train", train_uri, "--val", val_uri, "--tokenizer", tokenizer_uri),
-        *("--out", out_uri, "--config-json", json.dumps(cfg.to_dict())),
+        *inputs.entry_args(),
+        *("--out", out_uri),
+        *("--config-json", json.dumps(cfg.to_dict())),
     ]
     if resume:
         cmd.append("--resume")

@@ -17,6 +17,7 @@ import math
 import os
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -83,8 +84,9 @@ def make_optimizer(model: GPT, cfg: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=True)
 
 
-def _check_resumable(ckpt: dict, ckpt_uri: str, tokenizer_json: str, tokenizer_uri: str,
-                     model: GPT) -> None:  # fmt: skip
+def _check_resumable(
+    ckpt: dict, ckpt_uri: str, tokenizer_json: str, tokenizer_uri: str, model: GPT
+) -> None:
     """Refuse to continue a checkpoint of another tokenizer or shape (it would be overwritten)."""
     saved = tokenizer_from_json(ckpt["tokenizer"]).to_json()
     if saved != tokenizer_from_json(tokenizer_json).to_json():
@@ -105,13 +107,24 @@ def _check_resumable(ckpt: dict, ckpt_uri: str, tokenizer_json: str, tokenizer_u
 # ----------------------------------------------------------------------------- the loop
 
 
+@dataclass(frozen=True)
+class TrainingData:
+    """What a training reads: the train and val datasets, and the tokenizer that made them."""
+
+    train_uri: str
+    val_uri: str
+    tokenizer_uri: str
+
+    def entry_args(self) -> list[str]:
+        """As this module's command-line flags (`main`)."""
+        return ["--train", self.train_uri, "--val", self.val_uri, "--tokenizer", self.tokenizer_uri]
+
+
 def train(
     cfg: TrainConfig,
     out_uri: str,
     *,
-    train_uri: str,
-    val_uri: str,
-    tokenizer_uri: str,
+    inputs: TrainingData,
     info: dist.DistInfo,
     resume: bool = False,
     track_stdout: bool = False,
@@ -123,9 +136,10 @@ def train(
     else mlflow_run_id logs into that run itself ($MLFLOW_TRACKING_URI); neither: none.
     """
     p0 = dist.print0
+    tokenizer_uri = inputs.tokenizer_uri
     tokenizer_json = storage.get_bytes(tokenizer_uri).decode("utf-8")
     tokenizer = tokenizer_from_json(tokenizer_json)
-    data = {"train": open_dataset(train_uri), "val": open_dataset(val_uri)}
+    data = {"train": open_dataset(inputs.train_uri), "val": open_dataset(inputs.val_uri)}
     for split, ids in data.items():
         if len(ids) < cfg.block_size + 1:
             raise GptpipeError(
@@ -134,8 +148,10 @@ def train(
             )
         if ids.streaming:
             groups = len(ids.group_starts) - 1
-            p0(f"{split}: {len(ids):,} tokens in {groups} row groups, more than "
-               f"{ids.max_bytes:,} bytes: streaming the row groups each batch samples")  # fmt: skip
+            p0(
+                f"{split}: {len(ids):,} tokens in {groups} row groups, more than "
+                f"{ids.max_bytes:,} bytes: streaming the row groups each batch samples"
+            )
     threads = threads_per_rank(info.local_world_size, requested=cfg.threads)
     torch.set_num_threads(threads)  # before anything runs: the probe and the peak measure at it
     vocab_size = max(tokenizer.vocab_size, cfg.vocab_size or 0)
@@ -184,9 +200,15 @@ def train(
         else model
     )
     sampler = BatchSampler(
-        data, cfg.batch_size, cfg.block_size, cfg.seed, info.rank, info.world_size,
-        cfg.grad_accum_steps, info.device,
-    )  # fmt: skip
+        data,
+        cfg.batch_size,
+        cfg.block_size,
+        cfg.seed,
+        info.rank,
+        info.world_size,
+        cfg.grad_accum_steps,
+        info.device,
+    )
     tokens_per_step = info.world_size * cfg.grad_accum_steps * cfg.batch_size * cfg.block_size
     fpt = flops_per_token(raw_model)
     peak = rank_peak.flops * info.world_size
@@ -219,8 +241,10 @@ def train(
         f"{precision.describe()}"
     )
     if info.device.type == "cpu":
-        p0(f"threads: {threads} per rank ({usable_cores()} usable cores, "
-           f"{info.local_world_size} rank(s) on this machine)")  # fmt: skip
+        p0(
+            f"threads: {threads} per rank ({usable_cores()} usable cores, "
+            f"{info.local_world_size} rank(s) on this machine)"
+        )
     if precision.warning:
         p0(f"warning: {precision.warning}")
 
@@ -383,9 +407,7 @@ def main(argv: list[str] | None = None) -> int:
         train(
             cfg,
             args.out,
-            train_uri=args.train,
-            val_uri=args.val,
-            tokenizer_uri=args.tokenizer,
+            inputs=TrainingData(args.train, args.val, args.tokenizer),
             info=info,
             resume=args.resume,
             track_stdout=args.track_stdout,

@@ -137,14 +137,25 @@ def _settings_fingerprint() -> str:
     id is part of it because boto3 clients must not be shared across a fork (DDP ranks).
     """
     names = (
-        "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION",
-        "AWS_PROFILE", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
-        "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE",
-    )  # fmt: skip
+        "AWS_ENDPOINT_URL_S3",
+        "AWS_ENDPOINT_URL",
+        "AWS_DEFAULT_REGION",
+        "AWS_REGION",
+        "AWS_PROFILE",
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+        "AWS_SHARED_CREDENTIALS_FILE",
+        "AWS_CONFIG_FILE",
+    )
     tuning = (
-        MAX_ATTEMPTS, CONNECT_TIMEOUT_S, READ_TIMEOUT_S,
-        PREFLIGHT_MAX_ATTEMPTS, PREFLIGHT_CONNECT_TIMEOUT_S, PREFLIGHT_READ_TIMEOUT_S,
-    )  # fmt: skip
+        MAX_ATTEMPTS,
+        CONNECT_TIMEOUT_S,
+        READ_TIMEOUT_S,
+        PREFLIGHT_MAX_ATTEMPTS,
+        PREFLIGHT_CONNECT_TIMEOUT_S,
+        PREFLIGHT_READ_TIMEOUT_S,
+    )
     parts = [os.environ.get(n, "") for n in names] + [str(v) for v in (*tuning, os.getpid())]
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()
 

@@ -4,7 +4,7 @@ from prefect import get_run_logger, task
 
 from model.evaluate import evaluate_checkpoint
 from tasks.common import IO_RETRIES, stage_run
-from tasks.results import Artifact, EvaluateResult, SplitResult, Tracking, artifact_dicts
+from tasks.results import Artifact, EvaluateResult, SplitResult, Workspace, artifact_dicts
 
 
 @task(name="evaluate", **IO_RETRIES)
@@ -12,13 +12,13 @@ def evaluate(
     checkpoint: Artifact,
     splits: SplitResult,
     *,
+    workspace: Workspace,
     eval_iters: int,
     batch_size: int,
     seed: int,
-    tracking: Tracking | None = None,
 ) -> EvaluateResult:
     """Eval-mode loss of the final model on train and val."""
-    with stage_run(tracking, "evaluate") as run:
+    with stage_run(workspace.tracking, "evaluate") as run:
         losses = evaluate_checkpoint(
             checkpoint.uri,
             {"train": splits.train.uri, "val": splits.val.uri},

@@ -9,7 +9,7 @@ as ``{"uri", "sha256", "bytes"}``, the shape the stages' stored manifests use to
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import storage
@@ -53,17 +53,16 @@ class Tracking:
 
 
 @dataclass(frozen=True)
-class RunPlace:
-    """Where one pipeline run lives: its id, the store its stages write to, how it is tracked."""
+class Workspace:
+    """Where the stages write (the store) and log (MLflow, or nowhere), and which caches to skip."""
 
-    run_id: str
     store: str
-    tracking: Tracking
+    tracking: Tracking | None = None
+    refresh: frozenset[str] = frozenset()
 
-    @property
-    def run_uri(self) -> str:
-        """The run's own folder in the store (samples.txt, summary.json)."""
-        return storage.join(self.store, "runs", self.run_id)
+    def refreshes(self, stage: str) -> bool:
+        """Whether ``stage`` runs again even when the store holds its cached result."""
+        return stage in self.refresh
 
 
 @dataclass(frozen=True)
@@ -80,71 +79,50 @@ class SamplingSettings:
         return asdict(self)
 
 
-@dataclass(frozen=True)
-class TokenizeResult:
+@dataclass(frozen=True, kw_only=True)
+class _StoredStage:
+    """A stage whose cached manifest is its result: ``{"metadata", "outputs", ...}``.
+
+    The subclass's Artifact fields are the manifest's outputs (same names); its other fields are
+    the manifest's own keys.
+    """
+
+    metadata: dict[str, Any]
+    cached: bool
+    mlflow_run_id: str | None = None
+
+    @classmethod
+    def from_manifest(cls, manifest: Mapping[str, Any], *, cached: bool, mlflow_run_id: str | None):
+        values: dict[str, Any] = {"cached": cached, "mlflow_run_id": mlflow_run_id}
+        for f in fields(cls):
+            if f.name in manifest["outputs"]:
+                values[f.name] = Artifact.from_dict(manifest["outputs"][f.name])
+            elif f.name in manifest:
+                values[f.name] = manifest[f.name]
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        outputs = {k: v.to_dict() for k, v in values.items() if isinstance(v, Artifact)}
+        rest = {k: v for k, v in values.items() if not isinstance(v, Artifact)}
+        return {"outputs": outputs, **rest}
+
+
+@dataclass(frozen=True, kw_only=True)
+class TokenizeResult(_StoredStage):
     """The tokenized dataset (its manifest) and the tokenizer, with the dataset's metadata."""
 
     tokens: Artifact
     tokenizer: Artifact
-    metadata: dict[str, Any]
-    source: str
-    cached: bool
-    mlflow_run_id: str | None = None
-
-    @classmethod
-    def from_manifest(
-        cls, manifest: Mapping[str, Any], *, cached: bool, mlflow_run_id: str | None
-    ) -> TokenizeResult:
-        outputs = manifest["outputs"]
-        return cls(
-            tokens=Artifact.from_dict(outputs["tokens"]),
-            tokenizer=Artifact.from_dict(outputs["tokenizer"]),
-            metadata=dict(manifest["metadata"]),
-            source=manifest.get("source", ""),
-            cached=cached,
-            mlflow_run_id=mlflow_run_id,
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "metadata": self.metadata,
-            "outputs": artifact_dicts({"tokenizer": self.tokenizer, "tokens": self.tokens}),
-            "source": self.source,
-            "cached": self.cached,
-            "mlflow_run_id": self.mlflow_run_id,
-        }
+    source: str = ""
 
 
-@dataclass(frozen=True)
-class SplitResult:
+@dataclass(frozen=True, kw_only=True)
+class SplitResult(_StoredStage):
     """The train and val datasets (their manifests) and how the tokens were divided."""
 
     train: Artifact
     val: Artifact
-    metadata: dict[str, Any]
-    cached: bool
-    mlflow_run_id: str | None = None
-
-    @classmethod
-    def from_manifest(
-        cls, manifest: Mapping[str, Any], *, cached: bool, mlflow_run_id: str | None
-    ) -> SplitResult:
-        outputs = manifest["outputs"]
-        return cls(
-            train=Artifact.from_dict(outputs["train"]),
-            val=Artifact.from_dict(outputs["val"]),
-            metadata=dict(manifest["metadata"]),
-            cached=cached,
-            mlflow_run_id=mlflow_run_id,
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "metadata": self.metadata,
-            "outputs": artifact_dicts({"train": self.train, "val": self.val}),
-            "cached": self.cached,
-            "mlflow_run_id": self.mlflow_run_id,
-        }
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from prefect import get_run_logger, task
 import storage
 from model.sample import load_model, sample_text
 from tasks.common import IO_RETRIES, stage_run
-from tasks.results import Artifact, SampleResult, SamplingSettings, Tracking
+from tasks.results import Artifact, SampleResult, SamplingSettings, Workspace
 
 
 @task(name="sample", **IO_RETRIES)
@@ -13,11 +13,11 @@ def sample(
     checkpoint: Artifact,
     run_uri: str,
     *,
+    workspace: Workspace,
     settings: SamplingSettings,
-    tracking: Tracking | None = None,
 ) -> SampleResult:
     """Generate text from the trained model and store it as samples.txt in the run's folder."""
-    with stage_run(tracking, "sample") as run:
+    with stage_run(workspace.tracking, "sample") as run:
         text, notes = sample_text(
             load_model(checkpoint.uri),
             settings.prompt,

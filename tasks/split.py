@@ -17,7 +17,7 @@ from model.dataset import SHARD_ROW_GROUP_SIZE, make_manifest, read_manifest, wr
 from storage.errors import GptpipeError
 from tasks.cache import cache_key, load_manifest, save_manifest, stage_dir
 from tasks.common import IO_RETRIES, stage_run
-from tasks.results import Artifact, SplitResult, Tracking
+from tasks.results import Artifact, SplitResult, Workspace
 
 _ENTRY_KEYS = ("uri", "sha256", "bytes", "n_tokens")
 
@@ -25,17 +25,15 @@ _ENTRY_KEYS = ("uri", "sha256", "bytes", "n_tokens")
 @task(name="split", **IO_RETRIES)
 def split(
     tokens: Artifact,
-    store: str,
+    workspace: Workspace,
     *,
     val_fraction: float,
     block_size: int,
     val_shards: int = 0,
-    tracking: Tracking | None = None,
-    refresh: bool = False,
 ) -> SplitResult:
     """Split the tokenize stage's dataset (``tokens``: its manifest) into train and val."""
     logger = get_run_logger()
-    with stage_run(tracking, "split") as run:
+    with stage_run(workspace.tracking, "split") as run:
         key = cache_key(
             "split",
             dataset_sha256=tokens.sha256,
@@ -43,8 +41,8 @@ def split(
             block_size=block_size,
             val_shards=val_shards,
         )
-        folder = stage_dir(store, "split", key)
-        manifest = None if refresh else load_manifest(folder)
+        folder = stage_dir(workspace.store, "split", key)
+        manifest = None if workspace.refreshes("split") else load_manifest(folder)
         cached = manifest is not None
         if manifest is None:
             manifest = _split(tokens.uri, folder, val_fraction, block_size, val_shards)

@@ -37,7 +37,7 @@ from model.tokenizer import CharTokenizer, tokenizer_from_json, train_tokenizer
 from storage.tracking import redact
 from tasks.cache import cache_key, load_manifest, save_manifest, stage_dir
 from tasks.common import IO_RETRIES, stage_run
-from tasks.results import Artifact, TokenizeResult, Tracking, artifact_dicts
+from tasks.results import Artifact, TokenizeResult, Workspace, artifact_dicts
 
 # BPE learns its merges from at most this much text, taken evenly from the shards' beginnings.
 BPE_SAMPLE_BYTES = 64 << 20
@@ -120,12 +120,10 @@ def encode_shard(index: int, pieces: list[dict], tokenizer_uri: str, folder: str
 
 def tokenize(
     source: str | SecretStr,
-    store: str,
+    workspace: Workspace,
     *,
     tokenizer: str = "char",
     vocab_size: int | None = None,
-    tracking: Tracking | None = None,
-    refresh: bool = False,
     shard_bytes: int = DEFAULT_SHARD_BYTES,
     bpe_sample_bytes: int = BPE_SAMPLE_BYTES,
 ) -> TokenizeResult:
@@ -135,11 +133,12 @@ def tokenize(
     # source, gets the URL with its credentials (Prefect does not store task parameters)
     url = reveal(source)
     shown = redact(url)
-    with stage_run(tracking, "tokenize") as run:
+    with stage_run(workspace.tracking, "tokenize") as run:
         settings = {"tokenizer": tokenizer, "vocab_size": vocab_size}
         if tokenizer == "bpe":
             settings["bpe_sample_bytes"] = bpe_sample_bytes
-        planned = plan(url, store, settings, shard_bytes, refresh)
+        refresh = workspace.refreshes("tokenize")
+        planned = plan(url, workspace.store, settings, shard_bytes, refresh)
         folder, manifest = planned["folder"], planned["manifest"]
         cached = manifest is not None
         if not cached:

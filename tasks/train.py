@@ -10,10 +10,10 @@ from prefect.runtime import task_run
 import storage
 from model.config import config_from_dict
 from model.launch import launch_training
-from model.train import SUMMARY_NAME
+from model.train import SUMMARY_NAME, TrainingData
 from tasks.cache import cache_key, load_manifest, save_manifest, stage_dir
 from tasks.common import retry_unless_user_error, stage_run, tracker_for
-from tasks.results import Artifact, SplitResult, Tracking, TrainResult, artifact_dicts
+from tasks.results import Artifact, SplitResult, Tracking, TrainResult, Workspace, artifact_dicts
 
 
 @task(name="train", retries=1, retry_delay_seconds=5, retry_condition_fn=retry_unless_user_error)
@@ -21,12 +21,10 @@ def train(
     config: dict,
     splits: SplitResult,
     *,
+    workspace: Workspace,
     tokenizer: Artifact,
-    store: str,
     nproc: int = 1,
     resume: bool = False,
-    tracking: Tracking | None = None,
-    refresh: bool = False,
 ) -> TrainResult:
     """Train on nproc ranks (rank 0 logs to MLflow), then log the weights as an MLflow model.
 
@@ -43,10 +41,11 @@ def train(
         config=config,
         nproc=nproc,
     )
-    folder = stage_dir(store, "train", key)
+    folder = stage_dir(workspace.store, "train", key)
     resume = resume or task_run.run_count > 1
+    tracking = workspace.tracking
     with stage_run(tracking, "train") as run:
-        manifest = None if refresh else load_manifest(folder)
+        manifest = None if workspace.refreshes("train") else load_manifest(folder)
         cached = manifest is not None
         if cached:
             summary = json.loads(storage.get_bytes(storage.join(folder, SUMMARY_NAME)))
@@ -57,9 +56,7 @@ def train(
             summary = launch_training(
                 config_from_dict(config),
                 folder,
-                train_uri=splits.train.uri,
-                val_uri=splits.val.uri,
-                tokenizer_uri=tokenizer.uri,
+                inputs=TrainingData(splits.train.uri, splits.val.uri, tokenizer.uri),
                 nproc=nproc,
                 resume=resume,
                 on_line=logger.info,

@@ -55,8 +55,9 @@ def served(cmd: list[str], health_url: str, timeout: float, log_path: Path, **po
     """A server process for the block: started, waited for until health_url answers, then
     stopped with its whole process group (servers that fork workers leave none behind)."""
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True, **popen)  # fmt: skip
+        proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, **popen
+        )
         try:
             wait_for_http(health_url, timeout, proc)
             yield proc
@@ -115,8 +116,17 @@ def prefect_server(tmp_path_factory) -> str:
         "PREFECT_UI_ENABLED": "false",
     }
     url = f"http://127.0.0.1:{port}/api"
-    cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-           "--port", str(port)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "prefect",
+        "server",
+        "start",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
     with served(cmd, f"{url}/health", 90, home / "server.log", env=env):
         yield url
 
@@ -134,6 +144,20 @@ def cli_env(prefect_server, tmp_path) -> dict[str, str]:
         "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
         "PYTHONUNBUFFERED": "1",
     }
+
+
+def launch_on(data: dict[str, str], out: Path, config: dict, **launch):
+    """`launch_training` of ``config`` on a prepared dataset (`char_dataset`) into ``out``."""
+    from bench.common import prepared
+    from model.config import config_from_dict
+    from model.launch import launch_training
+
+    return launch_training(config_from_dict(config), str(out), inputs=prepared(data), **launch)
+
+
+def seed_preset(**sets: object) -> list[str]:
+    """CLI flags for a small model: `--preset seed` and a `--set KEY=VALUE` per keyword."""
+    return ["--preset", "seed", *[x for k, v in sets.items() for x in ("--set", f"{k}={v}")]]
 
 
 def run_cli(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 300):
@@ -159,11 +183,15 @@ def mlflow_server(moto_server, tmp_path_factory) -> str:  # noqa: F811
         "AWS_SECRET_ACCESS_KEY": MLFLOW_SERVER_SECRET,
         "AWS_DEFAULT_REGION": "us-east-1",
     }
-    boto3.client("s3", endpoint_url=moto_server, **{
-        "aws_access_key_id": s3_settings["AWS_ACCESS_KEY_ID"],
-        "aws_secret_access_key": MLFLOW_SERVER_SECRET,
-        "region_name": "us-east-1",
-    }).create_bucket(Bucket="mlflow-artifacts")  # fmt: skip
+    boto3.client(
+        "s3",
+        endpoint_url=moto_server,
+        **{
+            "aws_access_key_id": s3_settings["AWS_ACCESS_KEY_ID"],
+            "aws_secret_access_key": MLFLOW_SERVER_SECRET,
+            "region_name": "us-east-1",
+        },
+    ).create_bucket(Bucket="mlflow-artifacts")
     port = free_port()
     env = {
         **os.environ,
@@ -174,9 +202,21 @@ def mlflow_server(moto_server, tmp_path_factory) -> str:  # noqa: F811
     for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "MLFLOW_TRACKING_URI"):
         env.pop(name, None)
     url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "mlflow", "server",
-           "--backend-store-uri", f"sqlite:///{home / 'mlflow.db'}",
-           "--artifacts-destination", "s3://mlflow-artifacts/mlartifacts",
-           "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        f"sqlite:///{home / 'mlflow.db'}",
+        "--artifacts-destination",
+        "s3://mlflow-artifacts/mlartifacts",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
     with served(cmd, f"{url}/health", 120, home / "server.log", env=env, cwd=home):
         yield url

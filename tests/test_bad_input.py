@@ -24,15 +24,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import free_port, run_cli, served
+from tests.conftest import free_port, run_cli, seed_preset, served
 from tests.test_cli_errors import assert_clean_error
 
 NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
 # a model that trains in a second: the seed preset (block_size 8, val_fraction 0.1), tiny steps
-TINY = [
-    "--preset", "seed", "--set", "max_iters=4", "--set", "eval_interval=2",
-    "--set", "eval_iters=1", "--set", "batch_size=4", "--set", "log_interval=2",
-]  # fmt: skip
+TINY = seed_preset(max_iters=4, eval_interval=2, eval_iters=1, batch_size=4, log_interval=2)
 
 
 def error_line(result, *fragments: str) -> str:
@@ -82,12 +79,24 @@ def train_module(args: list[str], cwd: Path, timeout: float = 120):
 def train_args(data: dict[str, str], out: Path, **paths: str) -> list[str]:
     """model.train's arguments for the char data set; `paths` replaces train/val/tokenizer."""
     return [
-        "--train", paths.get("train", data["train.parquet"]),
-        "--val", paths.get("val", data["val.parquet"]),
-        "--tokenizer", paths.get("tokenizer", data["tokenizer.json"]),
-        "--out", str(out), *TINY[:2], "--set", "max_iters=2", "--set", "eval_iters=1",
-        "--set", "batch_size=4", "--set", "log_interval=1",
-    ]  # fmt: skip
+        "--train",
+        paths.get("train", data["train.parquet"]),
+        "--val",
+        paths.get("val", data["val.parquet"]),
+        "--tokenizer",
+        paths.get("tokenizer", data["tokenizer.json"]),
+        "--out",
+        str(out),
+        *TINY[:2],
+        "--set",
+        "max_iters=2",
+        "--set",
+        "eval_iters=1",
+        "--set",
+        "batch_size=4",
+        "--set",
+        "log_interval=1",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -367,7 +376,7 @@ def test_sample_checkpoint_that_is_not_usable(damage, checkpoint, cli_env, tmp_p
         "temperature-negative",
         "temperature-nan",
         "seed-too-big",
-    ],  # fmt: skip
+    ],
 )
 def test_sample_bad_setting(args, fragment, checkpoint, cli_env, tmp_path):
     result = sample(["--checkpoint", checkpoint, *args], cli_env, tmp_path)
@@ -478,14 +487,19 @@ def moto_with_auth(tmp_path):
         import boto3
 
         s3 = boto3.client(
-            "s3", endpoint_url=url, region_name="us-east-1",
-            aws_access_key_id="setup", aws_secret_access_key="setup",
-        )  # fmt: skip
+            "s3",
+            endpoint_url=url,
+            region_name="us-east-1",
+            aws_access_key_id="setup",
+            aws_secret_access_key="setup",
+        )
         s3.create_bucket(Bucket="guarded")
         request = urllib.request.Request(
-            f"{url}/moto-api/reset-auth", data=b"0", method="POST",
+            f"{url}/moto-api/reset-auth",
+            data=b"0",
+            method="POST",
             headers={"Content-Type": "text/plain"},
-        )  # fmt: skip
+        )
         with urllib.request.urlopen(request, timeout=10) as response:
             assert response.status == 200
         yield url
@@ -518,8 +532,17 @@ def test_train_on_a_corrupt_parquet_file(char_dataset, tmp_path):
 @pytest.mark.slow
 def test_failing_runs_leave_an_earlier_run_byte_identical(small_corpus, cli_env, tmp_path):
     store = tmp_path / "store"
-    first = gptpipe_run(small_corpus, store, cli_env, tmp_path, "--run-id", "first",
-                        "--sample-tokens", "20", timeout=300)  # fmt: skip
+    first = gptpipe_run(
+        small_corpus,
+        store,
+        cli_env,
+        tmp_path,
+        "--run-id",
+        "first",
+        "--sample-tokens",
+        "20",
+        timeout=300,
+    )
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     before = snapshot(store)
     assert "runs/first/summary.json" in before and "runs/first/samples.txt" in before
@@ -530,8 +553,9 @@ def test_failing_runs_leave_an_earlier_run_byte_identical(small_corpus, cli_env,
     assert snapshot(store) == before
 
     # every cached stage re-used, then a late failure (the prompt, in the sample stage)
-    late = gptpipe_run(small_corpus, store, cli_env, tmp_path, "--run-id", "second",
-                       "--prompt", "é", timeout=300)  # fmt: skip
+    late = gptpipe_run(
+        small_corpus, store, cli_env, tmp_path, "--run-id", "second", "--prompt", "é", timeout=300
+    )
     error_line(late, "does not know: 'é'")
     assert snapshot(store) == before
 

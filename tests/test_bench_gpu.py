@@ -24,10 +24,25 @@ pytestmark = [
 def run_checks(tmp_path, *args: str) -> tuple[subprocess.CompletedProcess, list[dict]]:
     out = tmp_path / "gpu.json"
     result = subprocess.run(
-        [sys.executable, "-m", "bench.gpu", "--device", "cpu", "--preset", "seed",
-         "--corpus", str(CORPUS), "--json", str(out), *args],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "bench.gpu",
+            "--device",
+            "cpu",
+            "--preset",
+            "seed",
+            "--corpus",
+            str(CORPUS),
+            "--json",
+            str(out),
+            *args,
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     rows = json.loads(out.read_text()) if out.exists() else []
     return result, rows
 
@@ -51,8 +66,9 @@ def test_every_check_runs_and_passes_on_the_cpu(tmp_path):
 
 
 def test_a_missed_training_target_fails_with_what_was_seen(tmp_path):
-    result, rows = run_checks(tmp_path, "--checks", "train", "--iters", "10",
-                              "--max-val-loss", "1.0")  # fmt: skip
+    result, rows = run_checks(
+        tmp_path, "--checks", "train", "--iters", "10", "--max-val-loss", "1.0"
+    )
     assert result.returncode == 1
     (row,) = rows
     assert not row["ok"]
@@ -76,13 +92,15 @@ def test_a_failed_run_is_explained_by_its_ranks_line_not_torchruns_banner():
     from bench.gpu import _cause
 
     torchrun = subprocess.CompletedProcess(
-        [], 1, stdout="ddp-result {}\n",
+        [],
+        1,
+        stdout="ddp-result {}\n",
         stderr="terminate called without an active exception\n"
         "W1126 .../torch/distributed/elastic/multiprocessing/api.py:1028] Sending SIGTERM\n"
         "Traceback (most recent call last):\n"
         "torch.distributed.elastic.multiprocessing.errors.ChildFailedError: \n"
         "======================================================\n",
-    )  # fmt: skip
+    )
     assert _cause(torchrun) == "terminate called without an active exception"
     train = subprocess.CompletedProcess([], 2, stdout="step 0\n", stderr="error: no corpus\n")
     assert _cause(train) == "error: no corpus"

@@ -20,9 +20,22 @@ def assert_clean_error(result, *fragments: str) -> None:
 
 def test_unreachable_tracking_server_fails_before_any_work(small_corpus, cli_env, tmp_path):
     dead = f"http://127.0.0.1:{free_port()}"
-    result = run_cli(["run", "--input", str(small_corpus), "--preset", "seed",
-                      "--store", str(tmp_path / "store"), "--tracking-uri", dead],
-                     cli_env, tmp_path, timeout=60)  # fmt: skip
+    result = run_cli(
+        [
+            "run",
+            "--input",
+            str(small_corpus),
+            "--preset",
+            "seed",
+            "--store",
+            str(tmp_path / "store"),
+            "--tracking-uri",
+            dead,
+        ],
+        cli_env,
+        tmp_path,
+        timeout=60,
+    )
     assert_clean_error(result, "cannot reach the MLflow tracking server", dead)
     assert not (tmp_path / "store" / "runs").exists()
 
@@ -45,8 +58,12 @@ def test_missing_bucket_fails_before_any_work(s3_env, small_corpus, cli_env, tmp
     ],
 )
 def test_bad_config_fails_before_any_work(args, fragment, small_corpus, cli_env, tmp_path):
-    result = run_cli(["run", "--input", str(small_corpus), "--store", str(tmp_path / "store"),
-                      *args], cli_env, tmp_path, timeout=60)  # fmt: skip
+    result = run_cli(
+        ["run", "--input", str(small_corpus), "--store", str(tmp_path / "store"), *args],
+        cli_env,
+        tmp_path,
+        timeout=60,
+    )
     assert_clean_error(result, fragment)
     assert not (tmp_path / "store").exists()
 
@@ -62,20 +79,38 @@ def test_help_shows_examples(command, cli_env, tmp_path):
 @pytest.mark.parametrize("size", ["inf", "1e400", "1e308G"])
 def test_a_shard_size_too_big_for_a_number_is_a_usage_error(size, small_corpus, tmp_path):
     """float() gives infinity for these, which int() refuses with an OverflowError."""
-    result = run_cli(["tokenize", "--input", str(small_corpus), "--store", str(tmp_path / "s"),
-                      "--shard-size", size], dict(os.environ), tmp_path, timeout=60)  # fmt: skip
+    result = run_cli(
+        [
+            "tokenize",
+            "--input",
+            str(small_corpus),
+            "--store",
+            str(tmp_path / "s"),
+            "--shard-size",
+            size,
+        ],
+        dict(os.environ),
+        tmp_path,
+        timeout=60,
+    )
     assert result.returncode == 2, result.stderr[-2000:]
     errors = [line for line in result.stderr.splitlines() if "error:" in line]
-    assert errors == [f"gptpipe tokenize: error: argument --shard-size: not a size: '{size}' "
-                      "(e.g. 65536, 64K, 32M)"], result.stderr[-2000:]  # fmt: skip
+    assert errors == [
+        f"gptpipe tokenize: error: argument --shard-size: not a size: '{size}' "
+        "(e.g. 65536, 64K, 32M)"
+    ], result.stderr[-2000:]
     assert "Traceback" not in result.stdout + result.stderr
     assert not (tmp_path / "s").exists()
 
 
 def test_inspect_refuses_a_vocab_size_no_token_file_can_hold(tmp_path):
     """Was a RuntimeError traceback from allocating a 25 TB embedding table."""
-    result = run_cli(["inspect", "--preset", "seed", "--set", "vocab_size=100000000000"],
-                     dict(os.environ), tmp_path, timeout=60)  # fmt: skip
+    result = run_cli(
+        ["inspect", "--preset", "seed", "--set", "vocab_size=100000000000"],
+        dict(os.environ),
+        tmp_path,
+        timeout=60,
+    )
     assert_clean_error(result, f"vocab_size must be at most {2**32}", "got 100000000000")
 
 
@@ -85,8 +120,12 @@ def test_inspect_counts_a_model_too_large_to_allocate(tmp_path):
     At vocab_size 2e9 the seed model's embedding and head hold 256e9 parameters (1 TB in
     float32); allocating them was a "can't allocate memory" traceback.
     """
-    result = run_cli(["inspect", "--preset", "seed", "--set", "vocab_size=2000000000"],
-                     dict(os.environ), tmp_path, timeout=60)  # fmt: skip
+    result = run_cli(
+        ["inspect", "--preset", "seed", "--set", "vocab_size=2000000000"],
+        dict(os.environ),
+        tmp_path,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     # the seed model's 208,193 parameters, with 2e9 tokens instead of 65 in its embedding
     # (64 each) and in lm_head (64 weights and 1 bias each)

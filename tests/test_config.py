@@ -49,8 +49,12 @@ def test_each_preset_loads(preset):
 def test_cpu_preset_values():
     cfg = build_config("cpu")
     assert (cfg.block_size, cfg.batch_size, cfg.n_layer, cfg.n_head, cfg.n_embd) == (
-        64, 12, 4, 4, 128,
-    )  # fmt: skip
+        64,
+        12,
+        4,
+        4,
+        128,
+    )
     assert cfg.dropout == 0.0
     assert cfg.max_iters == 2000
     assert cfg.learning_rate == 1e-3
@@ -61,8 +65,12 @@ def test_cpu_preset_values():
 def test_lecture_preset_is_the_lecture():
     cfg = build_config("lecture")
     assert (cfg.block_size, cfg.batch_size, cfg.n_layer, cfg.n_head, cfg.n_embd) == (
-        256, 64, 6, 6, 384,
-    )  # fmt: skip
+        256,
+        64,
+        6,
+        6,
+        384,
+    )
     assert (cfg.dropout, cfg.learning_rate, cfg.max_iters) == (0.2, 3e-4, 5000)
     assert (cfg.eval_interval, cfg.eval_iters) == (500, 200)
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from bench.common import train_cli
 from model.checkpoint import load_checkpoint
 from model.machine import threads_per_rank
 
@@ -33,17 +33,17 @@ BASE = {
 def train(data: dict[str, str], out: Path, nproc: int, **overrides) -> dict:
     """Train with the real entry point: torchrun for several ranks, plain python for one."""
     cfg = json.dumps({**BASE, **overrides})
-    launcher = (
-        [sys.executable, "-m", "model.train"]
-        if nproc == 1
-        else [sys.executable, "-m", "torch.distributed.run", "--standalone",
-              f"--nproc_per_node={nproc}", "-m", "model.train"]
-    )  # fmt: skip
     result = subprocess.run(
-        [*launcher, "--train", data["train.parquet"], "--val", data["val.parquet"],
-         "--tokenizer", data["tokenizer.json"], "--out", str(out), "--config-json", cfg],
-        capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )  # fmt: skip
+        [
+            *train_cli(data, str(out), nproc=nproc),
+            "--config-json",
+            cfg,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     summary = json.loads((out / "summary.json").read_text())
     summary["weights"] = load_checkpoint(str(out / "ckpt.pt"))["model"]

@@ -99,9 +99,10 @@ def test_work_pools_of_the_deployments_are_documented():
     used = {d["work_pool"]["name"] for d in prefect_yaml()["deployments"]}
     assert used == set(POOLS)
     docs = "".join(
-        p.read_text(encoding="utf-8") for p in (REPO / "docs" / "deploy.md", REPO / "README.md")
+        p.read_text(encoding="utf-8")
+        for p in (REPO / "docs" / "deploy.md", REPO / "README.md")
         if p.is_file()
-    )  # fmt: skip
+    )
     for pool, create in POOLS.items():
         assert create in docs, f"the docs do not say how to create the {pool!r} pool: {create}"
         assert create in (DEPLOY / "prefect.yaml").read_text(encoding="utf-8")
@@ -150,8 +151,9 @@ def test_docker_template_requests_all_gpus():
     assert config["image"] == services["worker"]["image"] == services["worker-gpu"]["image"]
     assert config["networks"] == [compose()["networks"]["default"]["name"]]
     # a deployment can ask for fewer GPUs
-    two = apply_values(template["job_configuration"], {**variable_defaults(template),
-                                                       "gpu_count": 2})  # fmt: skip
+    two = apply_values(
+        template["job_configuration"], {**variable_defaults(template), "gpu_count": 2}
+    )
     assert two["container_create_kwargs"]["device_requests"][0]["count"] == 2
 
 
@@ -187,8 +189,9 @@ def test_compose_builds_from_files_that_exist():
         assert context == REPO, name
         assert (context / build["dockerfile"]).is_file(), name
         for arg in build.get("args", {}):
-            assert re.search(rf"^ARG {arg}\b", (context / build["dockerfile"]).read_text(),
-                             re.M), f"{name}: build arg {arg} is not an ARG"  # fmt: skip
+            assert re.search(rf"^ARG {arg}\b", (context / build["dockerfile"]).read_text(), re.M), (
+                f"{name}: build arg {arg} is not an ARG"
+            )
     services = compose()["services"]
     assert services["worker"]["build"]["dockerfile"] == "deploy/Dockerfile"
 
@@ -208,8 +211,13 @@ def test_env_example_has_every_variable_compose_uses():
         name for name, s in services.items() if s.get("env_file") == ".env"
     }
     inside = {v for s in readers for v in re.findall(r"\$\$(\w+)", command_text(s))}
-    needs = {"POSTGRES_USER", "POSTGRES_PASSWORD", "POSTGRES_DB", "MINIO_ROOT_USER",
-             "MINIO_ROOT_PASSWORD"}  # fmt: skip
+    needs = {
+        "POSTGRES_USER",
+        "POSTGRES_PASSWORD",
+        "POSTGRES_DB",
+        "MINIO_ROOT_USER",
+        "MINIO_ROOT_PASSWORD",
+    }
     loop_vars = {"bucket"}
     assert (inside - loop_vars) | needs <= set(example)
     # the real .env is never committed
@@ -302,9 +310,13 @@ def test_dockerfile_copies_paths_that_exist_and_the_ignore_file_lets_them_throug
 
 def prefect(args: list[str], env: dict, cwd: Path, timeout: float = 120):
     result = subprocess.run(
-        [sys.executable, "-m", "prefect", *args], env=env, cwd=cwd, capture_output=True,
-        text=True, timeout=timeout,
-    )  # fmt: skip
+        [sys.executable, "-m", "prefect", *args],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     assert result.returncode == 0, f"prefect {' '.join(args)}:\n{result.stdout}\n{result.stderr}"
     return result.stdout
 
@@ -330,15 +342,44 @@ def test_deploy_and_run_the_nightly_deployment(prefect_server, small_corpus, tmp
 
     # the pools as the docs create them; the server checks the docker template (422 if invalid)
     prefect(["work-pool", "create", "local", "--type", "process", "--overwrite"], env, REPO)
-    prefect(["work-pool", "create", "gpu", "--type", "docker", "--base-job-template",
-             str(DOCKER_TEMPLATE), "--overwrite"], env, REPO)  # fmt: skip
-    prefect(["work-pool", "create", "gpu-k8s", "--type", "kubernetes", "--base-job-template",
-             str(K8S_TEMPLATE), "--overwrite"], env, REPO)  # fmt: skip
+    prefect(
+        [
+            "work-pool",
+            "create",
+            "gpu",
+            "--type",
+            "docker",
+            "--base-job-template",
+            str(DOCKER_TEMPLATE),
+            "--overwrite",
+        ],
+        env,
+        REPO,
+    )
+    prefect(
+        [
+            "work-pool",
+            "create",
+            "gpu-k8s",
+            "--type",
+            "kubernetes",
+            "--base-job-template",
+            str(K8S_TEMPLATE),
+            "--overwrite",
+        ],
+        env,
+        REPO,
+    )
 
     # from the project root: entrypoints in prefect.yaml are relative to it
     prefect(["--no-prompt", "deploy", "--all", "--prefect-file", "deploy/prefect.yaml"], env, REPO)
-    gpu = json.loads(prefect(["deployment", "inspect", "nightly-retrain/nightly-retrain-gpu",
-                              "--output", "json"], env, REPO))  # fmt: skip
+    gpu = json.loads(
+        prefect(
+            ["deployment", "inspect", "nightly-retrain/nightly-retrain-gpu", "--output", "json"],
+            env,
+            REPO,
+        )
+    )
     assert gpu["work_pool_name"] == "gpu"
     assert gpu["parameters"]["nproc"] == 1 and "batch_size" in gpu["parameters"]
     assert gpu["job_variables"]["env"]["AWS_ACCESS_KEY_ID"] == "deploy-test-key"
@@ -368,17 +409,21 @@ def test_deploy_and_run_the_nightly_deployment(prefect_server, small_corpus, tmp
     worker_cwd.mkdir()
     worker = subprocess.run(
         [sys.executable, "-m", "prefect", "worker", "start", "--pool", "local", "--run-once"],
-        env={**env, "GPTPIPE_HOME": str(REPO)}, cwd=worker_cwd, capture_output=True, text=True,
+        env={**env, "GPTPIPE_HOME": str(REPO)},
+        cwd=worker_cwd,
+        capture_output=True,
+        text=True,
         timeout=240,
-    )  # fmt: skip
+    )
     log = worker.stdout + worker.stderr
     assert worker.returncode == 0, log[-6000:]
     assert "Creating a new Dask cluster" in log, log[-6000:]
 
     deadline, state = time.monotonic() + 60, None
     while time.monotonic() < deadline:
-        state = json.loads(prefect(["flow-run", "inspect", flow_run_id, "--output", "json"],
-                                   env, REPO))["state"]["type"]  # fmt: skip
+        state = json.loads(
+            prefect(["flow-run", "inspect", flow_run_id, "--output", "json"], env, REPO)
+        )["state"]["type"]
         if state in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
             break
         time.sleep(1)

@@ -103,15 +103,21 @@ def markdown_files() -> list[Path]:
 
 
 def readme_test_command() -> str:
-    commands = [m.group(1) for line in code_lines(README.read_text(encoding="utf-8"))
-                if (m := PYTEST.match(line))]  # fmt: skip
+    commands = [
+        m.group(1)
+        for line in code_lines(README.read_text(encoding="utf-8"))
+        if (m := PYTEST.match(line))
+    ]
     assert len(commands) == 1, f"the README should show one test command, found {commands}"
     return commands[0]
 
 
 def ci_test_command() -> str:
-    commands = [m.group(1) for line in CI.read_text(encoding="utf-8").splitlines()
-                if not line.lstrip().startswith("#") and (m := PYTEST.match(line))]  # fmt: skip
+    commands = [
+        m.group(1)
+        for line in CI.read_text(encoding="utf-8").splitlines()
+        if not line.lstrip().startswith("#") and (m := PYTEST.match(line))
+    ]
     assert len(commands) == 1, f".ci/run should run one test command, found {commands}"
     return commands[0]
 

@@ -5,20 +5,30 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 
 import pytest
 from mlflow.tracking import MlflowClient
 
+from bench.common import train_cli
 from storage.tracking import RUN_ID_ENV, Tracker
+from tests.conftest import launch_on
 from tests.fixtures_s3 import FaultyProxy
 
 CONFIG = {
-    "block_size": 16, "n_embd": 32, "n_head": 4, "n_layer": 2, "dropout": 0.0,
-    "batch_size": 8, "max_iters": 400, "eval_interval": 100, "eval_iters": 2,
-    "log_interval": 50, "checkpoint_interval": 0, "device": "cpu",
-}  # fmt: skip
+    "block_size": 16,
+    "n_embd": 32,
+    "n_head": 4,
+    "n_layer": 2,
+    "dropout": 0.0,
+    "batch_size": 8,
+    "max_iters": 400,
+    "eval_interval": 100,
+    "eval_iters": 2,
+    "log_interval": 50,
+    "checkpoint_interval": 0,
+    "device": "cpu",
+}
 
 
 @pytest.mark.slow
@@ -27,15 +37,25 @@ def test_training_goes_on_while_mlflow_is_away(mlflow_server, char_dataset, tmp_
     run_id = tracker.start_run("train")
     out = tmp_path / "out"
     with FaultyProxy(mlflow_server) as proxy:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", RUN_ID_ENV: run_id,
-               "MLFLOW_TRACKING_URI": proxy.url, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
-               "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}  # fmt: skip
+        env = {
+            **os.environ,
+            "PYTHONUNBUFFERED": "1",
+            RUN_ID_ENV: run_id,
+            "MLFLOW_TRACKING_URI": proxy.url,
+            "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+            "MLFLOW_HTTP_REQUEST_TIMEOUT": "5",
+        }
         proc = subprocess.Popen(
-            [sys.executable, "-m", "model.train", "--train", char_dataset["train.parquet"],
-             "--val", char_dataset["val.parquet"], "--tokenizer", char_dataset["tokenizer.json"],
-             "--out", str(out), "--config-json", json.dumps(CONFIG)],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
+            [
+                *train_cli(char_dataset, str(out)),
+                "--config-json",
+                json.dumps(CONFIG),
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for line in proc.stdout:
             if line.startswith("step 0:"):
                 proxy.inject("drop", times=float("inf"))  # the server goes away
@@ -65,8 +85,6 @@ def test_forwarded_tracking_goes_on_while_mlflow_is_away(
     With the launcher's own MLflow client settings (storage.tracking.MLFLOW_CLIENT_DEFAULTS):
     a call fails only once its retries are spent, about 15 s into an outage, so the server
     stays away until one metric batch has failed (the test takes about that much longer)."""
-    from model.config import config_from_dict
-    from model.launch import launch_training
     from storage.tracking import MLFLOW_CLIENT_DEFAULTS
 
     for name in MLFLOW_CLIENT_DEFAULTS:
@@ -91,12 +109,10 @@ def test_forwarded_tracking_goes_on_while_mlflow_is_away(
                 proxy.inject("drop", times=0)  # and comes back
 
         start = time.monotonic()
-        summary = launch_training(
-            config_from_dict(CONFIG),
-            str(tmp_path / "out"),
-            train_uri=char_dataset["train.parquet"],
-            val_uri=char_dataset["val.parquet"],
-            tokenizer_uri=char_dataset["tokenizer.json"],
+        summary = launch_on(
+            char_dataset,
+            tmp_path / "out",
+            CONFIG,
             on_line=on_line,
             mlflow_run=(proxy.url, run_id),
         )
@@ -128,11 +144,17 @@ def test_store_away_at_the_end_keeps_the_checkpoint_and_resume_finishes(
     out = f"s3://{s3_env.bucket}/train-out"
     config = {**CONFIG, "max_iters": 200, "checkpoint_interval": 100}
     with FaultyProxy(s3_env.endpoint) as proxy:
-        env = {**os.environ, "AWS_ENDPOINT_URL": proxy.url, "GPTPIPE_CACHE_DIR": str(tmp_path),
-               "PYTHONUNBUFFERED": "1"}  # fmt: skip
-        cmd = [sys.executable, "-m", "model.train", "--train", char_dataset["train.parquet"],
-               "--val", char_dataset["val.parquet"], "--tokenizer", char_dataset["tokenizer.json"],
-               "--out", out, "--config-json", json.dumps(config)]  # fmt: skip
+        env = {
+            **os.environ,
+            "AWS_ENDPOINT_URL": proxy.url,
+            "GPTPIPE_CACHE_DIR": str(tmp_path),
+            "PYTHONUNBUFFERED": "1",
+        }
+        cmd = [
+            *train_cli(char_dataset, out),
+            "--config-json",
+            json.dumps(config),
+        ]
         proxy.inject("drop", times=float("inf"), match=lambda request: "ckpt.pt" in request)
         away = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
         assert away.returncode == 2, away.stdout + away.stderr
@@ -142,8 +164,9 @@ def test_store_away_at_the_end_keeps_the_checkpoint_and_resume_finishes(
         assert not _exists(s3_env, "train-out/ckpt.pt"), "no partial object under the final key"
 
         proxy.inject("drop", times=0)  # the store is back
-        back = subprocess.run([*cmd, "--resume"], env=env, capture_output=True, text=True,
-                              timeout=300)  # fmt: skip
+        back = subprocess.run(
+            [*cmd, "--resume"], env=env, capture_output=True, text=True, timeout=300
+        )
         assert back.returncode == 0, back.stdout + back.stderr
         assert "resumed from step 200" in back.stdout
     assert _exists(s3_env, "train-out/ckpt.pt") and _exists(s3_env, "train-out/summary.json")
@@ -163,8 +186,11 @@ def tiny_disk(tmp_path):
     """A 1 MiB tmpfs: room for the data, none for a checkpoint (needs root to mount)."""
     mount = tmp_path / "tiny-disk"
     mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)],
-                          capture_output=True, text=True)  # fmt: skip
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)],
+        capture_output=True,
+        text=True,
+    )
     if done.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs here ({done.stderr.strip()}): needs root")
     yield mount
@@ -172,13 +198,30 @@ def tiny_disk(tmp_path):
 
 
 @pytest.mark.slow
-def test_full_disk_is_a_clear_error_and_leaves_no_half_file(tiny_disk, small_corpus, cli_env,
-                                                            tmp_path):  # fmt: skip
+def test_full_disk_is_a_clear_error_and_leaves_no_half_file(
+    tiny_disk, small_corpus, cli_env, tmp_path
+):
     from tests.conftest import run_cli
 
-    result = run_cli(["run", "--input", str(small_corpus), "--preset", "seed", "--store",
-                      str(tiny_disk), "--set", "max_iters=20", "--set", "eval_interval=10",
-                      "--set", "eval_iters=2"], cli_env, tmp_path)  # fmt: skip
+    result = run_cli(
+        [
+            "run",
+            "--input",
+            str(small_corpus),
+            "--preset",
+            "seed",
+            "--store",
+            str(tiny_disk),
+            "--set",
+            "max_iters=20",
+            "--set",
+            "eval_interval=10",
+            "--set",
+            "eval_iters=2",
+        ],
+        cli_env,
+        tmp_path,
+    )
     assert result.returncode == 2, result.stdout[-3000:] + result.stderr[-3000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1, result.stderr[-2000:]

@@ -30,8 +30,9 @@ print(json.dumps([faults() for _ in range(12)]))
 
 
 def _faults(mode: str) -> list[int]:
-    done = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True,
-                          check=True)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", PROBE, mode], capture_output=True, text=True, check=True
+    )
     return json.loads(done.stdout)
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import run_cli
+from tests.conftest import run_cli, seed_preset
 from tests.ui_helpers import Screenshots, browser_missing, chromium_page
 
 pytestmark = [
@@ -26,11 +26,7 @@ RUN_ID = "ui-e2e"
 EXPERIMENT = "gptpipe-ui"
 MODEL_NAME = "gptpipe-ui-small-char"
 STAGES = ("tokenize", "split", "train", "evaluate", "sample")
-TINY = [
-    "--preset", "seed",
-    "--set", "max_iters=60", "--set", "eval_interval=10", "--set", "eval_iters=5",
-    "--set", "batch_size=16", "--set", "log_interval=20",
-]  # fmt: skip
+TINY = seed_preset(max_iters=60, eval_interval=10, eval_iters=5, batch_size=16, log_interval=20)
 LOSSES = ("train_loss", "val_loss")
 
 # Keep the MLflow Assistant side panel from opening on first load: it takes a third of the width
@@ -53,11 +49,29 @@ def test_mlflow_ui_shows_pipeline_run_stages_losses_and_samples(
 
     store = tmp_path / "store"
     result = run_cli(
-        ["run", "--input", str(small_corpus), "--store", str(store),
-         "--tracking-uri", mlflow_server, "--experiment", EXPERIMENT, "--model-name", MODEL_NAME,
-         "--run-id", RUN_ID, "--prompt", "ROMEO:", "--sample-tokens", "120", *TINY],
-        cli_env, tmp_path,
-    )  # fmt: skip
+        [
+            "run",
+            "--input",
+            str(small_corpus),
+            "--store",
+            str(store),
+            "--tracking-uri",
+            mlflow_server,
+            "--experiment",
+            EXPERIMENT,
+            "--model-name",
+            MODEL_NAME,
+            "--run-id",
+            RUN_ID,
+            "--prompt",
+            "ROMEO:",
+            "--sample-tokens",
+            "120",
+            *TINY,
+        ],
+        cli_env,
+        tmp_path,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
     # What the UI must show, from the tracking API and the store
@@ -109,8 +123,9 @@ def test_mlflow_ui_shows_pipeline_run_stages_losses_and_samples(
             # 2. The train run's model metrics: a train_loss and a val_loss chart with every point
             step = "train-metrics"
             stage_link("train").click()
-            expect(page).to_have_url(f"{mlflow_server}/#/experiments/{experiment_id}/runs/"
-                                     f"{children['train']}")  # fmt: skip
+            expect(page).to_have_url(
+                f"{mlflow_server}/#/experiments/{experiment_id}/runs/{children['train']}"
+            )
             page.get_by_text("Model metrics", exact=True).click()
             page.get_by_placeholder("Search metric charts").fill("_loss")
             cards = page.get_by_test_id("experiment-view-compare-runs-card")

@@ -17,10 +17,9 @@ import pytest
 import torch
 
 from model.checkpoint import load_checkpoint
-from model.config import config_from_dict
-from model.launch import ONE_NODE, Rendezvous, launch_training, train_command
+from model.launch import ONE_NODE, Rendezvous, train_command
 from storage.errors import GptpipeError
-from tests.conftest import free_port
+from tests.conftest import free_port, launch_on
 from tests.test_ddp import BASE  # the same tiny config
 
 # one thread per rank: two "nodes" share this machine's cores
@@ -39,17 +38,8 @@ def launch(
     lines: list[str],
     rendezvous: Rendezvous = ONE_NODE,
 ):
-    cfg = config_from_dict({**BASE, "batch_size": batch_size})
-    return launch_training(
-        cfg,
-        str(out),
-        train_uri=data["train.parquet"],
-        val_uri=data["val.parquet"],
-        tokenizer_uri=data["tokenizer.json"],
-        on_line=lines.append,
-        extra_env=ENV,
-        rendezvous=rendezvous,
-    )
+    config = {**BASE, "batch_size": batch_size}
+    return launch_on(data, out, config, on_line=lines.append, extra_env=ENV, rendezvous=rendezvous)
 
 
 def run_two_nodes(data: dict[str, str], outs: tuple[Path, Path], backend: str) -> list[dict]:
@@ -93,22 +83,45 @@ def one_rank_double_batch(char_dataset, tmp_path_factory) -> dict[str, torch.Ten
 
 def test_single_node_commands_are_unchanged():
     assert train_command(1) == [sys.executable, "-m", "model.train"]
-    assert train_command(2) == [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                "--nproc_per_node=2", "-m", "model.train"]  # fmt: skip
+    assert train_command(2) == [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "model.train",
+    ]
 
 
 def test_multinode_command_uses_the_rendezvous():
     c10d = train_command(4, Rendezvous(nnodes=2, node_rank=1, endpoint="node0:29400", id="job7"))
-    assert c10d == [sys.executable, "-m", "torch.distributed.run", "--nnodes=2",
-                    "--rdzv_backend=c10d", "--rdzv_endpoint=node0:29400", "--rdzv_id=job7",
-                    "--nproc_per_node=4", "-m", "model.train"]  # fmt: skip
+    assert c10d == [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes=2",
+        "--rdzv_backend=c10d",
+        "--rdzv_endpoint=node0:29400",
+        "--rdzv_id=job7",
+        "--nproc_per_node=4",
+        "-m",
+        "model.train",
+    ]
     assert "--standalone" not in c10d and not any(a.startswith("--node_rank") for a in c10d)
     # one rank per node is still torchrun: the nodes have to meet
     static = train_command(
         1, Rendezvous(nnodes=3, node_rank=2, endpoint="10.0.0.8:6000", backend="static")
     )
-    assert static[3:] == ["--nnodes=3", "--rdzv_backend=static", "--rdzv_endpoint=10.0.0.8:6000",
-                          "--node_rank=2", "--nproc_per_node=1", "-m", "model.train"]  # fmt: skip
+    assert static[3:] == [
+        "--nnodes=3",
+        "--rdzv_backend=static",
+        "--rdzv_endpoint=10.0.0.8:6000",
+        "--node_rank=2",
+        "--nproc_per_node=1",
+        "-m",
+        "model.train",
+    ]
 
 
 @pytest.mark.parametrize(

@@ -9,23 +9,34 @@ from pathlib import Path
 import pytest
 
 from model.dataset import open_dataset, read_manifest
-from tests.conftest import run_cli
+from tests.conftest import run_cli, seed_preset
 
-TINY = [
-    "--preset", "seed",
-    "--set", "max_iters=60", "--set", "eval_interval=30", "--set", "eval_iters=5",
-    "--set", "batch_size=16", "--set", "log_interval=20",
-]  # fmt: skip
+TINY = seed_preset(max_iters=60, eval_interval=30, eval_iters=5, batch_size=16, log_interval=20)
 
 
-def run_pipeline(small_corpus: Path, env: dict, cwd: Path, nproc: int, run_id: str = "",
-                 extra: tuple | list = ()):  # fmt: skip
+def run_pipeline(
+    small_corpus: Path, env: dict, cwd: Path, nproc: int, run_id: str = "", extra: tuple | list = ()
+):
     run_id = run_id or f"e2e-{nproc}"
     result = run_cli(
-        ["run", "--input", str(small_corpus), *TINY, "--nproc", str(nproc),
-         "--run-id", run_id, "--sample-tokens", "80", "--store", str(cwd / "store"), *extra],
-        env, cwd,
-    )  # fmt: skip
+        [
+            "run",
+            "--input",
+            str(small_corpus),
+            *TINY,
+            "--nproc",
+            str(nproc),
+            "--run-id",
+            run_id,
+            "--sample-tokens",
+            "80",
+            "--store",
+            str(cwd / "store"),
+            *extra,
+        ],
+        env,
+        cwd,
+    )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     run_dir = cwd / "store" / "runs" / run_id
     return result, run_dir, json.loads((run_dir / "summary.json").read_text())
@@ -80,8 +91,9 @@ def test_sample_command_is_deterministic_and_checks_the_prompt(small_corpus, cli
     ckpt = summary["outputs"]["checkpoint"]
 
     def sample(*extra: str):
-        return run_cli(["sample", "--checkpoint", ckpt, "--max-new-tokens", "60", *extra],
-                       cli_env, tmp_path)  # fmt: skip
+        return run_cli(
+            ["sample", "--checkpoint", ckpt, "--max-new-tokens", "60", *extra], cli_env, tmp_path
+        )
 
     first, again, other = sample("--seed", "3"), sample("--seed", "3"), sample("--seed", "4")
     assert first.returncode == 0, first.stderr
@@ -100,8 +112,10 @@ def test_second_run_reuses_cached_stages(small_corpus, cli_env, tmp_path):
     """Stages are keyed on content: the same data and settings re-use the stored results."""
     first, _, one = run_pipeline(small_corpus, cli_env, tmp_path, 1, run_id="a")
     assert one["cached"] == {"tokenize": False, "split": False, "train": False}
-    stamps = {name: Path(one["outputs"][name]).stat().st_mtime_ns
-              for name in ("tokens", "train", "checkpoint")}  # fmt: skip
+    stamps = {
+        name: Path(one["outputs"][name]).stat().st_mtime_ns
+        for name in ("tokens", "train", "checkpoint")
+    }
 
     second, _, two = run_pipeline(small_corpus, cli_env, tmp_path, 1, run_id="b")
     assert two["cached"] == {"tokenize": True, "split": True, "train": True}

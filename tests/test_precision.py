@@ -15,6 +15,7 @@ from model.config import build_config
 from model.machine import MachineCache, Peak, cpu_bf16_units
 from model.precision import ProbeResult, plan_probe, probe_speeds, resolve_precision
 from storage.errors import GptpipeError
+from tests.conftest import launch_on
 
 CPU = torch.device("cpu")
 TINY = ["block_size=8", "n_embd=64", "n_head=4", "n_layer=4", "batch_size=32"]
@@ -188,28 +189,32 @@ def test_cuda_picks_bf16_then_float16_with_a_scaler_then_float32(
 # ----------------------------------------------------------------------------- in the training
 
 
-SHORT = {"block_size": 8, "n_embd": 32, "n_head": 4, "n_layer": 2, "batch_size": 4,
-         "max_iters": 3, "eval_interval": 100, "eval_iters": 1, "log_interval": 1,
-         "checkpoint_interval": 0, "device": "cpu"}  # fmt: skip
+SHORT = {
+    "block_size": 8,
+    "n_embd": 32,
+    "n_head": 4,
+    "n_layer": 2,
+    "batch_size": 4,
+    "max_iters": 3,
+    "eval_interval": 100,
+    "eval_iters": 1,
+    "log_interval": 1,
+    "checkpoint_interval": 0,
+    "device": "cpu",
+}
 
 
 def test_a_forced_slow_precision_warns_in_the_training_log(
     char_dataset, tmp_path, no_native_bf16, capsys
 ):
+    from bench.common import prepared
     from model import dist
     from model.config import config_from_dict
     from model.train import train
 
     cfg = config_from_dict({**SHORT, "dtype": "bfloat16"})
     info = dist.DistInfo(rank=0, local_rank=0, world_size=1, device=CPU)
-    summary = train(
-        cfg,
-        str(tmp_path / "out"),
-        train_uri=char_dataset["train.parquet"],
-        val_uri=char_dataset["val.parquet"],
-        tokenizer_uri=char_dataset["tokenizer.json"],
-        info=info,
-    )
+    summary = train(cfg, str(tmp_path / "out"), inputs=prepared(char_dataset), info=info)
     out = capsys.readouterr().out
     assert "bfloat16 autocast (dtype=bfloat16 was set)" in out
     assert "warning: dtype=bfloat16 on a CPU without native bf16 matmuls" in out
@@ -220,19 +225,15 @@ def test_the_resolved_precision_and_the_mfu_peak_reach_mlflow(char_dataset, tmp_
     """A real training process logging into a real (sqlite) MLflow run, as the train task does."""
     from mlflow import MlflowClient
 
-    from model.config import config_from_dict
-    from model.launch import launch_training
     from storage.tracking import Tracker
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     run_id = Tracker(uri, "precision").start_run("train")
     lines: list[str] = []
-    summary = launch_training(
-        config_from_dict(SHORT),
-        str(tmp_path / "out"),
-        train_uri=char_dataset["train.parquet"],
-        val_uri=char_dataset["val.parquet"],
-        tokenizer_uri=char_dataset["tokenizer.json"],
+    summary = launch_on(
+        char_dataset,
+        tmp_path / "out",
+        SHORT,
         on_line=lines.append,
         mlflow_run=(uri, run_id),
     )

@@ -52,6 +52,10 @@ def test_other_ranks_print_nothing(capsys):
 
 
 def test_loss_curve_is_a_png():
-    png = loss_curve_png([{"step": 0, "train_loss": 4.1, "val_loss": 4.2},
-                          {"step": 10, "train_loss": 3.0, "val_loss": 3.1}])  # fmt: skip
+    png = loss_curve_png(
+        [
+            {"step": 0, "train_loss": 4.1, "val_loss": 4.2},
+            {"step": 10, "train_loss": 3.0, "val_loss": 3.1},
+        ]
+    )
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 5_000

@@ -5,17 +5,16 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from bench.common import train_cli
+from tests.conftest import launch_on
 from tests.test_ddp import BASE
 
 REPO = Path(__file__).resolve().parents[1]
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-            "-m", "model.train"]  # fmt: skip
 
 
 def run_bounded(cmd: list[str], timeout: float) -> tuple[int | None, str, float]:
@@ -25,8 +24,13 @@ def run_bounded(cmd: list[str], timeout: float) -> tuple[int | None, str, float]
     its own, out of reach of a kill of torchrun's process group), so none is left running.
     """
     start = time.monotonic()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     try:
         output, _ = proc.communicate(timeout=timeout)
         return proc.returncode, output, time.monotonic() - start
@@ -41,9 +45,11 @@ def test_rank_0_failing_alone_ends_the_job_with_its_error(char_dataset):
     """Only rank 0 writes checkpoints: when it cannot, rank 1 is inside DDP's all-reduce. The job
     must end (torchrun stops rank 1) instead of waiting there, and say why in one line."""
     config = {**BASE, "max_iters": 30, "checkpoint_interval": 10, "batch_size": 4}
-    cmd = [*TORCHRUN, "--train", char_dataset["train.parquet"], "--val",
-           char_dataset["val.parquet"], "--tokenizer", char_dataset["tokenizer.json"],
-           "--out", "/proc/gptpipe-out", "--config-json", json.dumps(config)]  # fmt: skip
+    cmd = [
+        *train_cli(char_dataset, "/proc/gptpipe-out", nproc=2),
+        "--config-json",
+        json.dumps(config),
+    ]
     code, output, seconds = run_bounded(cmd, timeout=90)
     assert code is not None, f"the job hung ({seconds:.0f} s):\n{output[-3000:]}"
     assert code != 0, output[-3000:]
@@ -82,8 +88,6 @@ def test_launcher_stops_the_training_when_reading_its_output_fails(char_dataset,
 
     on_line fails on the last line before a long silence: a child that prints again soon dies
     of the closed pipe anyway."""
-    from model.config import config_from_dict
-    from model.launch import launch_training
 
     # about 200 s of training: waiting for its end would show
     config = {**BASE, "max_iters": 20_000, "eval_interval": 10_000, "log_interval": 10_000}
@@ -94,12 +98,10 @@ def test_launcher_stops_the_training_when_reading_its_output_fails(char_dataset,
 
     start = time.monotonic()
     with pytest.raises(ShowFailed):
-        launch_training(
-            config_from_dict(config),
-            str(tmp_path / "out"),
-            train_uri=char_dataset["train.parquet"],
-            val_uri=char_dataset["val.parquet"],
-            tokenizer_uri=char_dataset["tokenizer.json"],
+        launch_on(
+            char_dataset,
+            tmp_path / "out",
+            config,
             on_line=on_line,
         )
     assert time.monotonic() - start < 60

@@ -20,13 +20,13 @@ from tasks.results import (
     Artifact,
     EvaluateResult,
     RegisterResult,
-    RunPlace,
     SampleResult,
     SamplingSettings,
     SplitResult,
     TokenizeResult,
     Tracking,
     TrainResult,
+    Workspace,
 )
 
 
@@ -53,6 +53,16 @@ def test_results_keep_the_summary_json_shape():
     tokenized = TokenizeResult.from_manifest(manifest, cached=True, mlflow_run_id="r1")
     assert tokenized.tokens == tokens and tokenized.tokenizer == tokenizer
     assert tokenized.to_dict() == {**manifest, "cached": True, "mlflow_run_id": "r1"}
+    splits = SplitResult.from_manifest(
+        {
+            "metadata": {"val_shards": 1},
+            "outputs": {"train": tokens.to_dict(), "val": tokens.to_dict()},
+        },
+        cached=False,
+        mlflow_run_id=None,
+    )
+    assert splits.train == splits.val == tokens and splits.metadata == {"val_shards": 1}
+    assert set(splits.to_dict()) == {"metadata", "outputs", "cached", "mlflow_run_id"}
     summary = {"step": 20, "n_params": 7, "world_size": 2, "history": [{"step": 0}]}
     trained = TrainResult(
         checkpoint=tokens,
@@ -71,10 +81,11 @@ def test_results_keep_the_summary_json_shape():
     json.dumps([tokenized.to_dict(), shown])  # summary.json stays JSON
 
 
-def test_the_run_place_names_the_run_folder():
-    place = RunPlace(run_id="r7", store="s3://bucket/team", tracking=Tracking(uri=None))
-    assert place.run_uri == "s3://bucket/team/runs/r7"
-    assert place.tracking.experiment == "gptpipe" and place.tracking.parent_id is None
+def test_the_workspace_says_which_stages_run_again():
+    workspace = Workspace(store="s3://bucket/team", refresh=frozenset({"split"}))
+    assert workspace.refreshes("split") and not workspace.refreshes("train")
+    assert workspace.tracking is None  # no tracking: the stages log nowhere
+    assert Tracking(uri=None).experiment == "gptpipe"
 
 
 # Every result type, built in a Dask worker process, persisted by Prefect and handed to a task in
@@ -93,10 +104,12 @@ FLOW = textwrap.dedent(
         return [
             art,
             r.Tracking(uri="http://mlflow:5000", experiment="e", parent_id="p"),
-            r.RunPlace(run_id="r", store="s", tracking=r.Tracking(uri=None)),
+            r.Workspace(store="s", tracking=r.Tracking(uri=None), refresh=frozenset({"train"})),
             settings,
-            r.TokenizeResult(art, art, {"n_tokens": 3}, "src", False, "t"),
-            r.SplitResult(art, art, {"val_shards": 0}, True, None),
+            r.TokenizeResult(
+                tokens=art, tokenizer=art, metadata={"n_tokens": 3}, cached=False, source="src"
+            ),
+            r.SplitResult(train=art, val=art, metadata={"val_shards": 0}, cached=True),
             r.TrainResult(art, 1, 2, 1, False, None, None, {"history": [{"step": 0}]}),
             r.EvaluateResult(1.5, 1.6, 2, 4, 1337, "e"),
             r.SampleResult("ROMEO", ("a note",), settings, art, None),
@@ -143,7 +156,7 @@ def test_prefect_persists_and_carries_every_result_across_dask_workers(cli_env, 
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     names = json.loads(done.stdout.strip().splitlines()[-1])
-    expected = [Artifact, Tracking, RunPlace, SamplingSettings, TokenizeResult, SplitResult]
+    expected = [Artifact, Tracking, Workspace, SamplingSettings, TokenizeResult, SplitResult]
     expected += [TrainResult, EvaluateResult, SampleResult, RegisterResult]
     assert names == [t.__name__ for t in expected]
     # Prefect wrote each task's result into its result store (pickled), and the flow's

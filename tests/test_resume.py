@@ -13,20 +13,33 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench.common import train_cli
 from model.checkpoint import load_checkpoint
-from model.launch import train_command
 
 CONFIG = {
-    "block_size": 32, "n_embd": 32, "n_head": 4, "n_layer": 2, "dropout": 0.1,
-    "batch_size": 16, "max_iters": 400, "eval_interval": 200, "eval_iters": 2,
-    "log_interval": 100, "checkpoint_interval": 100, "learning_rate": 3e-3, "device": "cpu",
-}  # fmt: skip
+    "block_size": 32,
+    "n_embd": 32,
+    "n_head": 4,
+    "n_layer": 2,
+    "dropout": 0.1,
+    "batch_size": 16,
+    "max_iters": 400,
+    "eval_interval": 200,
+    "eval_iters": 2,
+    "log_interval": 100,
+    "checkpoint_interval": 100,
+    "learning_rate": 3e-3,
+    "device": "cpu",
+}
 
 
 def command(data: dict[str, str], out: Path, *extra: str) -> list[str]:
-    return [*train_command(2), "--train", data["train.parquet"], "--val", data["val.parquet"],
-            "--tokenizer", data["tokenizer.json"], "--out", str(out),
-            "--config-json", json.dumps(CONFIG), *extra]  # fmt: skip
+    return [
+        *train_cli(data, str(out), nproc=2),
+        "--config-json",
+        json.dumps(CONFIG),
+        *extra,
+    ]
 
 
 def children(pid: int) -> list[int]:
@@ -45,13 +58,23 @@ def children(pid: int) -> list[int]:
 @pytest.mark.slow
 def test_sigkilled_rank_resumes_to_the_uninterrupted_result(char_dataset, tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    whole = subprocess.run(command(char_dataset, tmp_path / "whole"), env=env,
-                           capture_output=True, text=True, timeout=240)  # fmt: skip
+    whole = subprocess.run(
+        command(char_dataset, tmp_path / "whole"),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert whole.returncode == 0, whole.stdout + whole.stderr
 
     out = tmp_path / "interrupted"
-    proc = subprocess.Popen(command(char_dataset, out), env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        command(char_dataset, out),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     killed = None
     for line in proc.stdout:
         if "checkpoint at step 100" in line:
@@ -67,8 +90,9 @@ def test_sigkilled_rank_resumes_to_the_uninterrupted_result(char_dataset, tmp_pa
     step = load_checkpoint(str(out / "ckpt.pt"))["step"]
     assert 100 <= step < 400
 
-    resumed = subprocess.run(command(char_dataset, out, "--resume"), env=env,
-                             capture_output=True, text=True, timeout=240)  # fmt: skip
+    resumed = subprocess.run(
+        command(char_dataset, out, "--resume"), env=env, capture_output=True, text=True, timeout=240
+    )
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert f"resumed from step {step}" in resumed.stdout
 
@@ -106,14 +130,38 @@ def cmdline(pid: int) -> str:
 def test_pipeline_retries_a_killed_training_from_its_checkpoint(small_corpus, cli_env, tmp_path):
     """A rank SIGKILLed inside `gptpipe run`: Prefect retries the train task, which resumes."""
     gptpipe = Path(sys.executable).with_name("gptpipe")
-    sets = ["max_iters=400", "checkpoint_interval=100", "eval_interval=200", "eval_iters=2",
-            "log_interval=100", "batch_size=16"]  # fmt: skip
+    sets = [
+        "max_iters=400",
+        "checkpoint_interval=100",
+        "eval_interval=200",
+        "eval_iters=2",
+        "log_interval=100",
+        "batch_size=16",
+    ]
     proc = subprocess.Popen(
-        [str(gptpipe), "run", "--input", str(small_corpus), "--preset", "seed", "--nproc", "2",
-         "--store", str(tmp_path / "store"), "--run-id", "killed", "--sample-tokens", "20",
-         *[x for s in sets for x in ("--set", s)]],
-        env=cli_env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+        [
+            str(gptpipe),
+            "run",
+            "--input",
+            str(small_corpus),
+            "--preset",
+            "seed",
+            "--nproc",
+            "2",
+            "--store",
+            str(tmp_path / "store"),
+            "--run-id",
+            "killed",
+            "--sample-tokens",
+            "20",
+            *[x for s in sets for x in ("--set", s)],
+        ],
+        env=cli_env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     output, killed = [], None
     for line in proc.stdout:
         output.append(line)

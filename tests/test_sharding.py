@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import model.dataset
+from bench.common import train_cli
 from model.corpus import Piece, SourceFile, list_inputs, plan_shards, read_shard, shard_prefix
 from model.data import read_tokens, split_tokens, windows_at, write_tokens
 from model.dataset import (
@@ -101,8 +102,13 @@ def test_a_large_file_is_cut_at_safe_lines_near_the_target(shakespeare, tmp_path
 
 
 def test_unsafe_file_boundaries_keep_the_files_in_one_shard(tmp_path):
-    texts = {"a.txt": "no final newline", "b.txt": "next\n", "c.txt": "  leading spaces\n",
-             "d.txt": "Safe start\n", "e.txt": "last\n"}  # fmt: skip
+    texts = {
+        "a.txt": "no final newline",
+        "b.txt": "next\n",
+        "c.txt": "  leading spaces\n",
+        "d.txt": "Safe start\n",
+        "e.txt": "last\n",
+    }
     for name, text in texts.items():
         (tmp_path / name).write_text(text, encoding="utf-8")
     shards = plan_shards(_files(sorted(tmp_path.iterdir())), 1 << 20)
@@ -115,8 +121,10 @@ def test_unsafe_file_boundaries_keep_the_files_in_one_shard(tmp_path):
 def test_shard_by_shard_ids_equal_whole_text_ids(kind, many_files, shakespeare, tmp_path):
     big = tmp_path / "big.txt"
     big.write_text(shakespeare[:150_000], encoding="utf-8")
-    for files, text in ((list_inputs(str(many_files[0])), many_files[1]),
-                        (_files([big]), shakespeare[:150_000])):  # fmt: skip
+    for files, text in (
+        (list_inputs(str(many_files[0])), many_files[1]),
+        (_files([big]), shakespeare[:150_000]),
+    ):
         tok = train_tokenizer(kind, text, 400)
         shards = plan_shards(files, 8_192)
         assert len(shards) >= 8
@@ -133,8 +141,12 @@ def test_a_shard_token_file_holds_the_texts_ids(kind, shakespeare, tmp_path, mon
     n_tokens = write_shard_tokens(tok, text, tmp_path / "s.parquet", {"shard": 7}, what="shard 7")
     ids, meta = read_tokens(tmp_path / "s.parquet")
     assert np.array_equal(ids, tok.encode(text)) and n_tokens == len(ids)
-    assert meta == {"tokenizer": kind, "vocab_size": tok.vocab_size, "n_tokens": n_tokens,
-                    "shard": 7}  # fmt: skip
+    assert meta == {
+        "tokenizer": kind,
+        "vocab_size": tok.vocab_size,
+        "n_tokens": n_tokens,
+        "shard": 7,
+    }
     if kind == "char":
         bad = text[: 4 * SHARD_ROW_GROUP_SIZE] + "€"  # an unknown character in the second chunk
         with pytest.raises(GptpipeError, match=r"^shard 7 has characters .*: '€'"):
@@ -165,11 +177,16 @@ def _dataset(tmp_path: Path, ids: np.ndarray, cuts: list[int]) -> str:
     shards = []
     for i, (a, b) in enumerate(zip(cuts, cuts[1:], strict=False)):
         uri = str(tmp_path / f"shard-{i:05d}.parquet")
-        write_tokens(ids[a:b], uri, {"vocab_size": 65, "n_tokens": b - a},
-                     row_group_size=SHARD_ROW_GROUP_SIZE)  # fmt: skip
+        write_tokens(
+            ids[a:b],
+            uri,
+            {"vocab_size": 65, "n_tokens": b - a},
+            row_group_size=SHARD_ROW_GROUP_SIZE,
+        )
         shards.append({"uri": uri, "n_tokens": b - a})
-    return write_manifest(str(tmp_path / "dataset.json"),
-                          make_manifest(shards, tokenizer="char", vocab_size=65))  # fmt: skip
+    return write_manifest(
+        str(tmp_path / "dataset.json"), make_manifest(shards, tokenizer="char", vocab_size=65)
+    )
 
 
 @pytest.fixture()
@@ -289,7 +306,6 @@ def test_streamed_training_equals_in_memory_training(char_dataset, tmp_path):
     """The same run, once with the data in memory and once streamed row group by row group."""
     import os
     import subprocess
-    import sys
 
     losses = []
     for name, budget in (("memory", None), ("streamed", "1000")):
@@ -298,12 +314,22 @@ def test_streamed_training_equals_in_memory_training(char_dataset, tmp_path):
             env["GPTPIPE_MAX_RESIDENT_BYTES"] = budget
         out = tmp_path / name
         done = subprocess.run(
-            [sys.executable, "-m", "model.train", "--train", char_dataset["train.parquet"],
-             "--val", char_dataset["val.parquet"], "--tokenizer", char_dataset["tokenizer.json"],
-             "--out", str(out), "--preset", "seed", "--set", "max_iters=12",
-             "--set", "eval_interval=6", "--set", "eval_iters=2"],
-            env=env, capture_output=True, text=True, timeout=300,
-        )  # fmt: skip
+            [
+                *train_cli(char_dataset, str(out)),
+                "--preset",
+                "seed",
+                "--set",
+                "max_iters=12",
+                "--set",
+                "eval_interval=6",
+                "--set",
+                "eval_iters=2",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert done.returncode == 0, done.stderr[-3000:]
         losses.append(json.loads((out / "summary.json").read_text())["history"])
     assert losses[0] == losses[1] and len(losses[0]) >= 3
@@ -358,8 +384,9 @@ def test_tokenize_on_a_cluster_equals_one_process(runner, many_files, cli_env, t
     folder, text = many_files
     args = ["--input", str(folder), "--shard-size", "8K"]
     _, one = _tokenize_cli(args, cli_env, tmp_path, tmp_path / "one")
-    result, two = _tokenize_cli([*args, "--task-runner", runner, "--workers", "2"], cli_env,
-                                tmp_path, tmp_path / "two")  # fmt: skip
+    result, two = _tokenize_cli(
+        [*args, "--task-runner", runner, "--workers", "2"], cli_env, tmp_path, tmp_path / "two"
+    )
     output = result.stdout + result.stderr
     assert "Dask cluster" in output if runner == "dask" else "Ray" in output
     manifest = read_manifest(str(two))
@@ -377,9 +404,21 @@ def test_tokenize_on_a_cluster_equals_one_process(runner, many_files, cli_env, t
 @pytest.mark.slow
 def test_bpe_through_the_stage_equals_whole_text_encoding(many_files, cli_env, tmp_path):
     folder, text = many_files
-    _, dataset = _tokenize_cli(["--input", str(folder), "--shard-size", "8K", "--set",
-                                "tokenizer=bpe", "--set", "vocab_size=400"], cli_env, tmp_path,
-                               tmp_path / "store")  # fmt: skip
+    _, dataset = _tokenize_cli(
+        [
+            "--input",
+            str(folder),
+            "--shard-size",
+            "8K",
+            "--set",
+            "tokenizer=bpe",
+            "--set",
+            "vocab_size=400",
+        ],
+        cli_env,
+        tmp_path,
+        tmp_path / "store",
+    )
     tok = tokenizer_from_json((dataset.parent / "tokenizer.json").read_text(encoding="utf-8"))
     assert tok.kind == "bpe" and tok == train_tokenizer("bpe", text, 400)  # sample = all of it
     assert np.array_equal(open_dataset(str(dataset)).ids(), tok.encode(text))
@@ -409,22 +448,50 @@ def test_s3_prefix_input_and_store_with_dask_and_streaming(s3_env, many_files, c
         if path.is_file():
             key = f"texts/{path.relative_to(folder).as_posix()}"
             client.put_object(Bucket=s3_env.bucket, Key=key, Body=path.read_bytes())
-    env = {**cli_env, **{k: v for k, v in __import__("os").environ.items() if k.startswith("AWS_")},
-           "GPTPIPE_MAX_RESIDENT_BYTES": "50000"}  # fmt: skip
+    env = {
+        **cli_env,
+        **{k: v for k, v in __import__("os").environ.items() if k.startswith("AWS_")},
+        "GPTPIPE_MAX_RESIDENT_BYTES": "50000",
+    }
     store = f"s3://{s3_env.bucket}/store"
-    result = run_cli(["run", "--input", f"s3://{s3_env.bucket}/texts/", "--store", store,
-                      "--shard-size", "16K", "--val-shards", "1", "--task-runner", "dask",
-                      "--workers", "2", "--preset", "seed", "--set", "max_iters=10",
-                      "--set", "eval_interval=5", "--set", "eval_iters=2", "--sample-tokens",
-                      "20"], env, tmp_path)  # fmt: skip
+    result = run_cli(
+        [
+            "run",
+            "--input",
+            f"s3://{s3_env.bucket}/texts/",
+            "--store",
+            store,
+            "--shard-size",
+            "16K",
+            "--val-shards",
+            "1",
+            "--task-runner",
+            "dask",
+            "--workers",
+            "2",
+            "--preset",
+            "seed",
+            "--set",
+            "max_iters=10",
+            "--set",
+            "eval_interval=5",
+            "--set",
+            "eval_iters=2",
+            "--sample-tokens",
+            "20",
+        ],
+        env,
+        tmp_path,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "streaming the row groups each batch samples" in result.stdout + result.stderr
     keys = [o["Key"] for o in client.list_objects_v2(Bucket=s3_env.bucket)["Contents"]]
     dataset = next(k for k in keys if k.endswith("dataset.json") and "/tokenize-" in k)
     ids = open_dataset(f"s3://{s3_env.bucket}/{dataset}").ids()
     tok_key = dataset.replace("dataset.json", "tokenizer.json")
-    tok = tokenizer_from_json(client.get_object(Bucket=s3_env.bucket, Key=tok_key)["Body"]
-                              .read().decode())  # fmt: skip
+    tok = tokenizer_from_json(
+        client.get_object(Bucket=s3_env.bucket, Key=tok_key)["Body"].read().decode()
+    )
     assert np.array_equal(ids, tok.encode(text))
     val = next(k for k in keys if k.endswith("/val.json"))
     val_manifest = read_manifest(f"s3://{s3_env.bucket}/{val}")
@@ -437,24 +504,42 @@ def test_s3_prefix_input_and_store_with_dask_and_streaming(s3_env, many_files, c
     [
         (["--workers", "2"], "--dask-address and --workers need --task-runner dask"),
         (["--task-runner", "dask", "--workers", "0"], "--workers must be at least 1"),
-        (["--dask-address", "tcp://127.0.0.1:1", "--task-runner", "ray"],
-         "--dask-address goes with --task-runner dask"),
+        (
+            ["--dask-address", "tcp://127.0.0.1:1", "--task-runner", "ray"],
+            "--dask-address goes with --task-runner dask",
+        ),
         (["--shard-size", "lots"], "not a size"),
     ],
-)  # fmt: skip
+)
 def test_engine_settings_errors(args, message, small_corpus, tmp_path):
     import os
 
-    result = run_cli(["tokenize", "--input", str(small_corpus), "--store", str(tmp_path / "s"),
-                      *args], dict(os.environ), tmp_path)  # fmt: skip
+    result = run_cli(
+        ["tokenize", "--input", str(small_corpus), "--store", str(tmp_path / "s"), *args],
+        dict(os.environ),
+        tmp_path,
+    )
     assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
     assert "Traceback" not in result.stderr and not (tmp_path / "s" / "datasets").exists()
 
 
 @pytest.mark.slow
 def test_val_shards_beyond_the_dataset_is_a_clear_error(small_corpus, cli_env, tmp_path):
-    result = run_cli(["run", "--input", str(small_corpus), "--store", str(tmp_path / "s"),
-                      "--val-shards", "3", "--preset", "seed"], cli_env, tmp_path)  # fmt: skip
+    result = run_cli(
+        [
+            "run",
+            "--input",
+            str(small_corpus),
+            "--store",
+            str(tmp_path / "s"),
+            "--val-shards",
+            "3",
+            "--preset",
+            "seed",
+        ],
+        cli_env,
+        tmp_path,
+    )
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert result.returncode == 2 and len(errors) == 1, result.stderr[-2000:]
     assert "--val-shards 3: the dataset has 1 shard(s)" in errors[0]
@@ -469,14 +554,16 @@ def test_an_http_input_is_staged_into_the_store(small_corpus, cli_env, tmp_path)
     import http.server
     import threading
 
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler,
-                                directory=str(small_corpus.parent))  # fmt: skip
+    handler = functools.partial(
+        http.server.SimpleHTTPRequestHandler, directory=str(small_corpus.parent)
+    )
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         url = f"http://127.0.0.1:{server.server_port}/{small_corpus.name}"
-        _, dataset = _tokenize_cli(["--input", url, "--shard-size", "16K"], cli_env, tmp_path,
-                                   tmp_path / "store")  # fmt: skip
+        _, dataset = _tokenize_cli(
+            ["--input", url, "--shard-size", "16K"], cli_env, tmp_path, tmp_path / "store"
+        )
     finally:
         server.shutdown()
     raw = small_corpus.read_bytes()
@@ -509,21 +596,44 @@ def test_tokenize_on_a_running_dask_scheduler(many_files, cli_env, tmp_path):
     port, dashboard = free_port(), free_port()
     address = f"tcp://127.0.0.1:{port}"
     env = _worker_env(cli_env)
-    scheduler = [dask, "scheduler", "--host", "127.0.0.1", "--port", str(port),
-                 "--dashboard-address", f"127.0.0.1:{dashboard}"]  # fmt: skip
-    workers = [dask, "worker", address, "--nworkers", "2", "--nthreads", "1", "--memory-limit",
-               "0", "--no-dashboard"]  # fmt: skip
-    with served(scheduler, f"http://127.0.0.1:{dashboard}/health", 60, tmp_path / "sched.log",
-                env=env):  # fmt: skip
+    scheduler = [
+        dask,
+        "scheduler",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--dashboard-address",
+        f"127.0.0.1:{dashboard}",
+    ]
+    workers = [
+        dask,
+        "worker",
+        address,
+        "--nworkers",
+        "2",
+        "--nthreads",
+        "1",
+        "--memory-limit",
+        "0",
+        "--no-dashboard",
+    ]
+    with served(
+        scheduler, f"http://127.0.0.1:{dashboard}/health", 60, tmp_path / "sched.log", env=env
+    ):
         with open(tmp_path / "workers.log", "wb") as log:
-            worker = subprocess.Popen(workers, env=env, cwd=tmp_path, stdout=log,
-                                      stderr=subprocess.STDOUT)  # fmt: skip
+            worker = subprocess.Popen(
+                workers, env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT
+            )
         try:
             with Client(address, timeout=30) as client:
                 client.wait_for_workers(2, timeout=60)
-            result, dataset = _tokenize_cli(["--input", str(folder), "--shard-size", "8K",
-                                             "--dask-address", address], env, tmp_path,
-                                            tmp_path / "store")  # fmt: skip
+            result, dataset = _tokenize_cli(
+                ["--input", str(folder), "--shard-size", "8K", "--dask-address", address],
+                env,
+                tmp_path,
+                tmp_path / "store",
+            )
         finally:
             worker.terminate()
             worker.wait(30)
@@ -545,14 +655,32 @@ def test_tokenize_on_a_running_ray_cluster(many_files, cli_env, tmp_path):
     ray = str(Path(sys.executable).with_name("ray"))
     env = _worker_env(cli_env)
     port = free_port()
-    start = subprocess.run([ray, "start", "--head", "--port", str(port), "--num-cpus", "2",
-                            "--include-dashboard", "false", "--disable-usage-stats"],
-                           env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    start = subprocess.run(
+        [
+            ray,
+            "start",
+            "--head",
+            "--port",
+            str(port),
+            "--num-cpus",
+            "2",
+            "--include-dashboard",
+            "false",
+            "--disable-usage-stats",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     try:
         assert start.returncode == 0, start.stdout[-2000:] + start.stderr[-2000:]
-        result, dataset = _tokenize_cli(["--input", str(folder), "--shard-size", "8K",
-                                         "--ray-address", f"127.0.0.1:{port}"], env, tmp_path,
-                                        tmp_path / "store")  # fmt: skip
+        result, dataset = _tokenize_cli(
+            ["--input", str(folder), "--shard-size", "8K", "--ray-address", f"127.0.0.1:{port}"],
+            env,
+            tmp_path,
+            tmp_path / "store",
+        )
     finally:
         subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
     assert "Connected to Ray cluster" in result.stdout + result.stderr
@@ -566,8 +694,19 @@ def test_an_unreachable_cluster_is_a_clear_error(small_corpus, tmp_path):
     from tests.conftest import free_port
 
     address = f"tcp://127.0.0.1:{free_port()}"
-    result = run_cli(["tokenize", "--input", str(small_corpus), "--store", str(tmp_path / "s"),
-                      "--dask-address", address], dict(os.environ), tmp_path)  # fmt: skip
+    result = run_cli(
+        [
+            "tokenize",
+            "--input",
+            str(small_corpus),
+            "--store",
+            str(tmp_path / "s"),
+            "--dask-address",
+            address,
+        ],
+        dict(os.environ),
+        tmp_path,
+    )
     assert result.returncode == 2, result.stderr[-2000:]
     assert f"cannot reach the Dask cluster at {address}" in result.stderr
     assert "Traceback" not in result.stderr
@@ -583,9 +722,23 @@ def test_without_a_prefect_server_the_workers_share_the_temporary_one(small_corp
     pytest.importorskip("prefect_dask", reason="needs the dask extra")
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_SERVER_ANALYTICS_ENABLED="0")
-    result = run_cli(["tokenize", "--input", str(small_corpus), "--store", str(tmp_path / "s"),
-                      "--shard-size", "16K", "--task-runner", "dask", "--workers", "2"], env,
-                     tmp_path)  # fmt: skip
+    result = run_cli(
+        [
+            "tokenize",
+            "--input",
+            str(small_corpus),
+            "--store",
+            str(tmp_path / "s"),
+            "--shard-size",
+            "16K",
+            "--task-runner",
+            "dask",
+            "--workers",
+            "2",
+        ],
+        env,
+        tmp_path,
+    )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]
     used = re.findall(r"Using a temporary server on (http://127\.0\.0\.1:\d+)", output)
@@ -661,8 +814,12 @@ def _cli_with(name, dask, ray, small_corpus, env, cwd):
     args = ["--task-runner", name]
     args += ["--dask-address", dask] if dask else []
     args += ["--ray-address", ray] if ray else []
-    result = run_cli(["tokenize", "--input", str(small_corpus), "--store", str(cwd / "s"), *args],
-                     env, cwd, timeout=120)  # fmt: skip
+    result = run_cli(
+        ["tokenize", "--input", str(small_corpus), "--store", str(cwd / "s"), *args],
+        env,
+        cwd,
+        timeout=120,
+    )
     assert "Traceback" not in result.stdout + result.stderr, result.stderr[-2000:]
     return result.returncode, result.stderr
 
@@ -687,8 +844,14 @@ def _nightly_with(name, dask, ray, small_corpus, env, cwd):
     import sys
 
     args = [name, dask or "", ray or "", str(small_corpus), str(cwd / "s")]
-    result = subprocess.run([sys.executable, "-c", NIGHTLY, *args], env=env, cwd=cwd,
-                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-c", NIGHTLY, *args],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     return result.returncode, result.stderr
 
 
@@ -697,8 +860,9 @@ CALLERS = {"cli": _cli_with, "nightly": _nightly_with}
 
 @pytest.mark.parametrize("caller", CALLERS)
 @pytest.mark.parametrize("name, dask, ray, message", ADDRESS_ERRORS)
-def test_both_callers_refuse_a_wrong_address(caller, name, dask, ray, message, small_corpus,
-                                             cli_env, tmp_path):  # fmt: skip
+def test_both_callers_refuse_a_wrong_address(
+    caller, name, dask, ray, message, small_corpus, cli_env, tmp_path
+):
     status, stderr = CALLERS[caller](name, dask, ray, small_corpus, cli_env, tmp_path)
     assert status == 2 and f"error: {message}" in stderr, stderr[-2000:]
     assert not (tmp_path / "s" / "datasets").exists()

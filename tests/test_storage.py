@@ -218,8 +218,11 @@ def mounted_tiny_disk(folder: Path) -> Iterator[Path]:
     mounted (that needs root)."""
     mount = folder / "tiny-disk"
     mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={TINY_DISK_BYTES}", "tmpfs",
-                           str(mount)], capture_output=True, text=True)  # fmt: skip
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={TINY_DISK_BYTES}", "tmpfs", str(mount)],
+        capture_output=True,
+        text=True,
+    )
     if done.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs here ({done.stderr.strip()}): needs root")
     try:
@@ -252,8 +255,9 @@ def test_a_full_disk_under_a_parquet_writer_is_a_gptpipe_error_and_keeps_the_old
 
 
 @pytest.mark.parametrize("write", ["put_bytes", "put_file"])
-def test_a_full_disk_under_put_is_a_gptpipe_error_and_keeps_the_old_file(write, tiny_disk,
-                                                                          tmp_path):  # fmt: skip
+def test_a_full_disk_under_put_is_a_gptpipe_error_and_keeps_the_old_file(
+    write, tiny_disk, tmp_path
+):
     uri = str(tiny_disk / "summary.json")
     storage.put_bytes(uri, b"old summary")
     data = os.urandom(2 * TINY_DISK_BYTES)

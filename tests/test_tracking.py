@@ -12,13 +12,9 @@ import boto3
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import MLFLOW_SERVER_SECRET, run_cli
+from tests.conftest import MLFLOW_SERVER_SECRET, run_cli, seed_preset
 
-TINY = [
-    "--preset", "seed",
-    "--set", "max_iters=60", "--set", "eval_interval=30", "--set", "eval_iters=5",
-    "--set", "batch_size=16", "--set", "log_interval=20",
-]  # fmt: skip
+TINY = seed_preset(max_iters=60, eval_interval=30, eval_iters=5, batch_size=16, log_interval=20)
 STAGES = {"tokenize", "split", "train", "evaluate", "sample"}
 
 
@@ -47,8 +43,9 @@ def _all_text_in_prefect(api: str) -> str:
     """Every flow run's parameters and every artifact on the Prefect server, as one string."""
     chunks = []
     for path in ("flow_runs/filter", "artifacts/filter", "task_runs/filter"):
-        request = urllib.request.Request(f"{api}/{path}", data=b"{}",
-                                         headers={"Content-Type": "application/json"})  # fmt: skip
+        request = urllib.request.Request(
+            f"{api}/{path}", data=b"{}", headers={"Content-Type": "application/json"}
+        )
         with urllib.request.urlopen(request, timeout=30) as response:
             chunks.append(response.read().decode())
     return "\n".join(chunks)
@@ -159,11 +156,24 @@ def test_pipeline_on_s3_tracked_in_mlflow_server(
 
     def run(run_id: str, *extra: str):
         result = run_cli(
-            ["run", "--input", f"s3://{s3_env.bucket}/corpus/small.txt", "--store", store,
-             "--tracking-uri", mlflow_server, "--run-id", run_id, "--sample-tokens", "60",
-             *TINY, *extra],
-            env, tmp_path,
-        )  # fmt: skip
+            [
+                "run",
+                "--input",
+                f"s3://{s3_env.bucket}/corpus/small.txt",
+                "--store",
+                store,
+                "--tracking-uri",
+                mlflow_server,
+                "--run-id",
+                run_id,
+                "--sample-tokens",
+                "60",
+                *TINY,
+                *extra,
+            ],
+            env,
+            tmp_path,
+        )
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         return result
 
@@ -241,16 +251,29 @@ def test_pipeline_on_s3_tracked_in_mlflow_server(
     assert {v.version for v in versions} == {"1", "2"}
     assert client.get_model_version_by_alias(name, "champion").version == "1"
     # evaluated with other batches (eval_iters), the champion is evaluated afresh on them
-    third = run("third", "--set", "max_iters=5", "--set", "eval_interval=5", "--set",
-                "eval_iters=3")  # fmt: skip
+    third = run(
+        "third", "--set", "max_iters=5", "--set", "eval_interval=5", "--set", "eval_iters=3"
+    )
     assert "champion unchanged" in third.stdout and "as recorded" not in third.stdout
     assert "on the same val data" in third.stdout
     assert client.get_model_version_by_alias(name, "champion").version == "1"
 
     # sampling from the registry works
-    sampled = run_cli(["sample", "--model", f"models:/{name}@champion", "--tracking-uri",
-                       mlflow_server, "--max-new-tokens", "30", "--prompt", "ROMEO:"],
-                      env, tmp_path)  # fmt: skip
+    sampled = run_cli(
+        [
+            "sample",
+            "--model",
+            f"models:/{name}@champion",
+            "--tracking-uri",
+            mlflow_server,
+            "--max-new-tokens",
+            "30",
+            "--prompt",
+            "ROMEO:",
+        ],
+        env,
+        tmp_path,
+    )
     assert sampled.returncode == 0, sampled.stderr
     assert sampled.stdout.startswith("ROMEO:")
 
@@ -280,8 +303,9 @@ def test_mlflow_client_settings_restore_the_environment(monkeypatch):
     monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "7")  # the user's
     before = dict(os.environ)
-    with mlflow_client_settings({"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
-                                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "9"}):  # fmt: skip
+    with mlflow_client_settings(
+        {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "9"}
+    ):
         assert MLFLOW_HTTP_REQUEST_MAX_RETRIES.get() == 2
         assert MLFLOW_HTTP_REQUEST_TIMEOUT.get() == 7  # the user's setting wins
     assert dict(os.environ) == before

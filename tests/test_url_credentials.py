@@ -19,14 +19,11 @@ import pytest
 
 from model.data import load_text
 from storage.errors import GptpipeError
-from tests.conftest import run_cli
+from tests.conftest import run_cli, seed_preset
 from tests.test_cli_errors import assert_clean_error
 
 USER, PASSWORD = "reader", "s3cret-7f1d2c"
-TINY = [
-    "--preset", "seed", "--set", "max_iters=4", "--set", "eval_interval=2",
-    "--set", "eval_iters=1", "--set", "batch_size=4", "--set", "log_interval=2",
-]  # fmt: skip
+TINY = seed_preset(max_iters=4, eval_interval=2, eval_iters=1, batch_size=4, log_interval=2)
 
 
 class Server:
@@ -176,8 +173,9 @@ def test_the_credentials_do_not_follow_a_redirect(small_corpus, corpus_server):
 def test_tokenize_with_credentials_in_the_url(small_corpus, corpus_server, cli_env, tmp_path):
     url = corpus_server.url(small_corpus.name, f"{USER}:{PASSWORD}@")
     shown = corpus_server.url(small_corpus.name)
-    result = run_cli(["tokenize", "--input", url, "--store", str(tmp_path / "store")], cli_env,
-                     tmp_path)  # fmt: skip
+    result = run_cli(
+        ["tokenize", "--input", url, "--store", str(tmp_path / "store")], cli_env, tmp_path
+    )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]
     assert f"tokenized {shown}:" in output and PASSWORD not in output
@@ -193,8 +191,22 @@ def test_run_with_credentials_in_the_url(small_corpus, corpus_server, cli_env, t
     Prefect's local results) holds the password, and the MLflow params show the bare URL."""
     url = corpus_server.url(small_corpus.name, f"{USER}:{PASSWORD}@")
     shown = corpus_server.url(small_corpus.name)
-    result = run_cli(["run", "--input", url, *TINY, "--sample-tokens", "20", "--run-id", "auth",
-                      "--store", str(tmp_path / "store")], cli_env, tmp_path)  # fmt: skip
+    result = run_cli(
+        [
+            "run",
+            "--input",
+            url,
+            *TINY,
+            "--sample-tokens",
+            "20",
+            "--run-id",
+            "auth",
+            "--store",
+            str(tmp_path / "store"),
+        ],
+        cli_env,
+        tmp_path,
+    )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]
     assert PASSWORD not in output
@@ -212,11 +224,13 @@ def test_run_with_credentials_in_the_url(small_corpus, corpus_server, cli_env, t
 
 
 @pytest.mark.slow
-def test_wrong_credentials_are_one_error_line_without_them(small_corpus, corpus_server, cli_env,
-                                                            tmp_path):  # fmt: skip
+def test_wrong_credentials_are_one_error_line_without_them(
+    small_corpus, corpus_server, cli_env, tmp_path
+):
     url = corpus_server.url(small_corpus.name, f"{USER}:not-{PASSWORD}@")
-    result = run_cli(["tokenize", "--input", url, "--store", str(tmp_path / "store")], cli_env,
-                     tmp_path)  # fmt: skip
+    result = run_cli(
+        ["tokenize", "--input", url, "--store", str(tmp_path / "store")], cli_env, tmp_path
+    )
     assert_clean_error(result, "cannot download", corpus_server.url(small_corpus.name), "HTTP 401")
     assert PASSWORD not in result.stdout + result.stderr
     assert files_holding(tmp_path, PASSWORD) == []

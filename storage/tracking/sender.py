@@ -98,8 +98,11 @@ class TrainingRun:
             call(*args)
             return True
         except Exception as exc:
-            print(f"warning: MLflow {what} failed, training goes on: {first_line(exc, limit=200)}",
-                  file=sys.stderr, flush=True)  # fmt: skip
+            print(
+                f"warning: MLflow {what} failed, training goes on: {first_line(exc, limit=200)}",
+                file=sys.stderr,
+                flush=True,
+            )
             return False
 
     def _send_loop(self) -> None:
@@ -134,8 +137,11 @@ class TrainingRun:
             return
         from mlflow.entities import Metric
 
-        metrics = [Metric(key, value, ms, step) for values, step, ms in items
-                   for key, value in values.items()]  # fmt: skip
+        metrics = [
+            Metric(key, value, ms, step)
+            for values, step, ms in items
+            for key, value in values.items()
+        ]
         for i in range(0, len(metrics), self._MAX_METRICS):
             batch = metrics[i : i + self._MAX_METRICS]
             if not self._safely("log_metrics", self._log_batch, batch):
@@ -175,6 +181,9 @@ class TrainingRun:
         self._settings.close()
         if self._sender.is_alive():
             self._give_up.set()  # the call under way is MLflow's; the rest are dropped
-            print(f"warning: MLflow did not take the last tracking calls within {timeout:.0f} s; "
-                  "they are given up (every evaluation is in summary.json)", file=sys.stderr,
-                  flush=True)  # fmt: skip
+            print(
+                f"warning: MLflow did not take the last tracking calls within {timeout:.0f} s; "
+                "they are given up (every evaluation is in summary.json)",
+                file=sys.stderr,
+                flush=True,
+            )
