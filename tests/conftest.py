@@ -107,7 +107,14 @@ def char_dataset(small_corpus, tmp_path_factory) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def prefect_server(tmp_path_factory) -> str:
     """A real `prefect server start` on loopback for the session; yields its API URL."""
-    home = tmp_path_factory.mktemp("prefect-server-home")
+    with prefect_server_in(tmp_path_factory.mktemp("prefect-server-home")) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def prefect_server_in(home: Path):
+    """A fresh `prefect server start` on loopback with its database in ``home``; its API URL."""
+    home.mkdir(parents=True, exist_ok=True)
     port = free_port()
     env = {
         **os.environ,

@@ -436,3 +436,74 @@ def test_deploy_and_run_the_nightly_deployment(prefect_server, small_corpus, tmp
         assert Path(uri).is_file(), f"{name}: {uri}"
     assert summary["model"]["version"] and "champion" in summary["model"]
     assert "Running 1 deployment pull step(s)" in log
+
+
+# ----------------------------------------------------------------------------- the docs, as written
+
+DEPLOY_DOCS = REPO / "docs" / "deploy.md"
+# a worker polls until it is stopped: test_deploy_and_run_the_nightly_deployment runs one for real
+RUNS_UNTIL_STOPPED = "prefect worker start"
+
+
+def bash_blocks(path: Path) -> list[str]:
+    """The ```bash blocks of a markdown page, in order."""
+    return re.findall(r"^```bash\n(.*?)^```", path.read_text(encoding="utf-8"), re.M | re.S)
+
+
+def prefect_only(block: str) -> bool:
+    """A block of Prefect CLI commands only (the others need Docker, a compose stack, AWS)."""
+    lines = [line for line in block.splitlines() if line.strip() and not line.startswith("#")]
+    commands = [line for line in lines if not line.startswith(" ")]  # continuations indented
+    return bool(commands) and all(line.startswith("prefect ") for line in commands)
+
+
+def test_the_docs_have_the_deploy_blocks_this_test_runs():
+    blocks = [b for b in bash_blocks(DEPLOY_DOCS) if prefect_only(b)]
+    text = "\n".join(blocks)
+    # the quick start, the gpu pool, deploying all or one, running one now, its schedule
+    wanted = ("deploy --all", "deploy --name", "deployment run", "schedule ls")
+    for command in (*POOLS.values(), *wanted):
+        assert command in text, f"docs/deploy.md has no Prefect-only block with {command!r}"
+    assert not prefect_only("docker compose up\nprefect deploy")
+    assert prefect_only("prefect a \\\n  b  # a continued line")
+
+
+@pytest.mark.slow
+def test_the_deploy_docs_run_as_written_on_a_fresh_prefect_server(tmp_path):
+    from tests.conftest import prefect_server_in
+
+    blocks = [b for b in bash_blocks(DEPLOY_DOCS) if prefect_only(b)]
+    home = tmp_path / "prefect-home"
+    with prefect_server_in(tmp_path / "server") as url:
+        env = {
+            **os.environ,
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+            "PREFECT_API_URL": url,
+            "PREFECT_HOME": str(home),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        }
+        for block in blocks:
+            script = "\n".join(
+                line for line in block.splitlines() if not line.startswith(RUNS_UNTIL_STOPPED)
+            )
+            done = subprocess.run(
+                ["bash", "-e", "-x", "-c", script],
+                cwd=REPO,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
+            failed = f"docs/deploy.md block failed:\n{block}\n{done.stdout}\n{done.stderr}"
+            assert done.returncode == 0, failed
+        for name in ("nightly-retrain", "nightly-retrain-gpu"):
+            shown = prefect(["deployment", "inspect", f"nightly-retrain/{name}"], env, REPO)
+            assert name in shown
+        # the pause the docs describe in words, with the ID `schedule ls` shows
+        gpu = "nightly-retrain/nightly-retrain-gpu"
+        listed = prefect(["deployment", "schedule", "ls", gpu, "--output", "json"], env, REPO)
+        (schedule,) = json.loads(listed)
+        assert "pause" in DEPLOY_DOCS.read_text(encoding="utf-8")
+        prefect(["deployment", "schedule", "pause", gpu, schedule["id"]], env, REPO)
+        listed = prefect(["deployment", "schedule", "ls", gpu, "--output", "json"], env, REPO)
+        assert json.loads(listed)[0]["active"] is False
