@@ -141,7 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="validate on the last N whole shards instead of the last val_fraction of tokens",
     )
     _add_config_args(run)
-    run.add_argument("--nproc", type=int, default=1, help="training ranks (default 1)")
+    nproc_help = "training ranks, or auto: one per visible GPU, else 1 (default 1)"
+    run.add_argument("--nproc", default="1", help=nproc_help)
     run.add_argument(
         "--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite)"
     )
@@ -217,11 +218,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     # without a configured Prefect API, its temporary server boots while the checks below run
     prefect_server = start_temporary_server()
-    from model.launch import check_nproc
+    from model.launch import resolve_nproc
     from storage.tracking import Tracker
     from tasks.cache import check_refresh
 
-    check_nproc(args.nproc, cfg.device)
+    args.nproc = resolve_nproc(args.nproc, cfg.device)
     check_refresh(args.refresh)
     if args.sample_tokens < 0:
         raise GptpipeError(f"--sample-tokens must not be negative, got {args.sample_tokens}")

@@ -29,7 +29,7 @@ def nightly_retrain(
     *,
     preset: str | None = None,
     overrides: list[str] | None = None,
-    nproc: int = 1,
+    nproc: int | str = "auto",
     batch_size: int | None = None,
     store: str | None = None,
     tracking_uri: str | None = None,

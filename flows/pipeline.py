@@ -17,6 +17,7 @@ import storage
 from flows.defaults import DEFAULT_STORE, TINY_SHAKESPEARE_URL
 from model.config import TrainConfig, config_from_dict
 from model.corpus import DEFAULT_SHARD_BYTES
+from model.launch import resolve_nproc
 from storage.tracking import DEFAULT_EXPERIMENT, Tracker, model_name_for, redact
 from tasks.cache import check_refresh
 from tasks.evaluate import evaluate
@@ -39,7 +40,7 @@ def pipeline(
     *,
     config: dict | None = None,
     store: str = DEFAULT_STORE,
-    nproc: int = 1,
+    nproc: int | str = 1,
     run_id: str | None = None,
     prompt: str = "",
     sample_tokens: int = 500,
@@ -59,6 +60,7 @@ def pipeline(
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     warm_up_in_background()  # the model log's slow part, done while the stages run
     cfg = config_from_dict(config or {})
+    nproc = resolve_nproc(nproc, cfg.device)  # "auto": one rank per visible GPU, else 1
     url = reveal(source)  # credentials included: the tokenize stage downloads it
     run_id = run_id or new_run_id()
     # a scheduled run fails here, before any work, like the CLI does before it starts the flow

@@ -27,6 +27,22 @@ from storage.tracking import TrainingRun
 STOP_GRACE_S = 30
 
 
+def resolve_nproc(nproc: int | str, device: str = "auto") -> int:
+    """``--nproc`` as a number of ranks: ``auto`` is one rank per visible GPU where training runs on
+    GPUs (``device`` cuda, or auto with a GPU visible), else 1; a number is checked."""
+    if nproc == "auto":
+        on_gpu = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+        return max(torch.cuda.device_count(), 1) if on_gpu else 1
+    if isinstance(nproc, bool) or not isinstance(nproc, int | str):
+        raise GptpipeError(f"--nproc must be a whole number or auto, got {nproc!r}")
+    if isinstance(nproc, str):
+        if not nproc.strip().lstrip("-").isdigit():
+            raise GptpipeError(f"--nproc must be a whole number or auto, got {nproc!r}")
+        nproc = int(nproc)
+    check_nproc(nproc, device)
+    return nproc
+
+
 def check_nproc(nproc: int, device: str = "auto") -> None:
     if nproc < 1:
         raise GptpipeError(f"--nproc must be at least 1, got {nproc}")

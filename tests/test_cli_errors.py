@@ -55,6 +55,7 @@ def test_missing_bucket_fails_before_any_work(s3_env, small_corpus, cli_env, tmp
         (["--set", "nope=1"], "unknown key 'nope'"),
         (["--set", "max_iters=many"], "max_iters='many'"),
         (["--nproc", "0"], "--nproc must be at least 1"),
+        (["--nproc", "two"], "--nproc must be a whole number or auto, got 'two'"),
     ],
 )
 def test_bad_config_fails_before_any_work(args, fragment, small_corpus, cli_env, tmp_path):

@@ -381,7 +381,7 @@ def test_deploy_and_run_the_nightly_deployment(prefect_server, small_corpus, tmp
         )
     )
     assert gpu["work_pool_name"] == "gpu"
-    assert gpu["parameters"]["nproc"] == 1 and "batch_size" in gpu["parameters"]
+    assert gpu["parameters"]["nproc"] == "auto" and "batch_size" in gpu["parameters"]
     assert gpu["job_variables"]["env"]["AWS_ACCESS_KEY_ID"] == "deploy-test-key"
     assert gpu["schedules"][0]["schedule"]["cron"] == "0 2 * * *"
 
