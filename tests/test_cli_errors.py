@@ -48,6 +48,15 @@ def test_missing_bucket_fails_before_any_work(s3_env, small_corpus, cli_env, tmp
     assert s3_env.secret not in result.stdout + result.stderr
 
 
+@pytest.mark.parametrize("uri", ["bogus://x", "mem://user:s3cret@host/db"])
+def test_a_tracking_uri_mlflow_cannot_use_is_one_line(uri, small_corpus, cli_env, tmp_path):
+    args = ["run", "--input", str(small_corpus), "--store", str(tmp_path / "store")]
+    result = run_cli([*args, "--tracking-uri", uri], cli_env, tmp_path, timeout=60)
+    scheme = uri.partition("://")[0]
+    assert_clean_error(result, "MLflow cannot use the tracking URI", f"no {scheme}:// store")
+    assert "s3cret" not in result.stderr  # credentials in the URI are not shown
+
+
 @pytest.mark.parametrize(
     ("args", "fragment"),
     [

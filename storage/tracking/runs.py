@@ -28,7 +28,16 @@ def _client(tracking_uri: str | None):
     from mlflow.tracking import MlflowClient
 
     # the registry lives on the tracking server too (MLflow may default it elsewhere)
-    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    try:
+        return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    except Exception as exc:  # MLflow raises KeyError-chained errors for an unknown scheme
+        scheme = (tracking_uri or "").partition("://")[0]
+        raise GptpipeError(
+            f"MLflow cannot use the tracking URI {redact(tracking_uri or '')!r} "
+            f"({f'no {scheme}:// store' if '://' in (tracking_uri or '') else first_line(exc)}): "
+            "use http(s)://HOST:PORT, sqlite:///PATH or a folder (--tracking-uri / "
+            "MLFLOW_TRACKING_URI)"
+        ) from None
 
 
 class Tracker:
