@@ -241,7 +241,10 @@ def _stages(
         },
         "sample": sampled.text,
         "cached": {"tokenize": tokenized.cached, "split": splits.cached, "train": trained.cached},
-        "model": {**registered.to_dict(), "uri": trained.model_uri},
+        "model": {
+            **registered.to_dict(),
+            "uri": trained.model_uri or f"models:/{registered.name}/{registered.version}",
+        },
         "stages": {
             "tokenize": tokenized.to_dict(),
             "split": splits.to_dict(),

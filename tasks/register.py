@@ -9,7 +9,15 @@ from model.checkpoint import load_checkpoint
 from model.dist import pick_device
 from model.evaluate import evaluate_checkpoint
 from tasks.common import IO_RETRIES, tracker_for
-from tasks.registry import CHAMPION, FetchedCheckpoint, current_champion, register
+from tasks.registry import (
+    CHAMPION,
+    CHECKPOINT_TAG,
+    FetchedCheckpoint,
+    current_champion,
+    log_checkpoint_model,
+    register,
+    version_of_checkpoint,
+)
 from tasks.results import (
     Artifact,
     EvaluateResult,
@@ -51,17 +59,33 @@ def register_model(
         },
         sort_keys=True,
     )
-    tags = {
-        "val_loss": f"{val_loss:.6f}",
-        "val_sha256": splits.val.sha256,
-        "evaluation": evaluation,
-        "gptpipe.run_id": run_id,
-    }
-    version = register(tracker, name, trained.model_uri, trained.mlflow_run_id, tags=tags)
+    checkpoint_sha256 = trained.checkpoint.sha256
+    version = version_of_checkpoint(tracker, name, checkpoint_sha256)
+    reused = version is not None
+    if reused:
+        logger.info("%s version %s is this checkpoint already: re-using it", name, version)
+    else:
+        tags = {
+            "val_loss": f"{val_loss:.6f}",
+            "val_sha256": splits.val.sha256,
+            "evaluation": evaluation,
+            "gptpipe.run_id": run_id,
+            CHECKPOINT_TAG: checkpoint_sha256,
+        }
+        # a training re-used from the cache logged no model: log it now, into its own run
+        model_uri = trained.model_uri or log_checkpoint_model(
+            tracker, trained.mlflow_run_id, trained.checkpoint.uri
+        )
+        version = register(tracker, name, model_uri, trained.mlflow_run_id, tags=tags)
+    if trained.mlflow_run_id:  # the train run links the version, new or re-used
+        tracker.client.set_tag(trained.mlflow_run_id, "gptpipe.model_version", f"{name}/{version}")
+        tracker.client.set_tag(trained.mlflow_run_id, "gptpipe.model_version_reused", str(reused))
     champion = current_champion(tracker, name)
     champion_loss = None
     if champion is None:
         promote, reason = True, "no champion yet"
+    elif str(champion.version) == version:
+        promote, reason = False, f"v{version} is the champion already"
     else:
         champion_loss, recorded = _champion_val_loss(
             tracker,
@@ -86,7 +110,8 @@ def register_model(
     if promote:
         tracker.client.set_registered_model_alias(name, CHAMPION, version)
     moved = f" -> {CHAMPION}" if promote else ""
-    logger.info("registered %s version %s; %s%s", name, version, reason, moved)
+    said = "re-used" if reused else "registered"
+    logger.info("%s %s version %s; %s%s", said, name, version, reason, moved)
     return RegisterResult(
         name=name,
         version=version,
@@ -94,6 +119,7 @@ def register_model(
         champion_version=version if promote else (champion.version if champion else None),
         previous_champion_val_loss=champion_loss,
         reason=reason,
+        reused=reused,
     )
 
 

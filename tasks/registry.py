@@ -107,6 +107,26 @@ def _pointed_at(tracker: Tracker) -> Iterator[None]:
         mlflow.set_registry_uri(previous[1])
 
 
+def log_checkpoint_model(tracker: Tracker, run_id: str | None, checkpoint_uri: str) -> str:
+    """Log the stored checkpoint (any store URI) as the run's MLflow model; the model's URI."""
+    import storage
+
+    with tempfile.TemporaryDirectory() as tmp:
+        local = storage.get_file(checkpoint_uri, Path(tmp) / CHECKPOINT_NAME)
+        return log_model(tracker, run_id, local)
+
+
+CHECKPOINT_TAG = "checkpoint_sha256"
+
+
+def version_of_checkpoint(tracker: Tracker, name: str, sha256: str) -> str | None:
+    """The first version of `name` registered from the checkpoint with this sha256, if any."""
+    found = tracker.client.search_model_versions(
+        f"name = '{name}' and tags.{CHECKPOINT_TAG} = '{sha256}'"
+    )
+    return str(min(int(v.version) for v in found)) if found else None
+
+
 def register(tracker: Tracker, name: str, model_uri: str, run_id: str, tags: dict) -> str:
     """A new version of `name` for this model; returns the version number."""
     client = tracker.client

@@ -201,6 +201,7 @@ class RegisterResult:
     champion_version: str | None
     previous_champion_val_loss: float | None
     reason: str
+    reused: bool = False  # the checkpoint was a version already: no new one was registered
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

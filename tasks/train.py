@@ -1,8 +1,6 @@
 from __future__ import annotations
 
 import json
-import tempfile
-from pathlib import Path
 
 from prefect import get_run_logger, task
 from prefect.runtime import task_run
@@ -69,7 +67,8 @@ def train(
             save_manifest(folder, manifest)
         inputs = {"train": splits.train, "val": splits.val, "tokenizer": tokenizer}
         run.record_io(artifact_dicts(inputs), {"checkpoint": checkpoint.to_dict()})
-        model_uri = _log_model(tracking, run.run_id, checkpoint.uri)
+        # a re-used training's model is already logged (the register stage finds its version)
+        model_uri = None if cached else _log_model(tracking, run.run_id, checkpoint.uri)
         if model_uri:
             logger.info("logged the model to MLflow as %s", model_uri)
     return TrainResult(
@@ -88,8 +87,6 @@ def _log_model(tracking: Tracking | None, run_id: str | None, checkpoint_uri: st
     tracker = tracker_for(tracking)
     if tracker is None:
         return None
-    from tasks.registry import log_model
+    from tasks.registry import log_checkpoint_model
 
-    with tempfile.TemporaryDirectory() as tmp:
-        local = storage.get_file(checkpoint_uri, Path(tmp) / "ckpt.pt")
-        return log_model(tracker, run_id, local)
+    return log_checkpoint_model(tracker, run_id, checkpoint_uri)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import urllib.request
 from pathlib import Path
@@ -119,6 +120,13 @@ def test_second_run_reuses_cached_stages(small_corpus, cli_env, tmp_path):
 
     second, _, two = run_pipeline(small_corpus, cli_env, tmp_path, 1, run_id="b")
     assert two["cached"] == {"tokenize": True, "split": True, "train": True}
+    # the same checkpoint: no new model logged, no new version registered, the run says so
+    assert not one["model"]["reused"] and two["model"]["reused"]
+    assert two["model"]["version"] == one["model"]["version"]
+    assert two["model"]["uri"] == f"models:/{one['model']['name']}/{one['model']['version']}"
+    assert f"version {one['model']['version']} is this checkpoint already" in (
+        second.stdout + second.stderr
+    )
     assert "re-used from cache (same content and settings): tokenize, split, train" in second.stdout
     assert "tokenize: re-using" in second.stdout + second.stderr
     for name, stamp in stamps.items():
@@ -129,5 +137,22 @@ def test_second_run_reuses_cached_stages(small_corpus, cli_env, tmp_path):
     changed = ["--set", "learning_rate=0.002", "--refresh", "tokenize"]
     _, _, three = run_pipeline(small_corpus, cli_env, tmp_path, 1, run_id="c", extra=changed)
     assert three["cached"] == {"tokenize": False, "split": True, "train": False}
+    assert not three["model"]["reused"] and three["model"]["version"] != one["model"]["version"]
+
+    # a re-used training under a model name it has no version of: logged and registered now
+    other = ["--model-name", "gptpipe-other"]
+    _, _, four = run_pipeline(small_corpus, cli_env, tmp_path, 1, run_id="d", extra=other)
+    assert four["cached"]["train"] and not four["model"]["reused"]
+    assert (four["model"]["name"], four["model"]["version"]) == ("gptpipe-other", "1")
+    from mlflow import MlflowClient
+
+    client = MlflowClient(cli_env["MLFLOW_TRACKING_URI"])
+    tags = client.get_run(two["stages"]["train"]["mlflow_run_id"]).data.tags
+    linked = f"{one['model']['name']}/{one['model']['version']}"
+    assert (tags["gptpipe.model_version"], tags["gptpipe.model_version_reused"]) == (linked, "True")
+    version = client.get_model_version("gptpipe-other", "1")
+    checkpoint = Path(one["outputs"]["checkpoint"]).read_bytes()
+    assert version.tags["checkpoint_sha256"] == hashlib.sha256(checkpoint).hexdigest()
+    assert version.source.startswith("models:/m-")  # the model logged now, from that checkpoint
     assert three["outputs"]["checkpoint"] != one["outputs"]["checkpoint"]
     assert three["outputs"]["tokens"] == one["outputs"]["tokens"]  # same content, same key
