@@ -7,7 +7,7 @@ from contextlib import contextmanager
 
 from storage.errors import GptpipeError
 from storage.tracking import NullRun, StageRun, Tracker
-from tasks.results import Tracking
+from tasks.results import SplitResult, Tracking
 
 
 def retry_unless_user_error(task, task_run, state) -> bool:
@@ -44,3 +44,11 @@ def stage_run(tracking: Tracking | None, name: str) -> Iterator[StageRun | NullR
         return
     with tracker.stage(name, tracking.parent_id) as run:
         yield run
+
+
+def log_split_inputs(run: StageRun | NullRun, splits: SplitResult, contexts: dict[str, str]):
+    """The splits named in `contexts` as the run's MLflow dataset inputs, e.g.
+    {"train": "training", "val": "evaluation"}: lineage from a run back to the data it read."""
+    for name, context in contexts.items():
+        split = getattr(splits, name)
+        run.log_dataset(split.uri, name, split.sha256, context=context)

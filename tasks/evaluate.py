@@ -3,7 +3,7 @@ from __future__ import annotations
 from prefect import get_run_logger, task
 
 from model.evaluate import evaluate_checkpoint
-from tasks.common import IO_RETRIES, stage_run
+from tasks.common import IO_RETRIES, log_split_inputs, stage_run
 from tasks.results import Artifact, EvaluateResult, SplitResult, Workspace, artifact_dicts
 
 
@@ -19,6 +19,7 @@ def evaluate(
 ) -> EvaluateResult:
     """Eval-mode loss of the final model on train and val."""
     with stage_run(workspace.tracking, "evaluate") as run:
+        log_split_inputs(run, splits, {"train": "evaluation", "val": "evaluation"})
         losses = evaluate_checkpoint(
             checkpoint.uri,
             {"train": splits.train.uri, "val": splits.val.uri},

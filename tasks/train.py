@@ -10,7 +10,7 @@ from model.config import config_from_dict
 from model.launch import launch_training
 from model.train import SUMMARY_NAME, TrainingData
 from tasks.cache import cache_key, load_manifest, save_manifest, stage_dir
-from tasks.common import retry_unless_user_error, stage_run, tracker_for
+from tasks.common import log_split_inputs, retry_unless_user_error, stage_run, tracker_for
 from tasks.results import Artifact, SplitResult, Tracking, TrainResult, Workspace, artifact_dicts
 
 
@@ -43,6 +43,8 @@ def train(
     resume = resume or task_run.run_count > 1
     tracking = workspace.tracking
     with stage_run(tracking, "train") as run:
+        # the model learns from train; the loss curve and the best checkpoint come from val
+        log_split_inputs(run, splits, {"train": "training", "val": "evaluation"})
         manifest = None if workspace.refreshes("train") else load_manifest(folder)
         cached = manifest is not None
         if cached:
@@ -51,15 +53,16 @@ def train(
             reused = {"n_params": summary["n_params"], "world_size": summary["world_size"]}
             run.log_params({"cached": True, "cache_key": key, **reused})
         else:
-            summary = launch_training(
-                config_from_dict(config),
-                folder,
-                inputs=TrainingData(splits.train.uri, splits.val.uri, tokenizer.uri),
-                nproc=nproc,
-                resume=resume,
-                on_line=logger.info,
-                mlflow_run=(tracking.uri, run.run_id) if run.run_id else None,
-            )
+            with run.system_metrics():
+                summary = launch_training(
+                    config_from_dict(config),
+                    folder,
+                    inputs=TrainingData(splits.train.uri, splits.val.uri, tokenizer.uri),
+                    nproc=nproc,
+                    resume=resume,
+                    on_line=logger.info,
+                    mlflow_run=(tracking.uri, run.run_id) if run.run_id else None,
+                )
             run.log_params({"cached": False, "cache_key": key})
         checkpoint = Artifact.of(summary["checkpoint"])
         if not cached:

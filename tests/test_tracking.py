@@ -146,13 +146,21 @@ def test_closing_a_run_waits_on_a_dead_server_a_bounded_time(capfd):
 
 
 @pytest.mark.slow
+def _inputs(run) -> set[tuple[str, str]]:
+    """(dataset name, context) of each of the run's MLflow dataset inputs."""
+    return {
+        (d.dataset.name, {t.key: t.value for t in d.tags}["mlflow.data.context"])
+        for d in run.inputs.dataset_inputs
+    }
+
+
 def test_pipeline_on_s3_tracked_in_mlflow_server(
     s3_env, mlflow_server, cli_env, small_corpus, tmp_path
 ):
     s3 = boto3.client("s3", endpoint_url=s3_env.endpoint)
     s3.put_object(Bucket=s3_env.bucket, Key="corpus/small.txt", Body=small_corpus.read_bytes())
     store = f"s3://{s3_env.bucket}/store"
-    env = _env(cli_env)
+    env = _env(cli_env) | {"MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"}
 
     def run(run_id: str, *extra: str):
         result = run_cli(
@@ -225,6 +233,14 @@ def test_pipeline_on_s3_tracked_in_mlflow_server(
     assert val_history[-1].value < val_history[0].value
     for name in ("lr", "tokens_per_sec", "mfu"):
         assert {m.step for m in client.get_metric_history(train.info.run_id, name)} == {20, 40, 60}
+    # the splits are the train and evaluate runs' dataset inputs, in the contexts they serve
+    assert _inputs(train) == {("train", "training"), ("val", "evaluation")}
+    assert _inputs(children["evaluate"]) == {("train", "evaluation"), ("val", "evaluation")}
+    for d in train.inputs.dataset_inputs:
+        assert json.loads(d.dataset.source)["uri"] == summary["outputs"][d.dataset.name]
+    # MLflow's system metrics were sampled while the training ran
+    for name in ("system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"):
+        assert client.get_metric_history(train.info.run_id, name), name
     train_artifacts = {a.path for a in client.list_artifacts(train.info.run_id)}
     assert {"parameter_table.txt", "parameter_table.json", "loss_curve.png"} <= train_artifacts
     # rank 0 prints its calls and the train task sends them: binary artifacts arrive whole

@@ -22,6 +22,8 @@ from storage.tracking.params import flatten_params
 from storage.tracking.redact import redact
 
 PARENT_TAG = "mlflow.parentRunId"
+# how often the train run samples system metrics (MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL overrides)
+SYSTEM_METRICS_INTERVAL_S = 5.0
 
 
 def _client(tracking_uri: str | None):
@@ -119,10 +121,8 @@ class StageRun:
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
-        flat = flatten_params(params)
-        items = [Param(k, v) for k, v in flat.items()]
-        for i in range(0, len(items), 100):  # MLflow takes at most 100 params a batch
-            self.client.log_batch(self.run_id, params=items[i : i + 100])
+        items = [Param(k, v) for k, v in flatten_params(params).items()]
+        self.client.log_batch(self.run_id, params=items)  # log_batch sends in batches it can take
 
     def log_metrics(self, metrics: dict[str, float], step: int = 0, synchronous: bool = True):
         from mlflow.entities import Metric
@@ -158,15 +158,38 @@ class StageRun:
         self.log_params(params)
 
     def log_dataset(self, uri: str, name: str, digest: str, context: str) -> None:
-        """Register a dataset as the run's MLflow input, for lineage in the UI."""
+        """Register a dataset as the run's MLflow input (context: tokenize, training, evaluation).
+
+        The run shows it under Inputs in the UI, and `search_runs` can filter on it; the source
+        is the dataset's URI with any credentials taken out.
+        """
         from mlflow.data.meta_dataset import MetaDataset
-        from mlflow.entities import DatasetInput, InputTag
+        from mlflow.entities import Dataset, DatasetInput, InputTag
 
         dataset = MetaDataset(_dataset_source(redact(uri)), name=name, digest=digest[:36])
         entity = DatasetInput(
-            dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)]
+            Dataset(**dataset.to_dict()), tags=[InputTag("mlflow.data.context", context)]
         )
         self.client.log_inputs(self.run_id, datasets=[entity])
+
+    @contextmanager
+    def system_metrics(self, *, interval_s: float = SYSTEM_METRICS_INTERVAL_S) -> Iterator[None]:
+        """MLflow's system metrics (system/cpu_utilization_percentage, memory, disk, network, and
+        GPU where pynvml finds one) sampled every `interval_s` into this run while the block runs.
+
+        The monitor is MLflow's own (what `log_system_metrics=True` starts); it reads the whole
+        machine, so the stage process can watch a training that runs in torchrun's processes.
+        """
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(
+            self.run_id, sampling_interval=interval_s, tracking_uri=self.tracker.tracking_uri
+        )
+        monitor.start()
+        try:
+            yield
+        finally:
+            monitor.finish()
 
 
 def _dataset_source(uri: str):

@@ -41,8 +41,6 @@ class TrainingRun:
     a second and is joined at exit: up to a second added to every training process's exit.)
     """
 
-    _MAX_METRICS = 1000  # MLflow takes at most 1000 metrics a batch
-
     def __init__(self, tracking_uri: str | None, run_id: str):
         self.run_id = run_id
         self._tracking_uri = tracking_uri
@@ -142,10 +140,9 @@ class TrainingRun:
             for values, step, ms in items
             for key, value in values.items()
         ]
-        for i in range(0, len(metrics), self._MAX_METRICS):
-            batch = metrics[i : i + self._MAX_METRICS]
-            if not self._safely("log_metrics", self._log_batch, batch):
-                self._failed.append(batch)
+        # log_batch sends them in batches the server takes (1,000 metrics each)
+        if not self._safely("log_metrics", self._log_batch, metrics):
+            self._failed.append(metrics)
 
     def _log_batch(self, batch: list) -> None:
         self._stage_run().client.log_batch(self.run_id, metrics=batch)

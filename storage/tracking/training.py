@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from storage.tracking.protocol import LineRun
 from storage.tracking.sender import TrainingRun
 
@@ -21,6 +23,9 @@ class NullRun:
 
     def __getattr__(self, name: str):
         return lambda *args, **kwargs: None
+
+    def system_metrics(self, **kwargs) -> contextlib.nullcontext:
+        return contextlib.nullcontext()
 
 
 def training_run(
