@@ -10,12 +10,14 @@ from model.dist import pick_device
 from model.evaluate import evaluate_checkpoint
 from tasks.common import IO_RETRIES, tracker_for
 from tasks.registry import (
+    CHALLENGER,
     CHAMPION,
     CHECKPOINT_TAG,
     FetchedCheckpoint,
-    current_champion,
+    link_val_loss,
     log_checkpoint_model,
     register,
+    version_by_alias,
     version_of_checkpoint,
 )
 from tasks.results import (
@@ -39,7 +41,8 @@ def register_model(
     tokenizer: Artifact,
     run_id: str,
 ) -> RegisterResult:
-    """Register a new version; `champion` moves to it only if it beats the champion's val loss.
+    """Register a new version; `champion` moves to it only if it beats the champion's val loss,
+    else `challenger` does (the latest version that lost to the champion).
 
     Both losses are measured on this run's val split with the evaluate stage's batches: the
     champion's recorded loss when it was measured so (the same val data, tokenizer, batches and
@@ -76,11 +79,15 @@ def register_model(
         model_uri = trained.model_uri or log_checkpoint_model(
             tracker, trained.mlflow_run_id, trained.checkpoint.uri
         )
-        version = register(tracker, name, model_uri, trained.mlflow_run_id, tags=tags)
+        version = register(tracker, name, model_uri, tags=tags)
+        # the val loss on the logged model too: search_logged_models ranks the versions by it
+        loss_run = evaluated.mlflow_run_id or trained.mlflow_run_id
+        if loss_run:
+            link_val_loss(tracker, model_uri, loss_run, val_loss)
     if trained.mlflow_run_id:  # the train run links the version, new or re-used
         tracker.client.set_tag(trained.mlflow_run_id, "gptpipe.model_version", f"{name}/{version}")
         tracker.client.set_tag(trained.mlflow_run_id, "gptpipe.model_version_reused", str(reused))
-    champion = current_champion(tracker, name)
+    champion = version_by_alias(tracker, name)
     champion_loss = None
     if champion is None:
         promote, reason = True, "no champion yet"
@@ -107,9 +114,14 @@ def register_model(
                 f"v{champion.version}'s {champion_loss:.4f}{', as recorded' if recorded else ''} "
                 "on the same val data"
             )
-    if promote:
-        tracker.client.set_registered_model_alias(name, CHAMPION, version)
-    moved = f" -> {CHAMPION}" if promote else ""
+    # the loser of a comparison on the same val data becomes the challenger
+    alias = CHAMPION if promote else CHALLENGER if champion_loss is not None else None
+    if alias:
+        tracker.client.set_registered_model_alias(name, alias, version)
+    challenger = version_by_alias(tracker, name, CHALLENGER) if promote else None
+    if challenger is not None and str(challenger.version) == version:  # it had lost before
+        tracker.client.delete_registered_model_alias(name, CHALLENGER)
+    moved = f" -> {alias}" if alias else ""
     said = "re-used" if reused else "registered"
     logger.info("%s %s version %s; %s%s", said, name, version, reason, moved)
     return RegisterResult(

@@ -1,54 +1,61 @@
 """The trained model as an MLflow model, its registered versions and the `champion` alias.
 
-The MLflow model is a pyfunc whose one artifact is gptpipe's own checkpoint. gptpipe itself
-never unpickles it: `gptpipe sample --model models:/NAME@champion` downloads the checkpoint file
-and loads it with weights_only=True like any other.
+The MLflow model is logged from code (tasks/served_model.py) with the `model` and `storage`
+packages shipped as its code and gptpipe's own checkpoint as its one artifact, so MLflow loads and
+serves it from its declared requirements alone, gptpipe not installed. Its signature has a params
+schema (max_new_tokens, temperature, top_k, seed), so settings sent to a scoring server are used.
+
+gptpipe itself never unpickles a model: `gptpipe sample --model models:/NAME@champion` downloads
+the checkpoint file and loads it with weights_only=True like any other.
 """
 
 from __future__ import annotations
 
-import re
+import os
+import sys
 import tempfile
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from importlib.metadata import version as installed_version
 from pathlib import Path
-from typing import Any
 
 import mlflow.pyfunc
+from mlflow.models import ModelSignature
+from mlflow.types import ColSpec, DataType, Schema
 
+import model
+import storage
 from model.checkpoint import CHECKPOINT_NAME
 from storage.errors import GptpipeError, first_line
 from storage.tracking import Tracker
+from tasks.served_model import SAMPLING_PARAMS
 
 CHAMPION = "champion"
+CHALLENGER = "challenger"  # the latest version that lost to the champion
+CHECKPOINT_TAG = "checkpoint_sha256"
+VAL_LOSS = "val_loss"  # the metric each logged model carries: search_logged_models ranks by it
+
+URI_VARIABLES = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+
+SERVED_MODEL = Path(__file__).with_name("served_model.py")
+# what served_model.py imports of gptpipe: shipped whole with the model (a few hundred kB)
+SHIPPED_CODE = [Path(model.__file__).parent, Path(storage.__file__).parent]
+# the distributions served_model.py and the shipped code import (model.config reads YAML)
+SERVING_DISTRIBUTIONS = ["torch", "numpy", "pandas", "tokenizers", "pyyaml"]
+SIGNATURE = ModelSignature(
+    inputs=Schema([ColSpec(DataType.string)]),  # prompts
+    outputs=Schema([ColSpec(DataType.string)]),  # each prompt and its continuation
+    params=SAMPLING_PARAMS,
+)
+# an empty prompt suits every tokenizer; a few greedy tokens keep logging's own check quick
+INPUT_EXAMPLE = ([""], {"max_new_tokens": 8, "temperature": 0.0})
 
 
-class GPTTextGenerator(mlflow.pyfunc.PythonModel):
-    """pyfunc serving: predict(list of prompts) -> list of texts (prompt + continuation)."""
-
-    def load_context(self, context) -> None:
-        from model.sample import load_model
-
-        self.loaded = load_model(context.artifacts["checkpoint"])
-
-    def predict(
-        self, context, model_input: list[str], params: dict[str, Any] | None = None
-    ) -> list[str]:
-        from model.sample import sample_text
-
-        params = params or {}
-        return [
-            sample_text(
-                self.loaded,
-                str(prompt),
-                max_new_tokens=int(params.get("max_new_tokens", 200)),
-                temperature=float(params.get("temperature", 1.0)),
-                top_k=params.get("top_k"),
-                seed=int(params.get("seed", 1337)),
-            )[0]
-            for prompt in model_input
-        ]
+def serving_requirements() -> list[str]:
+    """The model's pip requirements: each serving distribution pinned to the installed version
+    (torch without its local build tag: +cpu is not on PyPI)."""
+    return [f"{name}=={installed_version(name).split('+')[0]}" for name in SERVING_DISTRIBUTIONS]
 
 
 _warm_up: threading.Thread | None = None
@@ -78,45 +85,56 @@ def warm_up_in_background() -> None:
 
 
 def log_model(tracker: Tracker, run_id: str, checkpoint_path: str | Path) -> str:
-    """Log the checkpoint as the run's MLflow model; returns the model's URI."""
-    import torch
-
+    """Log the checkpoint as the run's MLflow model; returns the model's URI (models:/m-<id>)."""
     if _warm_up is not None:
         _warm_up.join()  # MLflow's package cache is not safe to fill from two threads at once
-    requirements = [f"torch=={torch.__version__.split('+')[0]}", "numpy", "tokenizers", "pyarrow"]
-    with _pointed_at(tracker), mlflow.start_run(run_id=run_id):
-        info = mlflow.pyfunc.log_model(
-            name="model",
-            python_model=GPTTextGenerator(),
-            artifacts={"checkpoint": str(checkpoint_path)},
-            pip_requirements=requirements,
-        )
+    # logging loads the model to check the input example, putting the shipped code (in a
+    # temporary folder) first on sys.path: this process keeps its own path
+    path = list(sys.path)
+    try:
+        with _pointed_at(tracker), mlflow.start_run(run_id=run_id):
+            info = mlflow.pyfunc.log_model(
+                name="model",
+                python_model=str(SERVED_MODEL),
+                code_paths=[str(p) for p in SHIPPED_CODE],
+                artifacts={"checkpoint": str(checkpoint_path)},
+                pip_requirements=serving_requirements(),
+                signature=SIGNATURE,
+                input_example=INPUT_EXAMPLE,
+            )
+    finally:
+        sys.path[:] = path
     return info.model_uri
 
 
 @contextmanager
 def _pointed_at(tracker: Tracker) -> Iterator[None]:
-    """MLflow's fluent API and models:/ URIs follow the global tracking and registry URIs."""
-    previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    """MLflow's fluent API and models:/ URIs follow the global tracking and registry URIs.
+
+    MLflow mirrors each URI it is given into os.environ (for subprocesses), so the URIs set
+    before are those environment variables; restoring them as such, an unset one stays unset
+    (get_tracking_uri()'s default, pinned, would point every later subprocess at ./mlflow.db).
+    """
+    previous = {name: os.environ.get(name) for name in URI_VARIABLES}
     mlflow.set_tracking_uri(tracker.tracking_uri)
     mlflow.set_registry_uri(tracker.tracking_uri)
     try:
         yield
     finally:
-        mlflow.set_tracking_uri(previous[0])
-        mlflow.set_registry_uri(previous[1])
+        mlflow.set_tracking_uri(previous["MLFLOW_TRACKING_URI"])  # None: unset
+        mlflow.set_registry_uri(previous["MLFLOW_REGISTRY_URI"])
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def log_checkpoint_model(tracker: Tracker, run_id: str | None, checkpoint_uri: str) -> str:
     """Log the stored checkpoint (any store URI) as the run's MLflow model; the model's URI."""
-    import storage
-
     with tempfile.TemporaryDirectory() as tmp:
         local = storage.get_file(checkpoint_uri, Path(tmp) / CHECKPOINT_NAME)
         return log_model(tracker, run_id, local)
-
-
-CHECKPOINT_TAG = "checkpoint_sha256"
 
 
 def version_of_checkpoint(tracker: Tracker, name: str, sha256: str) -> str | None:
@@ -127,52 +145,44 @@ def version_of_checkpoint(tracker: Tracker, name: str, sha256: str) -> str | Non
     return str(min(int(v.version) for v in found)) if found else None
 
 
-def register(tracker: Tracker, name: str, model_uri: str, run_id: str, tags: dict) -> str:
-    """A new version of `name` for this model; returns the version number."""
-    client = tracker.client
-    if client.search_registered_models(filter_string=f"name = '{name}'") == []:
-        client.create_registered_model(name, description="gptpipe models trained on one corpus")
-    # an MLflow 3 logged model (models:/m-<id>) must name its model_id too
-    model_id = model_uri.split("/", 1)[1] if model_uri.startswith("models:/m-") else None
-    with _pointed_at(tracker):  # the client resolves models:/m-<id> through the global URIs
-        version = client.create_model_version(
-            name, model_uri, run_id=run_id, tags=tags, model_id=model_id
+def register(tracker: Tracker, name: str, model_uri: str, tags: dict) -> str:
+    """A new version of `name` (created if need be) for this model; returns the version number.
+
+    MLflow's register_model finds the model's run and id from its URI (models:/m-<id>)."""
+    with _pointed_at(tracker):
+        version = mlflow.register_model(model_uri, name, tags=tags)
+    if version.version in (1, "1"):
+        tracker.client.update_registered_model(
+            name, description="gptpipe models trained on one corpus"
         )
     return str(version.version)
 
 
-def current_champion(tracker: Tracker, name: str):
-    """The version holding the champion alias, or None."""
+def link_val_loss(tracker: Tracker, model_uri: str, run_id: str, val_loss: float) -> None:
+    """The final val loss as a metric of the logged model (logged into `run_id`), so that
+    `mlflow.search_logged_models(order_by=[{"field_name": "metrics.val_loss"}])` ranks the
+    versions by it. (A model version does not keep its model_id in MLflow's own registry: the
+    id comes from the model's MLmodel.)"""
+    with _pointed_at(tracker):
+        model_id = mlflow.models.get_model_info(model_uri).model_id
+    tracker.client.log_metric(run_id, VAL_LOSS, val_loss, model_id=model_id)
+
+
+def version_by_alias(tracker: Tracker, name: str, alias: str = CHAMPION):
+    """The version holding the alias (the champion by default), or None."""
     try:
-        return tracker.client.get_model_version_by_alias(name, CHAMPION)
+        return tracker.client.get_model_version_by_alias(name, alias)
     except mlflow.exceptions.MlflowException:
         return None
 
 
-def artifact_location(tracker: Tracker, model_uri: str) -> str:
-    """Where a model's files are: models:/NAME/VERSION, models:/NAME@ALIAS or models:/m-<id>."""
-    client = tracker.client
-    source = model_uri
-    match = re.fullmatch(r"models:/([^/@]+)(?:/(\d+)|@([\w-]+))", model_uri)
-    if match and not match.group(1).startswith("m-"):
-        name, version, alias = match.groups()
-        found = (
-            client.get_model_version(name, version)
-            if version
-            else client.get_model_version_by_alias(name, alias)
-        )
-        source = found.source
-    if source.startswith("models:/m-"):
-        return client.get_logged_model(source.split("/", 1)[1]).artifact_location
-    return source
-
-
 def download_checkpoint(tracker: Tracker, model_uri: str, dest: str | Path) -> Path:
-    """The checkpoint inside an MLflow model (models:/NAME/1, models:/NAME@alias, runs:/...)."""
+    """The checkpoint inside an MLflow model (models:/NAME/1, models:/NAME@alias, models:/m-<id>,
+    runs:/...), downloaded by MLflow, which resolves every such URI itself (through the global
+    registry URI, whatever registry_uri download_artifacts is given)."""
     try:
-        location = artifact_location(tracker, model_uri)
         with _pointed_at(tracker):
-            local = mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=str(dest))
+            local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dest))
     except mlflow.exceptions.MlflowException as exc:
         raise GptpipeError(
             f"cannot fetch {model_uri} from MLflow: {first_line(exc, limit=300)}"
