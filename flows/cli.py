@@ -17,6 +17,7 @@ examples:
   gptpipe run --input ../shared/data/tinyshakespeare.txt
   gptpipe run --preset seed --set max_iters=500 --nproc 2
   gptpipe run --config my.yaml --set tokenizer=bpe --set vocab_size=1024 --store /data/gptpipe
+  gptpipe run --notify https://hooks.example.com/T0K3N --timeout 21600 --train-timeout 18000
 """,
     "sample": """\
 examples:
@@ -166,6 +167,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--prompt", default="", help="prompt for the sample at the end")
     run.add_argument("--sample-tokens", type=int, default=500, help="tokens to sample (500)")
+    run.add_argument(
+        "--notify",
+        metavar="TARGET",
+        help="where to send one message when the run fails, crashes or times out, or moves the "
+        "champion: an http(s) webhook URL (JSON POST), an Apprise URL or block:NAME of a Prefect "
+        "notification block (default: $GPTPIPE_NOTIFY_URL)",
+    )
+    run.add_argument(
+        "--timeout", metavar="SECONDS", help="stop the whole run after this long (default: none)"
+    )
+    run.add_argument(
+        "--train-timeout",
+        metavar="SECONDS",
+        help="stop the training after this long, without retrying it (default: none)",
+    )
 
     smp = command("sample", "generate text from a checkpoint")
     which = smp.add_mutually_exclusive_group(required=True)
@@ -214,10 +230,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     from model.config import build_config
 
     cfg = build_config(args.preset, args.config, args.set)  # before the heavy imports below
+    from flows.alerts import check_timeout, notify_target
+
+    timeout = check_timeout(args.timeout, name="--timeout")
+    train_timeout = check_timeout(args.train_timeout, name="--train-timeout")
+    target = notify_target(args.notify)
     from flows.prefect_env import start_temporary_server
 
     # without a configured Prefect API, its temporary server boots while the checks below run
     prefect_server = start_temporary_server()
+    if target is not None:
+        if target.kind == "block" and prefect_server is not None:
+            raise GptpipeError(
+                f"--notify {target.spec}: Prefect blocks are kept by a Prefect server; set "
+                "PREFECT_API_URL to yours (this run would use a temporary server, without blocks)"
+            )
+        target.check()
     from model.launch import resolve_nproc
     from storage.tracking import Tracker
     from tasks.cache import check_refresh
@@ -242,13 +270,56 @@ def cmd_run(args: argparse.Namespace) -> int:
     tracker = Tracker(args.tracking_uri, args.experiment)
     tracker.check()
     from flows.pipeline import pipeline
-    from model.corpus import DEFAULT_SHARD_BYTES
-    from tasks.tokenize import source_parameter
 
     if prefect_server:
         prefect_server.use()
+    from flows.alerts import Alerter
+
     _quiet_user_errors()
-    summary = _on_task_runner(pipeline, args)(
+    # the hooks are given here, not as a parameter: Prefect stores parameters, and a webhook
+    # URL may hold a token
+    flow = pipeline.with_options(timeout_seconds=timeout, **Alerter(target).hooks())
+    try:
+        summary = _run_pipeline(
+            flow,
+            args,
+            cfg=cfg,
+            store=store,
+            tracking_uri=tracker.tracking_uri,
+            train_timeout=train_timeout,
+        )
+    except TimeoutError as exc:  # the hooks have sent the alert; the user gets one line
+        raise GptpipeError(_timed_out(exc, args)) from None
+    print_summary(summary)
+    return 0
+
+
+def _timed_out(exc: TimeoutError, args: argparse.Namespace) -> str:
+    """A run stopped at --timeout or --train-timeout, as the one-line error it is."""
+    from prefect.flow_engine import FlowRunTimeoutError
+    from prefect.task_engine import TaskRunTimeoutError
+
+    if isinstance(exc, TaskRunTimeoutError):
+        return f"the training ran longer than --train-timeout {args.train_timeout} s: stopped"
+    if isinstance(exc, FlowRunTimeoutError):
+        return f"the run ran longer than --timeout {args.timeout} s: stopped"
+    return f"the run timed out: {exc}"
+
+
+def _run_pipeline(
+    flow,
+    args: argparse.Namespace,
+    *,
+    cfg,
+    store: str,
+    tracking_uri: str | None,
+    train_timeout: float | None,
+) -> dict:
+    """The pipeline flow with the command's settings; its summary."""
+    from model.corpus import DEFAULT_SHARD_BYTES
+    from tasks.tokenize import source_parameter
+
+    return _on_task_runner(flow, args)(
         source=source_parameter(args.input),  # stored by Prefect without user:password@
         config=cfg.to_dict(),
         store=store,
@@ -256,16 +327,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         run_id=args.run_id,
         prompt=args.prompt,
         sample_tokens=args.sample_tokens,
-        tracking_uri=tracker.tracking_uri,
+        tracking_uri=tracking_uri,
         experiment=args.experiment,
         model_name=args.model_name,
         refresh=args.refresh,
         resume=args.resume,
         shard_bytes=args.shard_size or DEFAULT_SHARD_BYTES,
         val_shards=args.val_shards,
+        train_timeout_seconds=train_timeout,
     )
-    print_summary(summary)
-    return 0
 
 
 def cmd_tokenize(args: argparse.Namespace) -> int:

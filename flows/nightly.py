@@ -6,6 +6,14 @@ Unset `source` and `store` fall back to $GPTPIPE_INPUT and $GPTPIPE_STORE (so a 
 environment can point every run at the team's bucket), then to the pipeline's own defaults.
 A `source` URL with `user:password@` is best given as $GPTPIPE_INPUT: Prefect stores this flow's
 parameters as given, while the pipeline subflow's `source` is stored without the credentials.
+
+Alerts and limits: a failure, crash or timeout sends one message to the notification target
+(``notify``: a webhook or Apprise URL, or ``block:NAME`` of a saved Prefect notification block;
+unset: $GPTPIPE_NOTIFY_URL), and so does a run whose model became the champion (flows/alerts.py).
+``timeout_seconds`` limits the pipeline subflow, ``train_timeout_seconds`` its training: a hung
+training no longer holds the work pool. Both, and the target, are checked before any work. A
+URL with a token is best given as $GPTPIPE_NOTIFY_URL or kept in a block: Prefect stores a
+deployment's parameters for anyone who can read its API.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ import os
 
 from prefect import flow, get_run_logger
 
+from flows.alerts import Alerter, check_timeout, notify_target
 from flows.defaults import DEFAULT_STORE, TINY_SHAKESPEARE_URL
 from flows.engines import resolve_task_runner, with_task_runner
 from flows.pipeline import new_run_id, pipeline
@@ -22,8 +31,12 @@ from model.corpus import DEFAULT_SHARD_BYTES
 from storage.tracking import DEFAULT_EXPERIMENT
 from tasks.tokenize import source_parameter
 
+# long enough for the lecture preset on one GPU or the cpu preset on a CPU, short of a day
+DEFAULT_TIMEOUT_S = 6 * 3600
+DEFAULT_TRAIN_TIMEOUT_S = 5 * 3600
 
-@flow(name="nightly-retrain")
+
+@flow(name="nightly-retrain", **Alerter().hooks())
 def nightly_retrain(
     source: str | None = None,
     *,
@@ -43,14 +56,25 @@ def nightly_retrain(
     workers: int | None = None,
     shard_bytes: int | None = None,
     val_shards: int = 0,
+    notify: str | None = None,
+    timeout_seconds: float | None = DEFAULT_TIMEOUT_S,
+    train_timeout_seconds: float | None = DEFAULT_TRAIN_TIMEOUT_S,
 ) -> dict:
     """Retrain on the newest data; `champion` moves only if the new model is better.
 
     ``task_runner`` "dask" (``dask_address`` of a running scheduler, else a local cluster of
     ``workers`` processes) or "ray" (``ray_address`` of a running cluster, else a local one) maps
     the tokenize stage's shards over that cluster; an address alone implies its runner.
+    ``notify``, ``timeout_seconds`` and ``train_timeout_seconds``: see the module's docstring
+    (null: no limit).
     """
     logger = get_run_logger()
+    # bad settings fail here, before any work (the alert hooks read `notify` themselves)
+    timeout = check_timeout(timeout_seconds, name="timeout_seconds")
+    check_timeout(train_timeout_seconds, name="train_timeout_seconds")
+    target = notify_target(notify)
+    if target is not None:
+        target.check()
     extra = [f"batch_size={batch_size}"] if batch_size is not None else []
     cfg = build_config(preset, None, [*(overrides or []), *extra])
     source = source or os.environ.get("GPTPIPE_INPUT") or TINY_SHAKESPEARE_URL
@@ -58,7 +82,9 @@ def nightly_retrain(
     if "://" not in store:
         store = os.path.abspath(store)  # relative to the deployment's working directory
     runner, address = resolve_task_runner(task_runner, dask_address, ray_address)
-    run_pipeline = with_task_runner(pipeline, runner, address, workers)
+    run_pipeline = with_task_runner(
+        pipeline.with_options(timeout_seconds=timeout), runner, address, workers
+    )
     summary = run_pipeline(
         source=source_parameter(source),  # the subflow's run stored without user:password@
         config=cfg.to_dict(),
@@ -71,6 +97,7 @@ def nightly_retrain(
         sample_tokens=sample_tokens,
         shard_bytes=shard_bytes or DEFAULT_SHARD_BYTES,
         val_shards=val_shards,
+        train_timeout_seconds=train_timeout_seconds,
     )
     model = summary["model"]
     logger.info(

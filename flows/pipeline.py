@@ -14,12 +14,14 @@ from dataclasses import dataclass
 from prefect import flow, get_run_logger
 
 import storage
+from flows.alerts import check_timeout, label_flow_run, mlflow_link
 from flows.defaults import DEFAULT_STORE, TINY_SHAKESPEARE_URL
 from model.config import TrainConfig, config_from_dict
 from model.corpus import DEFAULT_SHARD_BYTES
 from model.launch import resolve_nproc
 from storage.tracking import DEFAULT_EXPERIMENT, Tracker, model_name_for, redact
 from tasks.cache import check_refresh
+from tasks.common import retry_unless_user_error
 from tasks.evaluate import evaluate
 from tasks.register import register_model
 from tasks.registry import warm_up_in_background
@@ -51,13 +53,17 @@ def pipeline(
     resume: bool = False,
     shard_bytes: int = DEFAULT_SHARD_BYTES,
     val_shards: int = 0,
+    train_timeout_seconds: float | None = None,
 ) -> dict:
     """Run every stage once; return (and store) the run's summary.
 
     A ``source`` URL with credentials comes as a SourceURL (see `source_parameter`): Prefect then
-    stores this flow run's ``source`` without them.
+    stores this flow run's ``source`` without them. ``train_timeout_seconds`` stops a training
+    that runs longer (and does not retry it); the whole run's limit is the flow's own
+    ``timeout_seconds`` (`Flow.with_options`), set by the caller with its alert hooks.
     """
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    train_timeout = check_timeout(train_timeout_seconds, name="train_timeout_seconds")
     warm_up_in_background()  # the model log's slow part, done while the stages run
     cfg = config_from_dict(config or {})
     nproc = resolve_nproc(nproc, cfg.device)  # "auto": one rank per visible GPU, else 1
@@ -81,8 +87,17 @@ def pipeline(
     shown = {"source": redact(url), "nproc": nproc, "store": redact(run_uri)}
     parent.log_params({**cfg.to_dict(), **shown})
     logger.info("run %s -> %s (MLflow run %s)", run_id, run_uri, parent_id)
+    # for the alert hooks of whichever flow encloses this one, and for the Prefect UI
+    label_flow_run(
+        run_id=run_id,
+        mlflow_run=mlflow_link(tracker.run_url(parent_id), parent_id, tracker.tracking_uri),
+    )
     options = StageOptions(
-        nproc=nproc, resume=resume, shard_bytes=shard_bytes, val_shards=val_shards
+        nproc=nproc,
+        resume=resume,
+        shard_bytes=shard_bytes,
+        val_shards=val_shards,
+        train_timeout=train_timeout,
     )
     sampling = SamplingSettings(prompt=prompt, max_new_tokens=sample_tokens, seed=cfg.seed)
     try:
@@ -159,14 +174,36 @@ def _check_prompt(prompt: str, tokenizer_uri: str) -> None:
         raise GptpipeError(f"--prompt has characters the tokenizer does not know: {shown}")
 
 
+def retry_unless_timed_out(task, task_run, state) -> bool:
+    """The train task's retry rule under a time limit: a training that ran out of time is not
+    started again (that would double the limit); other failures follow the stages' own rule."""
+    try:
+        state.result()
+    except TimeoutError:
+        return False
+    except BaseException:
+        return retry_unless_user_error(task, task_run, state)
+    return False
+
+
 @dataclass(frozen=True)
 class StageOptions:
-    """How the stages run: on how many ranks, resuming or not, how the data is cut."""
+    """How the stages run: on how many ranks, resuming or not, how the data is cut, how long
+    training may take (seconds; None: no limit)."""
 
     nproc: int = 1
     resume: bool = False
     shard_bytes: int = DEFAULT_SHARD_BYTES
     val_shards: int = 0
+    train_timeout: float | None = None
+
+    def train_task(self):
+        """The train task, under this time limit if there is one."""
+        if self.train_timeout is None:
+            return train
+        return train.with_options(
+            timeout_seconds=self.train_timeout, retry_condition_fn=retry_unless_timed_out
+        )
 
 
 def _stages(
@@ -195,7 +232,7 @@ def _stages(
         block_size=cfg.block_size,
         val_shards=options.val_shards,
     )
-    trained = train(
+    trained = options.train_task()(
         cfg.to_dict(),
         splits,
         workspace=workspace,
