@@ -14,12 +14,14 @@ import os
 import re
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
 import yaml
+from prefect.utilities.schema_tools import validate
 from prefect.utilities.templating import apply_values, find_placeholders
 
 REPO = Path(__file__).resolve().parents[1]
@@ -139,22 +141,46 @@ def test_job_templates_declare_every_variable_they_use(path):
     assert used <= set(template["variables"]["properties"]), path.name
 
 
-def test_docker_template_requests_all_gpus():
+def test_docker_template_requests_all_gpus_and_lets_a_deployment_pin_them():
+    from docker.types import HostConfig
+
     template = json.loads(DOCKER_TEMPLATE.read_text(encoding="utf-8"))
     config = apply_values(template["job_configuration"], variable_defaults(template))
-    (request,) = config["container_create_kwargs"]["device_requests"]
+    kwargs = config["container_create_kwargs"]
+    (request,) = kwargs["device_requests"]
     # `docker run --gpus all`: count -1 = all GPUs, through the nvidia runtime
     assert request == {"driver": "nvidia", "count": -1, "capabilities": [["gpu"]]}
-    assert config["container_create_kwargs"]["shm_size"]
+    assert kwargs["shm_size"] == "8g"
     # flow-run containers: the worker image of compose.yaml, on compose's network
     services = compose()["services"]
     assert config["image"] == services["worker"]["image"] == services["worker-gpu"]["image"]
     assert config["networks"] == [compose()["networks"]["default"]["name"]]
-    # a deployment can ask for fewer GPUs
-    two = apply_values(
-        template["job_configuration"], {**variable_defaults(template), "gpu_count": 2}
-    )
-    assert two["container_create_kwargs"]["device_requests"][0]["count"] == 2
+    # a deployment's job variable replaces the default: GPUs 0 and 1 only, as docs/deploy.md says
+    (snippet,) = [b for b in yaml_blocks(DEPLOY_DOCS) if "container_create_kwargs" in b]
+    pinned = yaml.safe_load(snippet)["work_pool"]["job_variables"]["container_create_kwargs"]
+    assert pinned["device_requests"][0]["device_ids"] == ["0", "1"]
+    assert not validate({"container_create_kwargs": pinned}, template["variables"])
+    values = {**variable_defaults(template), "container_create_kwargs": pinned}
+    assert apply_values(template["job_configuration"], values)["container_create_kwargs"] == pinned
+    # docker-py builds the host config the worker passes to the daemon from either
+    for given in (kwargs, pinned):
+        host = HostConfig(version="1.43", **given)
+        assert host["DeviceRequests"][0]["Driver"] == "nvidia" and host["ShmSize"] == 8 * 2**30
+    assert HostConfig(version="1.43", **pinned)["DeviceRequests"][0]["DeviceIDs"] == ["0", "1"]
+
+
+def test_gpu_deployment_runs_one_at_a_time_and_both_have_time_limits():
+    from flows.alerts import check_timeout
+
+    deployments = {d["name"]: d for d in prefect_yaml()["deployments"]}
+    gpu = deployments["nightly-retrain-gpu"]
+    assert gpu["concurrency_limit"] == {"limit": 1, "collision_strategy": "ENQUEUE"}
+    for deployment in deployments.values():
+        parameters = deployment["parameters"]
+        for name in ("timeout_seconds", "train_timeout_seconds"):
+            assert check_timeout(parameters[name], name=name) >= 3600, deployment["name"]
+        assert parameters["train_timeout_seconds"] < parameters["timeout_seconds"]
+        assert parameters["notify"] is None  # $GPTPIPE_NOTIFY_URL, or a block's name
 
 
 def test_kubernetes_template_limits_gpus():
@@ -384,6 +410,9 @@ def test_deploy_and_run_the_nightly_deployment(prefect_server, small_corpus, tmp
     assert gpu["parameters"]["nproc"] == "auto" and "batch_size" in gpu["parameters"]
     assert gpu["job_variables"]["env"]["AWS_ACCESS_KEY_ID"] == "deploy-test-key"
     assert gpu["schedules"][0]["schedule"]["cron"] == "0 2 * * *"
+    assert gpu["global_concurrency_limit"]["limit"] == 1
+    assert gpu["concurrency_options"]["collision_strategy"] == "ENQUEUE"
+    assert gpu["parameters"]["timeout_seconds"] == 21600
 
     store = tmp_path / "store"
     params = {
@@ -443,6 +472,12 @@ def test_deploy_and_run_the_nightly_deployment(prefect_server, small_corpus, tmp
 DEPLOY_DOCS = REPO / "docs" / "deploy.md"
 # a worker polls until it is stopped: test_deploy_and_run_the_nightly_deployment runs one for real
 RUNS_UNTIL_STOPPED = "prefect worker start"
+
+
+def yaml_blocks(path: Path) -> list[str]:
+    """The ```yaml blocks of a markdown page, dedented (they show a piece of prefect.yaml)."""
+    blocks = re.findall(r"^```yaml\n(.*?)^```", path.read_text(encoding="utf-8"), re.M | re.S)
+    return [textwrap.dedent(block) for block in blocks]
 
 
 def bash_blocks(path: Path) -> list[str]:
