@@ -278,7 +278,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     _quiet_user_errors()
     # the hooks are given here, not as a parameter: Prefect stores parameters, and a webhook
     # URL may hold a token
-    flow = pipeline.with_options(timeout_seconds=timeout, **Alerter(target).hooks())
+    hooks = Alerter(target).hooks() if target is not None else {}
+    flow = pipeline.with_options(timeout_seconds=timeout, **hooks)
     try:
         summary = _run_pipeline(
             flow,
