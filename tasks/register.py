@@ -75,15 +75,15 @@ def register_model(
             "gptpipe.run_id": run_id,
             CHECKPOINT_TAG: checkpoint_sha256,
         }
-        # a training re-used from the cache logged no model: log it now, into its own run
-        model_uri = trained.model_uri or log_checkpoint_model(
-            tracker, trained.mlflow_run_id, trained.checkpoint.uri
-        )
+        model_uri = trained.model_uri
+        if model_uri is None:
+            # a training re-used from the cache logged no model: log it now, into its own run,
+            # which trained nothing and so gives the model no val_loss: it gets this one
+            model_uri = log_checkpoint_model(tracker, trained.mlflow_run_id, trained.checkpoint.uri)
+            loss_run = evaluated.mlflow_run_id or trained.mlflow_run_id
+            if loss_run:
+                link_val_loss(tracker, model_uri, loss_run, val_loss)
         version = register(tracker, name, model_uri, tags=tags)
-        # the val loss on the logged model too: search_logged_models ranks the versions by it
-        loss_run = evaluated.mlflow_run_id or trained.mlflow_run_id
-        if loss_run:
-            link_val_loss(tracker, model_uri, loss_run, val_loss)
     if trained.mlflow_run_id:  # the train run links the version, new or re-used
         tracker.client.set_tag(trained.mlflow_run_id, "gptpipe.model_version", f"{name}/{version}")
         tracker.client.set_tag(trained.mlflow_run_id, "gptpipe.model_version_reused", str(reused))

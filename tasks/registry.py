@@ -26,10 +26,10 @@ from mlflow.types import ColSpec, DataType, Schema
 
 import model
 import storage
-from model.checkpoint import CHECKPOINT_NAME
+from model.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from storage.errors import GptpipeError, first_line
 from storage.tracking import Tracker
-from tasks.served_model import SAMPLING_PARAMS
+from tasks.served_model import SAMPLING_PARAMS  # (it sets its model for MLflow, as it must)
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"  # the latest version that lost to the champion
@@ -39,7 +39,7 @@ VAL_LOSS = "val_loss"  # the metric each logged model carries: search_logged_mod
 URI_VARIABLES = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
 
 SERVED_MODEL = Path(__file__).with_name("served_model.py")
-# what served_model.py imports of gptpipe: shipped whole with the model (a few hundred kB)
+# what served_model.py imports of gptpipe: the two packages, shipped whole with the model
 SHIPPED_CODE = [Path(model.__file__).parent, Path(storage.__file__).parent]
 # the distributions served_model.py and the shipped code import (model.config reads YAML)
 SERVING_DISTRIBUTIONS = ["torch", "numpy", "pandas", "tokenizers", "pyyaml"]
@@ -85,7 +85,13 @@ def warm_up_in_background() -> None:
 
 
 def log_model(tracker: Tracker, run_id: str, checkpoint_path: str | Path) -> str:
-    """Log the checkpoint as the run's MLflow model; returns the model's URI (models:/m-<id>)."""
+    """Log the checkpoint as the run's MLflow model; returns the model's URI (models:/m-<id>).
+
+    The model is logged at the checkpoint's step: MLflow links the run's metrics of the model's
+    step to the model, so a train run's model carries the final val_loss (at the default step 0
+    it would carry the untrained one), and search_logged_models ranks the versions by it.
+    """
+    step = load_checkpoint(str(checkpoint_path)).get("step", 0)
     if _warm_up is not None:
         _warm_up.join()  # MLflow's package cache is not safe to fill from two threads at once
     # logging loads the model to check the input example, putting the shipped code (in a
@@ -101,6 +107,7 @@ def log_model(tracker: Tracker, run_id: str, checkpoint_path: str | Path) -> str
                 pip_requirements=serving_requirements(),
                 signature=SIGNATURE,
                 input_example=INPUT_EXAMPLE,
+                step=step,
             )
     finally:
         sys.path[:] = path
@@ -159,10 +166,10 @@ def register(tracker: Tracker, name: str, model_uri: str, tags: dict) -> str:
 
 
 def link_val_loss(tracker: Tracker, model_uri: str, run_id: str, val_loss: float) -> None:
-    """The final val loss as a metric of the logged model (logged into `run_id`), so that
-    `mlflow.search_logged_models(order_by=[{"field_name": "metrics.val_loss"}])` ranks the
-    versions by it. (A model version does not keep its model_id in MLflow's own registry: the
-    id comes from the model's MLmodel.)"""
+    """A val loss as a metric of the logged model (logged into `run_id`), for a model whose run
+    holds none (see log_model), so that it too is ranked by `mlflow.search_logged_models(
+    order_by=[{"field_name": "metrics.val_loss"}])`. (A model version does not keep its
+    model_id in MLflow's own registry: the id comes from the model's MLmodel.)"""
     with _pointed_at(tracker):
         model_id = mlflow.models.get_model_info(model_uri).model_id
     tracker.client.log_metric(run_id, VAL_LOSS, val_loss, model_id=model_id)

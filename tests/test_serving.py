@@ -22,24 +22,13 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, free_port, launch_on, served
+from tests.test_faults import CONFIG as TINY_MODEL
 
 NAME = "gptpipe-serving-test"
 EXPERIMENT = "serving-test"  # apart from the other tests sharing the session's server
 PROMPT = "ROMEO:"
-CONFIG = {
-    "block_size": 16,
-    "n_embd": 32,
-    "n_head": 4,
-    "n_layer": 2,
-    "dropout": 0.0,
-    "batch_size": 8,
-    "max_iters": 30,
-    "eval_interval": 30,
-    "eval_iters": 2,
-    "log_interval": 10,
-    "checkpoint_interval": 0,
-    "device": "cpu",
-}
+# test_faults' tiny model, trained for 30 steps (under a second)
+CONFIG = {**TINY_MODEL, "max_iters": 30, "eval_interval": 30, "log_interval": 10}
 
 # Put first on sys.meta_path of every Python process started with PYTHONPATH at its folder.
 BLOCKER = '''
@@ -163,10 +152,11 @@ def local(champion):
     return load_model(champion["checkpoint"])
 
 
-def invoke(url: str, params: dict, inputs: list[str] = [PROMPT]) -> tuple[int, dict]:  # noqa: B006
+def invoke(url: str, params: dict, inputs: tuple[str, ...] = (PROMPT,)) -> tuple[int, dict]:
+    """POST /invocations; the status and the JSON body (an error's too)."""
     request = urllib.request.Request(
         f"{url}/invocations",
-        data=json.dumps({"inputs": inputs, "params": params}).encode(),
+        data=json.dumps({"inputs": list(inputs), "params": params}).encode(),
         headers={"Content-Type": "application/json"},
     )
     try:
@@ -228,11 +218,11 @@ def test_the_champion_answers_with_the_tokens_asked(server, local):
     assert seed3["predictions"] == [expected]
 
     # every prompt of a request is answered; the defaults apply to params not sent
-    status, both = invoke(server, {"max_new_tokens": 3}, inputs=[PROMPT, "JULIET:"])
-    assert status == 200 and [
-        new_tokens(local, t, p)
-        for t, p in zip(both["predictions"], [PROMPT, "JULIET:"], strict=True)
-    ] == [3, 3]
+    prompts = (PROMPT, "JULIET:")
+    status, both = invoke(server, {"max_new_tokens": 3}, inputs=prompts)
+    assert status == 200, both
+    answered = zip(both["predictions"], prompts, strict=True)
+    assert [new_tokens(local, text, prompt) for text, prompt in answered] == [3, 3]
     status, default = invoke(server, {})
     assert status == 200 and new_tokens(local, default["predictions"][0]) == 200
 
@@ -253,7 +243,7 @@ def test_bad_params_are_a_400_naming_them(server, params, named):
 
 
 def test_a_prompt_the_tokenizer_cannot_read_is_a_400(server):
-    status, body = invoke(server, {"max_new_tokens": 3}, inputs=["ROMEO: \u2603"])
+    status, body = invoke(server, {"max_new_tokens": 3}, inputs=("ROMEO: \u2603",))
     assert status == 400 and "characters the tokenizer does not know" in body["message"], body
 
 
@@ -271,6 +261,30 @@ def test_the_readme_curl_command_runs(server, local):
     [text] = json.loads(done.stdout)["predictions"]
     asked = json.loads(re.search(r"-d '(.*)'", curl).group(1))["params"]["max_new_tokens"]
     assert new_tokens(local, text) == asked
+
+
+def test_the_model_declares_its_requirements_and_ships_its_code(champion, tmp_path):
+    """What serving needs is in the model: pinned requirements, the two packages, the params."""
+    import mlflow
+
+    from tasks.registry import SERVING_DISTRIBUTIONS, _pointed_at
+
+    with _pointed_at(champion["tracker"]):
+        folder = Path(
+            mlflow.artifacts.download_artifacts(f"models:/{NAME}@champion", dst_path=str(tmp_path))
+        )
+        info = mlflow.models.get_model_info(f"models:/{NAME}@champion")
+    required = (folder / "requirements.txt").read_text(encoding="utf-8").split()
+    assert sorted(r.partition("==")[0] for r in required) == sorted(
+        ["mlflow", *SERVING_DISTRIBUTIONS]
+    )
+    assert all(re.fullmatch(r"[\w-]+==\d[\w.]*", r) for r in required), required
+    for shipped in ("served_model.py", "code/model/sample.py", "code/storage/errors.py"):
+        assert (folder / shipped).is_file(), shipped
+    assert not list(folder.rglob("__pycache__"))
+    params = {p.name: p.default for p in info.signature.params.params}
+    assert params == {"max_new_tokens": 200, "temperature": 1.0, "top_k": None, "seed": 1337}
+    assert (folder / "serving_input_example.json").is_file()
 
 
 def test_sampling_from_the_registry_downloads_the_checkpoint_as_trained(champion, tmp_path):

@@ -266,6 +266,7 @@ def test_pipeline_on_s3_tracked_in_mlflow_server(
     versions = client.search_model_versions(f"name = '{name}'")
     assert {v.version for v in versions} == {"1", "2"}
     assert client.get_model_version_by_alias(name, "champion").version == "1"
+    assert client.get_model_version_by_alias(name, "challenger").version == "2"  # it lost
     # evaluated with other batches (eval_iters), the champion is evaluated afresh on them
     third = run(
         "third", "--set", "max_iters=5", "--set", "eval_interval=5", "--set", "eval_iters=3"
@@ -273,6 +274,25 @@ def test_pipeline_on_s3_tracked_in_mlflow_server(
     assert "champion unchanged" in third.stdout and "as recorded" not in third.stdout
     assert "on the same val data" in third.stdout
     assert client.get_model_version_by_alias(name, "champion").version == "1"
+    assert client.get_model_version_by_alias(name, "challenger").version == "3"  # the latest
+    # each version's logged model carries its training's final val loss (not the untrained
+    # step 0's), and MLflow ranks the models by it
+    sources = {v.source for v in client.search_model_versions(f"name = '{name}'")}
+    ranked = [
+        model
+        for model in client.search_logged_models(
+            experiment_ids=[experiment.experiment_id],
+            order_by=[{"field_name": "metrics.val_loss", "ascending": True}],
+        )
+        if f"models:/{model.model_id}" in sources  # other tests' models may share the experiment
+    ]
+    val_losses = [[m.value for m in model.metrics if m.key == "val_loss"] for model in ranked]
+    assert [len(losses) for losses in val_losses] == [1, 1, 1], [
+        [(m.value, m.run_id, m.step, m.timestamp) for m in model.metrics if m.key == "val_loss"]
+        for model in ranked
+    ]
+    assert val_losses[0] == [val_history[-1].value]  # the champion's, the best
+    assert val_losses == sorted(val_losses)
 
     # sampling from the registry works
     sampled = run_cli(

@@ -16,9 +16,10 @@ def check_health(tracking_uri: str) -> None:
     import urllib.error  # here: a training process imports this package, never calls this
     import urllib.request
 
-    url = tracking_uri.rstrip("/") + "/health"
+    url, headers = _without_credentials(tracking_uri.rstrip("/") + "/health")
     try:
-        with urllib.request.urlopen(url, timeout=HEALTH_TIMEOUT_S):
+        request = urllib.request.Request(url, headers=headers)
+        with urllib.request.urlopen(request, timeout=HEALTH_TIMEOUT_S):
             return
     except urllib.error.HTTPError as exc:
         if exc.code in (401, 403):
@@ -30,3 +31,18 @@ def check_health(tracking_uri: str) -> None:
         f"cannot reach the MLflow tracking server at {redact(tracking_uri)} ({reason}): "
         "start it or fix --tracking-uri / MLFLOW_TRACKING_URI"
     )
+
+
+def _without_credentials(url: str) -> tuple[str, dict[str, str]]:
+    """http://USER:PASSWORD@HOST/... as the URL without them and a basic-auth header: urllib
+    takes `USER:PASSWORD@HOST` for a host name (MLflow's own requests send them as basic auth)."""
+    import base64
+    from urllib.parse import unquote, urlsplit
+
+    parts = urlsplit(url)
+    if parts.username is None:
+        return url, {}
+    netloc = parts.netloc.rpartition("@")[2]
+    user, password = unquote(parts.username), unquote(parts.password or "")
+    token = base64.b64encode(f"{user}:{password}".encode()).decode()
+    return parts._replace(netloc=netloc).geturl(), {"Authorization": f"Basic {token}"}
