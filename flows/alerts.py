@@ -38,7 +38,7 @@ from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 from storage.errors import GptpipeError, first_line
-from storage.tracking import redact
+from storage.tracking import redact, redact_text
 
 NOTIFY_ENV = "GPTPIPE_NOTIFY_URL"
 BLOCK_PREFIX = "block:"
@@ -53,7 +53,6 @@ MLFLOW_LABEL = "gptpipe.mlflow_run"
 # Apprise schemes whose host part is a server to reach (in slack:// and most others it is a token)
 _APPRISE_SERVERS = {"json", "jsons", "xml", "xmls", "form", "forms"}
 _SECRET_ENV = re.compile(r"PASSWORD|SECRET|TOKEN|KEY|AUTH", re.I)
-_USERINFO_ANYWHERE = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/\s?#@]*@")
 _MIN_SECRET = 6  # shorter pieces of a URL are not scrubbed from messages (they match words)
 # what Prefect appends to a task's name for each of its runs: a count, 3 hex digits or a UUID
 _RUN_SUFFIX = re.compile(r"-(\d+|[0-9a-f]{3}|[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12})$")
@@ -87,7 +86,7 @@ def check_timeout(value: object, *, name: str) -> float | None:
 
 def scrub(text: str, secrets: Iterable[str] = ()) -> str:
     """``text`` without ``user:password@`` in any URL and without any of ``secrets``."""
-    text = _USERINFO_ANYWHERE.sub(r"\1", text)
+    text = redact_text(text)
     for secret in sorted({s for s in secrets if s}, key=len, reverse=True):
         text = text.replace(secret, "***")
     return text

@@ -79,7 +79,9 @@ def register_model(
         if model_uri is None:
             # a training re-used from the cache logged no model: log it now, into its own run,
             # which trained nothing and so gives the model no val_loss: it gets this one
-            model_uri = log_checkpoint_model(tracker, trained.mlflow_run_id, trained.checkpoint.uri)
+            model_uri = log_checkpoint_model(
+                tracker, trained.mlflow_run_id, trained.checkpoint.uri, step=trained.step
+            )
             loss_run = evaluated.mlflow_run_id or trained.mlflow_run_id
             if loss_run:
                 link_val_loss(tracker, model_uri, loss_run, val_loss)

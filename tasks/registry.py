@@ -26,7 +26,7 @@ from mlflow.types import ColSpec, DataType, Schema
 
 import model
 import storage
-from model.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from model.checkpoint import CHECKPOINT_NAME
 from storage.errors import GptpipeError, first_line
 from storage.tracking import Tracker
 from tasks.served_model import SAMPLING_PARAMS  # (it sets its model for MLflow, as it must)
@@ -84,14 +84,14 @@ def warm_up_in_background() -> None:
         _warm_up.start()
 
 
-def log_model(tracker: Tracker, run_id: str, checkpoint_path: str | Path) -> str:
+def log_model(tracker: Tracker, run_id: str, checkpoint_path: str | Path, *, step: int) -> str:
     """Log the checkpoint as the run's MLflow model; returns the model's URI (models:/m-<id>).
 
-    The model is logged at the checkpoint's step: MLflow links the run's metrics of the model's
-    step to the model, so a train run's model carries the final val_loss (at the default step 0
-    it would carry the untrained one), and search_logged_models ranks the versions by it.
+    The model is logged at the checkpoint's `step` (known from the training's summary, so the
+    checkpoint is not read again for it): MLflow links the run's metrics of the model's step to
+    the model, so a train run's model carries the final val_loss (at step 0 it would carry the
+    untrained one), and search_logged_models ranks the versions by it.
     """
-    step = load_checkpoint(str(checkpoint_path)).get("step", 0)
     if _warm_up is not None:
         _warm_up.join()  # MLflow's package cache is not safe to fill from two threads at once
     # logging loads the model to check the input example, putting the shipped code (in a
@@ -137,11 +137,13 @@ def _pointed_at(tracker: Tracker) -> Iterator[None]:
                 os.environ[name] = value
 
 
-def log_checkpoint_model(tracker: Tracker, run_id: str | None, checkpoint_uri: str) -> str:
+def log_checkpoint_model(
+    tracker: Tracker, run_id: str | None, checkpoint_uri: str, *, step: int
+) -> str:
     """Log the stored checkpoint (any store URI) as the run's MLflow model; the model's URI."""
     with tempfile.TemporaryDirectory() as tmp:
         local = storage.get_file(checkpoint_uri, Path(tmp) / CHECKPOINT_NAME)
-        return log_model(tracker, run_id, local)
+        return log_model(tracker, run_id, local, step=step)
 
 
 def version_of_checkpoint(tracker: Tracker, name: str, sha256: str) -> str | None:

@@ -71,7 +71,9 @@ def train(
         inputs = {"train": splits.train, "val": splits.val, "tokenizer": tokenizer}
         run.record_io(artifact_dicts(inputs), {"checkpoint": checkpoint.to_dict()})
         # a re-used training's model is already logged (the register stage finds its version)
-        model_uri = None if cached else _log_model(tracking, run.run_id, checkpoint.uri)
+        model_uri = (
+            None if cached else _log_model(tracking, run.run_id, checkpoint.uri, summary["step"])
+        )
         if model_uri:
             logger.info("logged the model to MLflow as %s", model_uri)
     return TrainResult(
@@ -86,10 +88,12 @@ def train(
     )
 
 
-def _log_model(tracking: Tracking | None, run_id: str | None, checkpoint_uri: str) -> str | None:
+def _log_model(
+    tracking: Tracking | None, run_id: str | None, checkpoint_uri: str, step: int
+) -> str | None:
     tracker = tracker_for(tracking)
     if tracker is None:
         return None
     from tasks.registry import log_checkpoint_model
 
-    return log_checkpoint_model(tracker, run_id, checkpoint_uri)
+    return log_checkpoint_model(tracker, run_id, checkpoint_uri, step=step)

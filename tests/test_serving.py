@@ -117,12 +117,13 @@ def champion(mlflow_server, char_dataset, tmp_path_factory) -> dict:
     summary = launch_on(char_dataset, out, CONFIG)
     tracker = Tracker(mlflow_server, EXPERIMENT)
     run_id = tracker.start_run("serving")
-    model_uri = log_model(tracker, run_id, summary["checkpoint"])
+    model_uri = log_model(tracker, run_id, summary["checkpoint"], step=summary["step"])
     version = register(tracker, NAME, model_uri, tags={"purpose": "serving test"})
     tracker.client.set_registered_model_alias(NAME, CHAMPION, version)
     return {
         "tracker": tracker,
         "checkpoint": summary["checkpoint"],
+        "step": summary["step"],
         "model_uri": model_uri,
         "version": version,
     }
@@ -314,7 +315,7 @@ def test_logged_models_rank_by_their_linked_val_loss(champion):
 
     tracker = champion["tracker"]
     run_id = tracker.start_run("serving-second")
-    second_uri = log_model(tracker, run_id, champion["checkpoint"])
+    second_uri = log_model(tracker, run_id, champion["checkpoint"], step=champion["step"])
     register(tracker, NAME, second_uri, tags={})
     link_val_loss(tracker, champion["model_uri"], run_id, 2.5)
     link_val_loss(tracker, second_uri, run_id, 1.5)

@@ -2,7 +2,7 @@
 
 One module per job; the names other modules use are re-exported here:
 
-- redact: credentials out of URIs (`redact`)
+- redact: credentials out of URIs and text (`redact`, `redact_text`)
 - params: values as MLflow takes them (`flatten_params`, `dumps`)
 - naming: names in MLflow (`DEFAULT_EXPERIMENT`, `model_name_for`)
 - health: the tracking server's /health check (`check_health`)
@@ -20,7 +20,7 @@ from storage.tracking.health import check_health
 from storage.tracking.naming import DEFAULT_EXPERIMENT, model_name_for
 from storage.tracking.params import dumps, flatten_params
 from storage.tracking.protocol import LINE_CALLS, LINE_MARK, LineRun, parse_line
-from storage.tracking.redact import redact
+from storage.tracking.redact import redact, redact_text
 from storage.tracking.runs import PARENT_TAG, StageRun, Tracker
 from storage.tracking.sender import CLOSE_TIMEOUT_S, TrainingRun
 from storage.tracking.settings import MLFLOW_CLIENT_DEFAULTS, mlflow_client_settings
@@ -46,5 +46,6 @@ __all__ = [
     "model_name_for",
     "parse_line",
     "redact",
+    "redact_text",
     "training_run",
 ]
