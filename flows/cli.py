@@ -16,6 +16,7 @@ EXAMPLES = {
 examples:
   gptpipe run --input ../shared/data/tinyshakespeare.txt
   gptpipe run --preset seed --set max_iters=500 --nproc 2
+  gptpipe run --train-engine ray --ray-address head:6379 --nproc 8 --store s3://bucket/gptpipe
   gptpipe run --config my.yaml --set tokenizer=bpe --set vocab_size=1024 --store /data/gptpipe
   gptpipe run --notify https://hooks.example.com/T0K3N --timeout 21600 --train-timeout 18000
 """,
@@ -31,6 +32,13 @@ examples:
   gptpipe tokenize --input s3://bucket/texts/ --task-runner dask --workers 8 --shard-size 64M
   gptpipe tokenize --input big.txt --set tokenizer=bpe --set vocab_size=4096 \\
       --dask-address HOST:8786
+""",
+    "sweep": """\
+examples:
+  gptpipe sweep --input ../shared/data/tinyshakespeare.txt --space sweep.yaml
+  gptpipe sweep --input corpus.txt --space sweep.yaml --trials 20 --parallel 2 --task-runner dask
+  gptpipe sweep --input s3://bucket/corpus.txt --store s3://bucket/gptpipe --space sweep.yaml \\
+      --study-storage postgresql://user:password@db/optuna
 """,
     "inspect": """\
 examples:
@@ -113,6 +121,19 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_tracking_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite)"
+    )
+    parser.add_argument(
+        "--experiment", default="gptpipe", help="MLflow experiment (default gptpipe)"
+    )
+    parser.add_argument(
+        "--model-name",
+        help="registered model name (default gptpipe-<corpus file name>-<tokenizer>)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gptpipe",
@@ -145,13 +166,13 @@ def build_parser() -> argparse.ArgumentParser:
     nproc_help = "training ranks, or auto: one per visible GPU, else 1 (default 1)"
     run.add_argument("--nproc", default="1", help=nproc_help)
     run.add_argument(
-        "--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite)"
+        "--train-engine",
+        default="torchrun",
+        choices=("torchrun", "ray"),
+        help="torchrun: ranks on this machine (default); ray: Ray Train workers, one GPU (else "
+        "one CPU) each, on the cluster at --ray-address or a local one (docs/scaling.md)",
     )
-    run.add_argument("--experiment", default="gptpipe", help="MLflow experiment (default gptpipe)")
-    run.add_argument(
-        "--model-name",
-        help="registered model name (default gptpipe-<corpus file name>-<tokenizer>)",
-    )
+    _add_tracking_args(run)
     run.add_argument("--run-id", help="name of the run folder (default: time + random)")
     run.add_argument(
         "--refresh",
@@ -201,6 +222,29 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(tok)
     _add_config_args(tok)
     tok.add_argument("--refresh", action="store_true", help="tokenize again even if cached")
+
+    swp = command(
+        "sweep", "search hyperparameters: trials of train + evaluate, the best registered"
+    )
+    _add_data_args(swp)
+    _add_config_args(swp)
+    swp.add_argument(
+        "--space", required=True, metavar="FILE.yaml", help="the search space (docs/sweeps.md)"
+    )
+    swp.add_argument("--trials", type=int, help="how many trials (default: the space file's)")
+    swp.add_argument(
+        "--parallel", type=int, default=1, metavar="K", help="trials run at a time (default 1)"
+    )
+    swp.add_argument(
+        "--name", help="the sweep's name; the same name resumes it (default: from its inputs)"
+    )
+    swp.add_argument(
+        "--study-storage",
+        metavar="URL",
+        help="a database URL for the Optuna study (default: a journal file in the store)",
+    )
+    swp.add_argument("--nproc", default="1", help="training ranks of each trial (default 1)")
+    _add_tracking_args(swp)
 
     insp = command("inspect", "print the parameter table of a config")
     _add_config_args(insp)
@@ -267,6 +311,9 @@ def cmd_run(args: argparse.Namespace) -> int:
                 f"({finished}); choose another --run-id so that its outputs are kept"
             )
     _check_input(args)
+    from model.ray_launch import check_train_engine
+
+    check_train_engine(args.train_engine, args.ray_address, nproc=args.nproc, device=cfg.device)
     tracker = Tracker(args.tracking_uri, args.experiment)
     tracker.check()
     from flows.pipeline import pipeline
@@ -336,6 +383,8 @@ def _run_pipeline(
         shard_bytes=args.shard_size or DEFAULT_SHARD_BYTES,
         val_shards=args.val_shards,
         train_timeout_seconds=train_timeout,
+        train_engine=args.train_engine,
+        ray_address=args.ray_address if args.train_engine == "ray" else None,
     )
 
 
@@ -374,6 +423,88 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
         flush=True,
     )
     return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from model.config import build_config
+    from tasks.space import parse_space, read_space_file
+
+    cfg = build_config(args.preset, args.config, args.set)
+    space = read_space_file(args.space)
+    parse_space(space, trials=args.trials, origin=f"--space {args.space}")  # before any work
+    if args.parallel < 1:
+        raise GptpipeError(f"--parallel must be at least 1, got {args.parallel}")
+    from flows.prefect_env import start_temporary_server
+
+    prefect_server = start_temporary_server()  # boots while the checks below run
+    from model.launch import resolve_nproc
+    from storage.tracking import Tracker
+
+    nproc = resolve_nproc(args.nproc, cfg.device)
+    import storage
+
+    store = _absolute_if_local(args.store)
+    storage.preflight(store)
+    _check_input(args)
+    from tasks.study import study_storage
+
+    if args.study_storage or "://" in store:
+        study_storage(store, "check", args.study_storage)  # a bad URL fails here, not later
+    tracker = Tracker(args.tracking_uri, args.experiment)
+    tracker.check()
+    from flows.sweep import sweep
+    from model.corpus import DEFAULT_SHARD_BYTES
+    from tasks.tokenize import source_parameter
+
+    if prefect_server:
+        prefect_server.use()
+    _quiet_user_errors()
+    if (
+        args.workers is None
+        and args.task_runner != "default"
+        and not (args.dask_address or args.ray_address)
+    ):
+        args.workers = args.parallel  # a local cluster of one worker per parallel trial
+    summary = _on_task_runner(sweep, args)(
+        source=source_parameter(args.input),
+        space=space,
+        config=cfg.to_dict(),
+        store=store,
+        name=args.name,
+        trials=args.trials,
+        parallel=args.parallel,
+        nproc=nproc,
+        study_storage_url=args.study_storage,
+        tracking_uri=tracker.tracking_uri,
+        experiment=args.experiment,
+        model_name=args.model_name,
+        shard_bytes=args.shard_size or DEFAULT_SHARD_BYTES,
+    )
+    print_sweep_summary(summary)
+    return 0
+
+
+def print_sweep_summary(summary: dict) -> None:
+    names = list(summary["space"]["params"])
+    lines = ["", f"sweep {summary['sweep']}: {len(summary['trials'])} trial(s)"]
+    for trial in summary["trials"]:
+        loss = f"{trial['val_loss']:.4f}" if trial["val_loss"] is not None else "-"
+        values = ", ".join(f"{n}={trial['params'].get(n)}" for n in names)
+        note = f"  ({trial['error']})" if trial["error"] else ""
+        if trial["stopped_at"] is not None:
+            note = f"  (at step {trial['stopped_at']})"
+        lines.append(
+            f"  trial {trial['number']:>3}  {trial['state']:<8}  val {loss}  {values}{note}"
+        )
+    best, model = summary["best"], summary["model"]
+    lines += [
+        f"  best: trial {best['number']}, val loss {best['val_loss']:.4f}",
+        f"  model: {model['name']} version {model['version']} ({model['reason']})",
+        f"  summary: {summary['summary_uri']}",
+    ]
+    if summary["mlflow"]["run_url"]:
+        lines.append(f"  MLflow: {summary['mlflow']['run_url']}")
+    print("\n".join(lines), flush=True)
 
 
 def _check_input(args: argparse.Namespace) -> None:
@@ -489,6 +620,7 @@ def main(argv: list[str] | None = None) -> int:
     handler = {
         "run": cmd_run,
         "tokenize": cmd_tokenize,
+        "sweep": cmd_sweep,
         "sample": cmd_sample,
         "inspect": cmd_inspect,
     }[args.command]

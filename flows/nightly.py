@@ -36,6 +36,16 @@ DEFAULT_TIMEOUT_S = 6 * 3600
 DEFAULT_TRAIN_TIMEOUT_S = 5 * 3600
 
 
+def resolve_source_and_store(source: str | None, store: str | None) -> tuple[str, str]:
+    """A deployment's unset source and store: $GPTPIPE_INPUT and $GPTPIPE_STORE of the flow
+    run's environment, else the defaults; a relative store is taken from the working folder."""
+    source = source or os.environ.get("GPTPIPE_INPUT") or TINY_SHAKESPEARE_URL
+    store = store or os.environ.get("GPTPIPE_STORE") or DEFAULT_STORE
+    if "://" not in store:
+        store = os.path.abspath(store)  # relative to the deployment's working directory
+    return source, store
+
+
 @flow(name="nightly-retrain", **Alerter().hooks())
 def nightly_retrain(
     source: str | None = None,
@@ -53,6 +63,7 @@ def nightly_retrain(
     task_runner: str = "default",
     dask_address: str | None = None,
     ray_address: str | None = None,
+    train_engine: str = "torchrun",
     workers: int | None = None,
     shard_bytes: int | None = None,
     val_shards: int = 0,
@@ -65,6 +76,8 @@ def nightly_retrain(
     ``task_runner`` "dask" (``dask_address`` of a running scheduler, else a local cluster of
     ``workers`` processes) or "ray" (``ray_address`` of a running cluster, else a local one) maps
     the tokenize stage's shards over that cluster; an address alone implies its runner.
+    ``train_engine`` "ray" trains in ``nproc`` Ray Train workers on the cluster at
+    ``ray_address`` (else a local one) instead of torchrun ranks on this machine.
     ``notify``, ``timeout_seconds`` and ``train_timeout_seconds``: see the module's docstring
     (null: no limit).
     """
@@ -77,10 +90,7 @@ def nightly_retrain(
         target.check()
     extra = [f"batch_size={batch_size}"] if batch_size is not None else []
     cfg = build_config(preset, None, [*(overrides or []), *extra])
-    source = source or os.environ.get("GPTPIPE_INPUT") or TINY_SHAKESPEARE_URL
-    store = store or os.environ.get("GPTPIPE_STORE") or DEFAULT_STORE
-    if "://" not in store:
-        store = os.path.abspath(store)  # relative to the deployment's working directory
+    source, store = resolve_source_and_store(source, store)
     runner, address = resolve_task_runner(task_runner, dask_address, ray_address)
     run_pipeline = with_task_runner(
         pipeline.with_options(timeout_seconds=timeout), runner, address, workers
@@ -98,6 +108,8 @@ def nightly_retrain(
         shard_bytes=shard_bytes or DEFAULT_SHARD_BYTES,
         val_shards=val_shards,
         train_timeout_seconds=train_timeout_seconds,
+        train_engine=train_engine,
+        ray_address=ray_address if train_engine == "ray" else None,
     )
     model = summary["model"]
     logger.info(

@@ -19,6 +19,7 @@ from flows.defaults import DEFAULT_STORE, TINY_SHAKESPEARE_URL
 from model.config import TrainConfig, config_from_dict
 from model.corpus import DEFAULT_SHARD_BYTES
 from model.launch import resolve_nproc
+from model.ray_launch import check_train_engine
 from storage.tracking import DEFAULT_EXPERIMENT, Tracker, model_name_for, redact
 from tasks.cache import check_refresh
 from tasks.common import retry_unless_user_error
@@ -54,6 +55,8 @@ def pipeline(
     shard_bytes: int = DEFAULT_SHARD_BYTES,
     val_shards: int = 0,
     train_timeout_seconds: float | None = None,
+    train_engine: str = "torchrun",
+    ray_address: str | None = None,
 ) -> dict:
     """Run every stage once; return (and store) the run's summary.
 
@@ -61,12 +64,15 @@ def pipeline(
     stores this flow run's ``source`` without them. ``train_timeout_seconds`` stops a training
     that runs longer (and does not retry it); the whole run's limit is the flow's own
     ``timeout_seconds`` (`Flow.with_options`), set by the caller with its alert hooks.
+    ``train_engine`` "ray" trains in ``nproc`` Ray Train workers on the cluster at
+    ``ray_address`` (else a local one started for the training) instead of torchrun ranks here.
     """
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     train_timeout = check_timeout(train_timeout_seconds, name="train_timeout_seconds")
     warm_up_in_background()  # the model log's slow part, done while the stages run
     cfg = config_from_dict(config or {})
     nproc = resolve_nproc(nproc, cfg.device)  # "auto": one rank per visible GPU, else 1
+    check_train_engine(train_engine, ray_address, nproc=nproc, device=cfg.device)
     url = reveal(source)  # credentials included: the tokenize stage downloads it
     run_id = run_id or new_run_id()
     # a scheduled run fails here, before any work, like the CLI does before it starts the flow
@@ -98,6 +104,8 @@ def pipeline(
         shard_bytes=shard_bytes,
         val_shards=val_shards,
         train_timeout=train_timeout,
+        train_engine=train_engine,
+        ray_address=ray_address,
     )
     sampling = SamplingSettings(prompt=prompt, max_new_tokens=sample_tokens, seed=cfg.seed)
     try:
@@ -130,10 +138,15 @@ def pipeline(
     return summary
 
 
-def publish_report(summary: dict) -> None:
-    """A Prefect markdown artifact: what a user watching the Prefect UI wants to see."""
+def publish_markdown(text: str, *, key: str, description: str) -> None:
+    """A Prefect markdown artifact of the flow run, shown in the Prefect UI."""
     from prefect.artifacts import create_markdown_artifact
 
+    create_markdown_artifact(text, key=key, description=description)
+
+
+def publish_report(summary: dict) -> None:
+    """A Prefect markdown artifact: what a user watching the Prefect UI wants to see."""
     mlflow_info, model = summary["mlflow"], summary["model"]
     run_link = mlflow_info["run_url"] or f"{mlflow_info['run_id']} at {mlflow_info['tracking_uri']}"
     reused = ", ".join(k for k, v in summary["cached"].items() if v) or "nothing"
@@ -161,7 +174,7 @@ def publish_report(summary: dict) -> None:
         summary["sample"][:400].replace(fence, fence.replace("`", "'")),
         fence,
     ]
-    create_markdown_artifact("\n".join(lines), key="gptpipe-run", description="pipeline run")
+    publish_markdown("\n".join(lines), key="gptpipe-run", description="pipeline run")
 
 
 def _check_prompt(prompt: str, tokenizer_uri: str) -> None:
@@ -196,6 +209,8 @@ class StageOptions:
     shard_bytes: int = DEFAULT_SHARD_BYTES
     val_shards: int = 0
     train_timeout: float | None = None
+    train_engine: str = "torchrun"  # or "ray": Ray Train workers on the cluster at ray_address
+    ray_address: str | None = None
 
     def train_task(self):
         """The train task, under this time limit if there is one."""
@@ -239,6 +254,8 @@ def _stages(
         tokenizer=tokenized.tokenizer,
         nproc=options.nproc,
         resume=options.resume,
+        engine=options.train_engine,
+        ray_address=options.ray_address,
     )
     evaluated = evaluate(
         trained.checkpoint,

@@ -216,6 +216,19 @@ def _coerce(key: str, value: Any, origin: str) -> Any:
         raise GptpipeError(f"{origin}: {key}={text!r} is not valid, expected {expected}") from None
 
 
+def coerce_setting(key: str, value: Any, origin: str) -> Any:
+    """A value for setting ``key`` from YAML or text, as `--set` takes it; one-line errors name
+    ``origin``, the key and what it accepts (an unknown key lists the known ones)."""
+    return _coerce(key, value, origin)
+
+
+def setting_kind(key: str) -> str:
+    """The type a setting takes: "int", "float", "bool" or "str" (an unknown key: --set's error)."""
+    if key not in _FIELDS:
+        _coerce(key, None, "--set")  # raises the unknown-key error
+    return str(_FIELDS[key].type).split(" |")[0]
+
+
 def available_presets() -> list[str]:
     return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
 
@@ -283,6 +296,8 @@ __all__ = [
     "TrainConfig",
     "available_presets",
     "build_config",
+    "coerce_setting",
     "config_from_dict",
     "default_preset",
+    "setting_kind",
 ]

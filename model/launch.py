@@ -11,16 +11,29 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
 
 import storage
 from model.config import TrainConfig
+from model.progress import parse_eval_line
 from model.train import SUMMARY_NAME, TRACK_STDOUT_ARG, TrainingData
 from storage.errors import GptpipeError
 from storage.tracking import TrainingRun
+
+
+class TrainingStopped(Exception):
+    """The training was stopped early because its `on_eval` watcher asked for it (a sweep's
+    pruner): not an error, and nothing to retry."""
+
+    mlflow_status = "KILLED"  # the train stage's MLflow run: stopped, not failed
+
+    def __init__(self, step: int, val_loss: float):
+        super().__init__(f"stopped on purpose at step {step} (val loss {val_loss:.4f})")
+        self.step, self.val_loss = step, val_loss
+
 
 # How long a child that was told to stop (SIGTERM) gets before it is killed; torchrun passes the
 # signal on to its ranks and waits for them
@@ -127,8 +140,12 @@ def launch_training(
     extra_env: dict[str, str] | None = None,
     rendezvous: Rendezvous = ONE_NODE,
     mlflow_run: tuple[str, str] | None = None,
+    on_eval: Callable[[int, float], bool] | None = None,
 ) -> dict:
     """Run training to the end, passing each output line to on_line; return its summary.
+
+    on_eval(step, val_loss) is called at each of the training's evaluations; when it returns
+    True the training is stopped and `TrainingStopped` raised (a sweep prunes a trial so).
 
     mlflow_run: (tracking URI, run id) of the MLflow run to log training into. Rank 0 is then
     told (`--track-stdout`) to print its tracking calls (`storage.tracking.LineRun`) and this
@@ -164,7 +181,7 @@ def launch_training(
             cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, bufsize=1
         ) as proc:
             try:
-                _read_output(proc, run, on_line, tail, errors)
+                _read_output(proc, run, watching(on_line, on_eval), tail, errors)
             except BaseException:
                 _stop(proc)  # Popen's exit would wait for the whole training
                 raise
@@ -182,6 +199,22 @@ def launch_training(
     return json.loads(storage.get_bytes(summary_uri))
 
 
+def watching(
+    on_line: Callable[[str], None], on_eval: Callable[[int, float], bool] | None
+) -> Callable[[str], None]:
+    """on_line, also handing each evaluation line to on_eval (which may stop the training)."""
+    if on_eval is None:
+        return on_line
+
+    def watch(line: str) -> None:
+        on_line(line)
+        evaluation = parse_eval_line(line)
+        if evaluation is not None and on_eval(*evaluation):
+            raise TrainingStopped(*evaluation)
+
+    return watch
+
+
 def _read_output(
     proc: subprocess.Popen,
     run: TrainingRun | None,
@@ -189,10 +222,21 @@ def _read_output(
     tail: collections.deque[str],
     errors: list[str],
 ) -> None:
-    """Pass each line of the child's output on: tracking calls to run, the others to on_line
-    (the last ones kept in tail, `error: ` lines in errors)."""
+    """Pass each line of the child's output on (`pass_lines`)."""
     assert proc.stdout is not None
-    for line in proc.stdout:
+    pass_lines(proc.stdout, run, on_line, tail, errors)
+
+
+def pass_lines(
+    lines: Iterable[str],
+    run: TrainingRun | None,
+    on_line: Callable[[str], None],
+    tail: collections.deque[str],
+    errors: list[str],
+) -> None:
+    """Pass each line of rank 0's output on: tracking calls to run, the others to on_line
+    (the last ones kept in tail, `error: ` lines in errors). Also `model.ray_launch`'s path."""
+    for line in lines:
         line = line.rstrip("\n")
         if run is not None and run.log_line(line):
             continue

@@ -37,7 +37,7 @@ from model.memory import keep_freed_memory
 from model.params import group_subtotals_flat, parameter_table
 from model.plots import loss_curve_png
 from model.precision import resolve_precision
-from model.progress import Progress
+from model.progress import Progress, eval_line
 from model.tokenizer import tokenizer_from_json
 from storage.errors import GptpipeError
 from storage.tracking import RUN_ID_ENV, training_run
@@ -260,9 +260,7 @@ def train(
         record = {"step": at_step, "train_loss": losses["train"], "val_loss": losses["val"]}
         history.append(record)
         run.log_metrics({"train_loss": losses["train"], "val_loss": losses["val"]}, at_step)
-        progress.write(
-            f"step {at_step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
-        )
+        progress.write(eval_line(at_step, losses["train"], losses["val"]))
         return record
 
     def checkpoint_now(at_step: int) -> None:

@@ -5,16 +5,18 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from model.launch import TrainingStopped
 from storage.errors import GptpipeError
 from storage.tracking import NullRun, StageRun, Tracker
 from tasks.results import SplitResult, Tracking
 
 
 def retry_unless_user_error(task, task_run, state) -> bool:
-    """Prefect retry condition: retry transient failures, never bad input (it would fail again)."""
+    """Prefect retry condition: retry transient failures, never bad input (it would fail again)
+    nor a training stopped on purpose (a sweep's pruned trial)."""
     try:
         state.result()
-    except GptpipeError:
+    except (GptpipeError, TrainingStopped):
         return False
     except Exception:
         return True

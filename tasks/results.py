@@ -142,6 +142,21 @@ class TrainResult:
     mlflow_run_id: str | None
     summary: dict[str, Any] = field(repr=False)
 
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TrainResult:
+        """Back from `to_dict` (a sweep keeps its trials' results so, in its study)."""
+        own = ("cached", "outputs", "model_uri", "mlflow_run_id")
+        return cls(
+            checkpoint=Artifact.from_dict(data["outputs"]["checkpoint"]),
+            step=data["step"],
+            n_params=data["n_params"],
+            world_size=data["world_size"],
+            cached=data["cached"],
+            model_uri=data["model_uri"],
+            mlflow_run_id=data["mlflow_run_id"],
+            summary={k: v for k, v in data.items() if k not in own},
+        )
+
     def to_dict(self, *, history: bool = True) -> dict[str, Any]:
         summary = (
             self.summary if history else {k: v for k, v in self.summary.items() if k != "history"}

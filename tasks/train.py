@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import functools
 import json
 
 from prefect import get_run_logger, task
@@ -8,10 +9,12 @@ from prefect.runtime import task_run
 import storage
 from model.config import config_from_dict
 from model.launch import launch_training
+from model.ray_launch import launch_ray_training
 from model.train import SUMMARY_NAME, TrainingData
 from tasks.cache import cache_key, load_manifest, save_manifest, stage_dir
 from tasks.common import log_split_inputs, retry_unless_user_error, stage_run, tracker_for
 from tasks.results import Artifact, SplitResult, Tracking, TrainResult, Workspace, artifact_dicts
+from tasks.study import TrialRef
 
 
 @task(name="train", retries=1, retry_delay_seconds=5, retry_condition_fn=retry_unless_user_error)
@@ -23,12 +26,26 @@ def train(
     tokenizer: Artifact,
     nproc: int = 1,
     resume: bool = False,
+    pruning: TrialRef | None = None,
+    gpus: str | None = None,
+    engine: str = "torchrun",
+    ray_address: str | None = None,
 ) -> TrainResult:
     """Train on nproc ranks (rank 0 logs to MLflow), then log the weights as an MLflow model.
 
     Keyed on the split data, the tokenizer, the config, nproc and the training code: the same
     inputs re-use a finished training. A retry of this task, or `--resume`, continues from the
     folder's last checkpoint instead of starting again.
+
+    engine: "torchrun" (ranks on this machine) or "ray" (Ray Train workers on the cluster at
+    ray_address, else a local one). It is not part of the key: both run the same loop on the
+    same batches of (seed, step, rank, world size) and end with the same weights
+    (tests/test_ray_train.py), so either engine's finished training serves the other.
+
+    pruning: the sweep trial this training is; its evaluations are reported to the study, and
+    `TrainingStopped` is raised when the pruner stops it (not retried). gpus: the GPUs the
+    training may use (CUDA_VISIBLE_DEVICES, e.g. "2,3"): a sweep gives each of its parallel
+    trials its own.
     """
     logger = get_run_logger()
     key = cache_key(
@@ -38,7 +55,7 @@ def train(
         tokenizer=tokenizer.sha256,
         config=config,
         nproc=nproc,
-    )
+    )  # not the engine: the same results either way (see the docstring)
     folder = stage_dir(workspace.store, "train", key)
     resume = resume or task_run.run_count > 1
     tracking = workspace.tracking
@@ -54,7 +71,7 @@ def train(
             run.log_params({"cached": True, "cache_key": key, **reused})
         else:
             with run.system_metrics():
-                summary = launch_training(
+                summary = _launcher(engine, ray_address)(
                     config_from_dict(config),
                     folder,
                     inputs=TrainingData(splits.train.uri, splits.val.uri, tokenizer.uri),
@@ -62,6 +79,8 @@ def train(
                     resume=resume,
                     on_line=logger.info,
                     mlflow_run=(tracking.uri, run.run_id) if run.run_id else None,
+                    on_eval=pruning.reporter() if pruning else None,
+                    **({"extra_env": {"CUDA_VISIBLE_DEVICES": gpus}} if gpus else {}),
                 )
             run.log_params({"cached": False, "cache_key": key})
         checkpoint = Artifact.of(summary["checkpoint"])
@@ -86,6 +105,13 @@ def train(
         mlflow_run_id=run.run_id,
         summary=summary,
     )
+
+
+def _launcher(engine: str, ray_address: str | None):
+    """launch_training's counterpart for the engine (same arguments, same summary)."""
+    if engine == "ray":
+        return functools.partial(launch_ray_training, address=ray_address)
+    return launch_training
 
 
 def _log_model(

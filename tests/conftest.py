@@ -5,10 +5,12 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import time
 import urllib.request
 from pathlib import Path
@@ -28,6 +30,17 @@ def machine_cache(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("gptpipe-cache")
     os.environ["GPTPIPE_CACHE_DIR"] = str(folder)
     return folder
+
+
+def yaml_blocks(path: Path) -> list[str]:
+    """The ```yaml blocks of a markdown page, dedented, in order."""
+    blocks = re.findall(r"^```yaml\n(.*?)^```", path.read_text(encoding="utf-8"), re.M | re.S)
+    return [textwrap.dedent(block) for block in blocks]
+
+
+def bash_blocks(path: Path) -> list[str]:
+    """The ```bash blocks of a markdown page, in order."""
+    return re.findall(r"^```bash\n(.*?)^```", path.read_text(encoding="utf-8"), re.M | re.S)
 
 
 def free_port() -> int:

@@ -14,7 +14,6 @@ import os
 import re
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 from urllib.parse import urlparse
@@ -23,6 +22,8 @@ import pytest
 import yaml
 from prefect.utilities.schema_tools import validate
 from prefect.utilities.templating import apply_values, find_placeholders
+
+from tests.conftest import bash_blocks, yaml_blocks
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
@@ -80,7 +81,15 @@ def option(service: dict, name: str) -> str:
 def test_deployments_point_at_a_real_flow_and_take_its_parameters():
     config = prefect_yaml()
     deployments = {d["name"]: d for d in config["deployments"]}
-    assert set(deployments) == {"nightly-retrain", "nightly-retrain-gpu"}
+    assert set(deployments) == {"nightly-retrain", "nightly-retrain-gpu", "sweep"}
+    sweep = deployments.pop("sweep")
+    path, _, function = sweep["entrypoint"].partition(":")
+    flow = getattr(importlib.import_module(path.removesuffix(".py").replace("/", ".")), function)
+    assert flow.name == "hyperparameter-sweep"
+    assert set(sweep["parameters"]) <= set(inspect.signature(flow.fn).parameters)
+    from tasks.space import parse_space
+
+    assert parse_space(sweep["parameters"]["space"]).trials == 6  # the example grid is valid
     for name, deployment in deployments.items():
         # entrypoints resolve against the folder `prefect deploy` runs in: the project root
         path, _, function = deployment["entrypoint"].partition(":")
@@ -172,7 +181,7 @@ def test_docker_template_requests_all_gpus_and_lets_a_deployment_pin_them():
 def test_gpu_deployment_runs_one_at_a_time_and_both_have_time_limits():
     from flows.alerts import check_timeout
 
-    deployments = {d["name"]: d for d in prefect_yaml()["deployments"]}
+    deployments = {d["name"]: d for d in prefect_yaml()["deployments"] if "nightly" in d["tags"]}
     gpu = deployments["nightly-retrain-gpu"]
     assert gpu["concurrency_limit"] == {"limit": 1, "collision_strategy": "ENQUEUE"}
     for deployment in deployments.values():
@@ -347,6 +356,28 @@ def prefect(args: list[str], env: dict, cwd: Path, timeout: float = 120):
     return result.stdout
 
 
+def run_deployment(run_args: list[str], params: dict, env: dict) -> str:
+    """`prefect deployment run ...` with each parameter as --param KEY=JSON; its output."""
+    for key, value in params.items():
+        run_args = [*run_args, "--param", f"{key}={json.dumps(value)}"]
+    return prefect(run_args, env, REPO)
+
+
+def run_worker_once(env: dict, cwd: Path) -> str:
+    """A real process worker of the `local` pool, for one flow run; its log."""
+    worker = subprocess.run(
+        [sys.executable, "-m", "prefect", "worker", "start", "--pool", "local", "--run-once"],
+        env={**env, "GPTPIPE_HOME": str(REPO)},
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    log = worker.stdout + worker.stderr
+    assert worker.returncode == 0, log[-6000:]
+    return log
+
+
 @pytest.mark.slow
 def test_deploy_and_run_the_nightly_deployment(prefect_server, small_corpus, tmp_path):
     home = tmp_path / "prefect-home"
@@ -428,24 +459,13 @@ def test_deploy_and_run_the_nightly_deployment(prefect_server, small_corpus, tmp
         "workers": 1,
     }
     run_args = ["deployment", "run", "nightly-retrain/nightly-retrain"]
-    for key, value in params.items():
-        run_args += ["--param", f"{key}={json.dumps(value)}"]
-    created = prefect(run_args, env, REPO)
+    created = run_deployment(run_args, params, env)
     flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", created).group(1)
 
     # a real process worker, started elsewhere: the pull step takes it to $GPTPIPE_HOME
     worker_cwd = tmp_path / "worker"
     worker_cwd.mkdir()
-    worker = subprocess.run(
-        [sys.executable, "-m", "prefect", "worker", "start", "--pool", "local", "--run-once"],
-        env={**env, "GPTPIPE_HOME": str(REPO)},
-        cwd=worker_cwd,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    log = worker.stdout + worker.stderr
-    assert worker.returncode == 0, log[-6000:]
+    log = run_worker_once(env, worker_cwd)
     assert "Creating a new Dask cluster" in log, log[-6000:]
 
     deadline, state = time.monotonic() + 60, None
@@ -466,23 +486,31 @@ def test_deploy_and_run_the_nightly_deployment(prefect_server, small_corpus, tmp
     assert summary["model"]["version"] and "champion" in summary["model"]
     assert "Running 1 deployment pull step(s)" in log
 
+    # the sweep deployment, run by the same kind of worker: two trials on the same data
+    space = {"budget": {"max_iters": 20}, "pruner": "none", "params": {"n_layer": [1, 2]}}
+    sweep_params = {
+        **{k: params[k] for k in ("source", "preset", "store", "tracking_uri")},
+        "overrides": [*params["overrides"], "batch_size=16"],
+        "space": space,
+        "name": "deploy-sweep",
+    }
+    run_deployment(["deployment", "run", "hyperparameter-sweep/sweep"], sweep_params, env)
+    log = run_worker_once(env, worker_cwd)
+    deadline = time.monotonic() + 60
+    sweep_summary = store / "sweeps" / "deploy-sweep" / "summary.json"
+    while not sweep_summary.exists() and time.monotonic() < deadline:
+        time.sleep(1)
+    swept = json.loads(sweep_summary.read_text())
+    assert [t["state"] for t in swept["trials"]] == ["complete", "complete"], log[-6000:]
+    # the same data as the nightly run: tokenized and split once, for both flows
+    assert swept["outputs"]["val"] == summary["outputs"]["val"]
+
 
 # ----------------------------------------------------------------------------- the docs, as written
 
 DEPLOY_DOCS = REPO / "docs" / "deploy.md"
 # a worker polls until it is stopped: test_deploy_and_run_the_nightly_deployment runs one for real
 RUNS_UNTIL_STOPPED = "prefect worker start"
-
-
-def yaml_blocks(path: Path) -> list[str]:
-    """The ```yaml blocks of a markdown page, dedented (they show a piece of prefect.yaml)."""
-    blocks = re.findall(r"^```yaml\n(.*?)^```", path.read_text(encoding="utf-8"), re.M | re.S)
-    return [textwrap.dedent(block) for block in blocks]
-
-
-def bash_blocks(path: Path) -> list[str]:
-    """The ```bash blocks of a markdown page, in order."""
-    return re.findall(r"^```bash\n(.*?)^```", path.read_text(encoding="utf-8"), re.M | re.S)
 
 
 def prefect_only(block: str) -> bool:

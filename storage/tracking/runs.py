@@ -97,14 +97,15 @@ class Tracker:
 
     @contextmanager
     def stage(self, name: str, parent_id: str) -> Iterator[StageRun]:
-        """A nested run for one stage; FINISHED when the block ends, FAILED when it raises."""
+        """A nested run for one stage; FINISHED when the block ends, FAILED when it raises (or
+        the exception's own ``mlflow_status``: a training stopped on purpose is KILLED)."""
         run = StageRun(self, self.start_run(name, parent_id))
         start = time.perf_counter()
         try:
             yield run
-        except BaseException:
+        except BaseException as exc:
             run.log_metrics({"duration_s": time.perf_counter() - start})
-            self.client.set_terminated(run.run_id, "FAILED")
+            self.client.set_terminated(run.run_id, getattr(exc, "mlflow_status", "FAILED"))
             raise
         run.log_metrics({"duration_s": time.perf_counter() - start})
         self.client.set_terminated(run.run_id, "FINISHED")

@@ -1,0 +1,453 @@
+"""The sweep flow: tokenize and split once, then train and evaluate trials K at a time, the
+search driven by an Optuna study (ask/tell), the best trial's model registered.
+
+Each trial is a `tasks.trial.run_trial` task on the flow's task runner (threads, or a Dask or
+Ray cluster's workers) and a training with its own content key: a trial whose config was
+trained before is re-used. The study lives with the sweep (`tasks.study`), so running the same
+sweep again after it was killed resumes it: finished trials are kept, trials that were running
+are run again (a finished training among them is re-used from the store).
+
+MLflow: one parent run for the sweep, one nested run per trial (its searched values as params,
+its val loss curve and final val loss, its state), the trial's stages nested under it. The best
+trial's model is registered; `champion` moves only if it beats the current champion on the same
+val data, as in the pipeline.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.futures import as_completed
+
+import storage
+from flows.defaults import DEFAULT_STORE
+from flows.pipeline import publish_markdown
+from model.config import config_from_dict
+from model.corpus import DEFAULT_SHARD_BYTES
+from model.launch import resolve_nproc
+from model.machine import usable_cores
+from storage.errors import GptpipeError, first_line
+from storage.tracking import DEFAULT_EXPERIMENT, Tracker, model_name_for, redact
+from tasks.register import register_model
+from tasks.results import EvaluateResult, Tracking, TrainResult, Workspace
+from tasks.space import SweepSpace, parse_space
+from tasks.split import split
+from tasks.study import StudyRef, study_storage
+from tasks.tokenize import SourceURL, reveal, tokenize
+from tasks.trial import COMPLETE, FAILED, Evaluation, TrialOutcome, TrialSpec, record_outcome
+from tasks.trial import run_trial as trial_task
+
+SWEEP_TAG = "gptpipe.sweep"
+OUTCOME_ATTR = "gptpipe_outcome"  # a finished trial's outcome, kept in the study
+RUN_ATTR = "gptpipe_mlflow_run_id"  # a trial's MLflow run, kept so a resumed trial logs there
+
+
+def sweep_name_for(source: str, space: dict, config: dict, nproc: int) -> str:
+    """The default name: the same sweep (input, space, base config, ranks) gets the same name,
+    so running the same command again resumes it. --trials is left out: asking for more trials
+    continues the same study."""
+    shown = {k: v for k, v in space.items() if k != "trials"}
+    text = json.dumps([redact(source), shown, config, nproc], sort_keys=True, default=str)
+    return "sweep-" + hashlib.sha256(text.encode()).hexdigest()[:10]
+
+
+@flow(name="gptpipe-sweep")
+def sweep(
+    source: str | SourceURL,
+    *,
+    space: dict,
+    config: dict | None = None,
+    store: str = DEFAULT_STORE,
+    name: str | None = None,
+    trials: int | None = None,
+    parallel: int = 1,
+    nproc: int | str = 1,
+    study_storage_url: str | None = None,
+    tracking_uri: str | None = None,
+    experiment: str = DEFAULT_EXPERIMENT,
+    model_name: str | None = None,
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
+) -> dict:
+    """Search ``space`` (a space file's mapping, `tasks.space`) on ``source``; the sweep's
+    summary (also stored as sweeps/NAME/summary.json), its trials ranked by val loss."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    logger = get_run_logger()
+    searched = parse_space(space, trials=trials)
+    if isinstance(parallel, bool) or not isinstance(parallel, int) or parallel < 1:
+        raise GptpipeError(f"--parallel must be a whole number of at least 1, got {parallel!r}")
+    cfg = config_from_dict(config or {})
+    visible = visible_gpus(cfg.device)
+    if nproc == "auto" and visible:
+        nproc = max(1, len(visible) // parallel)  # the GPUs shared among the parallel trials
+    nproc = resolve_nproc(nproc, cfg.device)
+    slots = gpu_slots(parallel, nproc, visible)
+    base = _base_config(cfg.to_dict(), parallel=parallel, nproc=nproc)
+    url = reveal(source)
+    name = name or sweep_name_for(url, space, cfg.to_dict(), nproc)
+    storage.preflight(store)
+    tracker = Tracker(tracking_uri, experiment)
+    tracker.check()
+    study_ref = StudyRef(name, study_storage(store, name, study_storage_url), searched.pruner)
+    study = _open_study(study_ref, searched)
+    parent_id = _parent_run(tracker, study, name=name, searched=searched, base=base, url=url)
+    workspace = Workspace(
+        store=store,
+        tracking=Tracking(uri=tracker.tracking_uri, experiment=experiment, parent_id=parent_id),
+    )
+    logger.info(
+        "sweep %s: %d trial(s), %s sampler, %d at a time; study at %s",
+        name,
+        searched.trials,
+        searched.sampler,
+        parallel,
+        study_ref.shown(),
+    )
+    tokenized = tokenize(
+        url, workspace, tokenizer=cfg.tokenizer, vocab_size=cfg.vocab_size, shard_bytes=shard_bytes
+    )
+    splits = split(
+        tokenized.tokens, workspace, val_fraction=cfg.val_fraction, block_size=cfg.block_size
+    )
+    # every trial's final model is measured on the same val batches: the base config's
+    evaluation = Evaluation(eval_iters=cfg.eval_iters, batch_size=cfg.batch_size, seed=cfg.seed)
+    runner = _TrialRunner(
+        study,
+        searched,
+        base=base,
+        tracker=tracker,
+        parent_id=parent_id,
+        slots=slots,
+        submit=lambda spec: trial_task.submit(
+            spec,
+            splits,
+            workspace=workspace,
+            tokenizer=tokenized.tokenizer,
+            study=study_ref,
+            evaluation=evaluation,
+            nproc=nproc,
+        ),
+        study_ref=study_ref,
+    )
+    runner.run(parallel)
+    outcomes = _outcomes(study)
+    completed = sorted((o for o in outcomes if o.state == COMPLETE), key=lambda o: o.val_loss)
+    if not completed:
+        first_error = next((o.error for o in outcomes if o.error), "no trial completed")
+        tracker.client.set_terminated(parent_id, "FAILED")
+        raise GptpipeError(f"every trial of sweep {name} failed or was pruned: {first_error}")
+    best = completed[0]
+    registered = register_model(
+        workspace.tracking,
+        model_name or model_name_for(url, cfg.tokenizer),
+        trained=TrainResult.from_dict(best.trained),
+        evaluated=EvaluateResult(**best.evaluated),
+        splits=splits,
+        tokenizer=tokenized.tokenizer,
+        run_id=f"{name}-trial-{best.number}",
+    )
+    parent = tracker.stage_handle(parent_id)
+    parent.log_metrics({"best_val_loss": best.val_loss, "trials_done": len(outcomes)})
+    parent.set_tags({"gptpipe.best_trial": best.number, "gptpipe.best_run_id": best.mlflow_run_id})
+    from prefect.runtime import flow_run
+
+    summary = {
+        "sweep": name,
+        "prefect_flow_run_id": flow_run.id,
+        "source": redact(url),
+        "study_storage": study_ref.shown(),
+        "space": searched.to_dict(),
+        "parallel": parallel,
+        "best": best.to_dict(),
+        "trials": [o.to_dict() for o in _ranked(outcomes)],
+        "model": registered.to_dict(),
+        "mlflow": {
+            "tracking_uri": redact(tracker.tracking_uri),
+            "experiment": experiment,
+            "run_id": parent_id,
+            "run_url": tracker.run_url(parent_id),
+        },
+        "outputs": {
+            "tokens": tokenized.tokens.uri,
+            "train": splits.train.uri,
+            "val": splits.val.uri,
+        },
+    }
+    parent.log_dict(summary, "sweep.json")
+    tracker.client.set_terminated(parent_id, "FINISHED")
+    summary_uri = storage.join(store, "sweeps", name, "summary.json")
+    storage.put_bytes(summary_uri, json.dumps(summary, indent=2).encode("utf-8"))
+    summary["summary_uri"] = summary_uri
+    publish_markdown(sweep_report(summary), key="gptpipe-sweep", description="sweep trials")
+    return summary
+
+
+def visible_gpus(device: str) -> list[str]:
+    """The GPUs trials may use here (their CUDA_VISIBLE_DEVICES ids); none on a CPU."""
+    if device == "cpu":
+        return []
+    import torch
+
+    count = torch.cuda.device_count()
+    named = [g for g in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if g.strip()]
+    return named[:count] if named else [str(i) for i in range(count)]
+
+
+def gpu_slots(parallel: int, nproc: int, visible: list[str]) -> list[str | None]:
+    """Each of the K trial slots' GPUs: K disjoint sets of nproc GPUs (a CUDA_VISIBLE_DEVICES
+    value each), so parallel trials never share one; None for every slot without GPUs."""
+    if not visible:
+        return [None] * parallel
+    if parallel * nproc > len(visible):
+        raise GptpipeError(
+            f"--parallel {parallel} trials of --nproc {nproc} need {parallel * nproc} GPUs, and "
+            f"{len(visible)} are visible: lower --parallel or --nproc"
+        )
+    return [",".join(visible[k * nproc : (k + 1) * nproc]) for k in range(parallel)]
+
+
+@flow(name="hyperparameter-sweep")
+def deployed_sweep(
+    source: str | None = None,
+    *,
+    space: dict,
+    preset: str | None = None,
+    overrides: list[str] | None = None,
+    store: str | None = None,
+    name: str | None = None,
+    trials: int | None = None,
+    parallel: int = 1,
+    nproc: int | str = 1,
+    task_runner: str = "default",
+    dask_address: str | None = None,
+    ray_address: str | None = None,
+    workers: int | None = None,
+    study_storage_url: str | None = None,
+    tracking_uri: str | None = None,
+    experiment: str = DEFAULT_EXPERIMENT,
+    model_name: str | None = None,
+) -> dict:
+    """The sweep as a deployment runs it (deploy/prefect.yaml): the config as a preset and
+    ``--set`` overrides, unset ``source`` and ``store`` from $GPTPIPE_INPUT and $GPTPIPE_STORE
+    like the nightly flow, the trials on the task runner named (a local Dask or Ray cluster of
+    ``workers``, default one per parallel trial, or the one at the address)."""
+    from flows.engines import resolve_task_runner, with_task_runner
+    from flows.nightly import resolve_source_and_store
+    from model.config import build_config
+    from tasks.tokenize import source_parameter
+
+    cfg = build_config(preset, None, overrides or [])
+    parse_space(space, trials=trials)  # before any work
+    source, store = resolve_source_and_store(source, store)
+    runner, address = resolve_task_runner(task_runner, dask_address, ray_address)
+    if runner != "default" and address is None and workers is None:
+        workers = parallel
+    return with_task_runner(sweep, runner, address, workers)(
+        source=source_parameter(source),
+        space=space,
+        config=cfg.to_dict(),
+        store=store,
+        name=name,
+        trials=trials,
+        parallel=parallel,
+        nproc=nproc,
+        study_storage_url=study_storage_url,
+        tracking_uri=tracking_uri,
+        experiment=experiment,
+        model_name=model_name,
+    )
+
+
+def _base_config(config: dict, *, parallel: int, nproc: int) -> dict:
+    """The trials' base config: K trials at a time on a CPU share its cores (each training
+    would otherwise take them all, and K of them would fight over them)."""
+    if parallel > 1 and config["threads"] == 0 and config["device"] != "cuda":
+        import torch
+
+        if config["device"] == "cpu" or not torch.cuda.is_available():
+            return {**config, "threads": max(1, usable_cores() // (parallel * nproc))}
+    return config
+
+
+def _open_study(ref: StudyRef, searched: SweepSpace):
+    study = ref.open(searched.make_sampler(), create=True)
+    if searched.sampler == "grid" and not study.trials:
+        for point in searched.grid_points():  # grid trials in the file's order
+            study.enqueue_trial(point)
+    return study
+
+
+def _parent_run(tracker: Tracker, study, *, name: str, searched, base: dict, url: str) -> str:
+    """The sweep's MLflow run: the one a resumed sweep started with, if the server has it."""
+    known = study.user_attrs.get(RUN_ATTR)
+    if known:
+        try:
+            tracker.client.get_run(known)
+            tracker.client.update_run(known, status="RUNNING")
+            return known
+        except Exception:
+            pass  # another tracking server: a new parent run there
+    parent_id = tracker.start_run(name, tags={SWEEP_TAG: name})
+    run = tracker.stage_handle(parent_id)
+    run.log_params(
+        {
+            "sampler": searched.sampler,
+            "trials": searched.trials,
+            "searched": ",".join(p.name for p in searched.params),
+            "budget": json.dumps(searched.budget),
+            "pruner": searched.pruner.kind,
+            "source": redact(url),
+            **{k: v for k, v in base.items() if k not in {p.name for p in searched.params}},
+        }
+    )
+    study.set_user_attr(RUN_ATTR, parent_id)
+    return parent_id
+
+
+class _TrialRunner:
+    """Keeps K trials in flight: asks the study for the next, submits it, tells the study each
+    outcome as it arrives, until the study has its number of finished trials."""
+
+    def __init__(self, study, searched, *, base, tracker, parent_id, slots, submit, study_ref):
+        self.study, self.searched, self.base = study, searched, base
+        self.slots = slots  # each slot's GPUs (None on a CPU): a trial runs in a free slot
+        self.tracker, self.parent_id, self.submit = tracker, parent_id, submit
+        self.study_ref = study_ref
+        self.logger = get_run_logger()
+        # trials left running by a sweep that was killed: run again under the same number
+        self.resumed = [t for t in study.trials if t.state.name == "RUNNING"]
+
+    def finished(self) -> int:
+        return sum(1 for t in self.study.trials if t.state.is_finished())
+
+    def run(self, parallel: int) -> None:
+        pending: dict = {}  # future -> (spec, slot)
+        free = list(range(parallel))
+        while True:
+            while free and self.finished() + len(pending) < self.searched.trials:
+                slot = free[0]
+                spec = self._next_spec(self.slots[slot])
+                if spec is None:
+                    continue  # its config did not fit: recorded as failed, ask again
+                pending[self.submit(spec)] = (spec, free.pop(0))
+            if not pending:
+                return
+            done = next(as_completed(list(pending)))
+            spec, slot = pending.pop(done)
+            free.append(slot)
+            try:
+                outcome = done.result()
+            except Exception as exc:  # the trial task itself crashed (a lost worker, say)
+                outcome = TrialOutcome(
+                    number=spec.number,
+                    state=FAILED,
+                    params=spec.params,
+                    error=first_line(exc, limit=300),
+                    mlflow_run_id=spec.mlflow_run_id,
+                )
+                record_outcome(self.tracker, outcome, study=self.study_ref)
+            self._tell(outcome)
+
+    def _next_spec(self, gpus: str | None) -> TrialSpec | None:
+        if self.resumed:
+            frozen = self.resumed.pop(0)
+            trial, params = _trial_of(self.study, frozen), dict(frozen.params)
+            self.logger.info("trial %d: left running by an earlier sweep, run again", trial.number)
+        else:
+            trial = self.study.ask()
+            params = self.searched.suggest(trial)
+        run_id = trial.user_attrs.get(RUN_ATTR) or self._trial_run(trial.number, params)
+        trial.set_user_attr(RUN_ATTR, run_id)
+        try:
+            config = self.searched.trial_config(self.base, params)
+        except GptpipeError as exc:
+            outcome = TrialOutcome(
+                number=trial.number,
+                state=FAILED,
+                params=params,
+                error=str(exc),
+                mlflow_run_id=run_id,
+            )
+            self.logger.warning("trial %d failed: %s", trial.number, exc)
+            record_outcome(self.tracker, outcome, study=self.study_ref)
+            self._tell(outcome)
+            return None
+        self.logger.info("trial %d: %s", trial.number, params)
+        return TrialSpec(trial.number, trial._trial_id, params, config, run_id, gpus)
+
+    def _trial_run(self, number: int, params: dict[str, Any]) -> str:
+        run_id = self.tracker.start_run(
+            f"trial-{number}", self.parent_id, tags={SWEEP_TAG: self.study.study_name}
+        )
+        self.tracker.stage_handle(run_id).log_params({**params, "trial": number})
+        return run_id
+
+    def _tell(self, outcome: TrialOutcome) -> None:
+        from optuna.trial import TrialState
+
+        state = {"complete": TrialState.COMPLETE, "pruned": TrialState.PRUNED}.get(
+            outcome.state, TrialState.FAIL
+        )
+        trial = _trial_of(self.study, self.study.trials[outcome.number])
+        trial.set_user_attr(OUTCOME_ATTR, outcome.to_dict())
+        values = outcome.val_loss if state == TrialState.COMPLETE else None
+        self.study.tell(outcome.number, values, state=state, skip_if_finished=True)
+        shown = f"val loss {outcome.val_loss:.4f}" if outcome.val_loss is not None else ""
+        self.logger.info(
+            "trial %d %s %s%s", outcome.number, outcome.state, shown, outcome.error or ""
+        )
+
+
+def _trial_of(study, frozen):
+    import optuna
+
+    return optuna.trial.Trial(study, frozen._trial_id)
+
+
+def _outcomes(study) -> list[TrialOutcome]:
+    """The finished trials' outcomes, as the study keeps them."""
+    outcomes = []
+    for trial in study.trials:
+        kept = trial.user_attrs.get(OUTCOME_ATTR)
+        if trial.state.is_finished() and kept:
+            outcomes.append(TrialOutcome(**kept))
+    return outcomes
+
+
+def _ranked(outcomes: list[TrialOutcome]) -> list[TrialOutcome]:
+    order = {"complete": 0, "pruned": 1, "failed": 2}
+    return sorted(
+        outcomes,
+        key=lambda o: (order[o.state], o.val_loss if o.val_loss is not None else 0.0, o.number),
+    )
+
+
+def sweep_report(summary: dict) -> str:
+    """The ranked table: what a user watching the Prefect UI wants to see of a sweep."""
+    names = list(summary["space"]["params"])
+    header = ["rank", "trial", "state", "val loss", *names]
+    lines = [
+        f"# gptpipe sweep {summary['sweep']}",
+        "",
+        f"Best: trial {summary['best']['number']}, val loss {summary['best']['val_loss']:.4f}; "
+        f"model {summary['model']['name']} version {summary['model']['version']} "
+        f"({summary['model']['reason']})",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
+    for rank, trial in enumerate(summary["trials"], start=1):
+        loss = f"{trial['val_loss']:.4f}" if trial["val_loss"] is not None else "-"
+        values = [str(trial["params"].get(n, "")) for n in names]
+        lines.append(
+            "| "
+            + " | ".join([str(rank), str(trial["number"]), trial["state"], loss, *values])
+            + " |"
+        )
+    return "\n".join(lines)
+
+
+__all__ = ["deployed_sweep", "sweep", "sweep_name_for", "sweep_report"]
