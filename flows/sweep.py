@@ -106,83 +106,92 @@ def sweep(
         parallel,
         study_ref.shown(),
     )
-    tokenized = tokenize(
-        url, workspace, tokenizer=cfg.tokenizer, vocab_size=cfg.vocab_size, shard_bytes=shard_bytes
-    )
-    splits = split(
-        tokenized.tokens, workspace, val_fraction=cfg.val_fraction, block_size=cfg.block_size
-    )
-    # every trial's final model is measured on the same val batches: the base config's
-    evaluation = Evaluation(eval_iters=cfg.eval_iters, batch_size=cfg.batch_size, seed=cfg.seed)
-    runner = _TrialRunner(
-        study,
-        searched,
-        base=base,
-        tracker=tracker,
-        parent_id=parent_id,
-        slots=slots,
-        submit=lambda spec: trial_task.submit(
-            spec,
-            splits,
-            workspace=workspace,
+    try:
+        tokenized = tokenize(
+            url,
+            workspace,
+            tokenizer=cfg.tokenizer,
+            vocab_size=cfg.vocab_size,
+            shard_bytes=shard_bytes,
+        )
+        splits = split(
+            tokenized.tokens, workspace, val_fraction=cfg.val_fraction, block_size=cfg.block_size
+        )
+        # every trial's final model is measured on the same val batches: the base config's
+        evaluation = Evaluation(eval_iters=cfg.eval_iters, batch_size=cfg.batch_size, seed=cfg.seed)
+        runner = _TrialRunner(
+            study,
+            searched,
+            base=base,
+            tracker=tracker,
+            parent_id=parent_id,
+            slots=slots,
+            submit=lambda spec: trial_task.submit(
+                spec,
+                splits,
+                workspace=workspace,
+                tokenizer=tokenized.tokenizer,
+                study=study_ref,
+                evaluation=evaluation,
+                nproc=nproc,
+            ),
+            study_ref=study_ref,
+        )
+        runner.run(parallel)
+        outcomes = _outcomes(study)
+        completed = sorted((o for o in outcomes if o.state == COMPLETE), key=lambda o: o.val_loss)
+        if not completed:
+            first_error = next((o.error for o in outcomes if o.error), "no trial completed")
+            raise GptpipeError(f"every trial of sweep {name} failed or was pruned: {first_error}")
+        best = completed[0]
+        registered = register_model(
+            workspace.tracking,
+            model_name or model_name_for(url, cfg.tokenizer),
+            trained=TrainResult.from_dict(best.trained),
+            evaluated=EvaluateResult(**best.evaluated),
+            splits=splits,
             tokenizer=tokenized.tokenizer,
-            study=study_ref,
-            evaluation=evaluation,
-            nproc=nproc,
-        ),
-        study_ref=study_ref,
-    )
-    runner.run(parallel)
-    outcomes = _outcomes(study)
-    completed = sorted((o for o in outcomes if o.state == COMPLETE), key=lambda o: o.val_loss)
-    if not completed:
-        first_error = next((o.error for o in outcomes if o.error), "no trial completed")
-        tracker.client.set_terminated(parent_id, "FAILED")
-        raise GptpipeError(f"every trial of sweep {name} failed or was pruned: {first_error}")
-    best = completed[0]
-    registered = register_model(
-        workspace.tracking,
-        model_name or model_name_for(url, cfg.tokenizer),
-        trained=TrainResult.from_dict(best.trained),
-        evaluated=EvaluateResult(**best.evaluated),
-        splits=splits,
-        tokenizer=tokenized.tokenizer,
-        run_id=f"{name}-trial-{best.number}",
-    )
-    parent = tracker.stage_handle(parent_id)
-    parent.log_metrics({"best_val_loss": best.val_loss, "trials_done": len(outcomes)})
-    parent.set_tags({"gptpipe.best_trial": best.number, "gptpipe.best_run_id": best.mlflow_run_id})
-    from prefect.runtime import flow_run
+            run_id=f"{name}-trial-{best.number}",
+        )
+        parent = tracker.stage_handle(parent_id)
+        parent.log_metrics({"best_val_loss": best.val_loss, "trials_done": len(outcomes)})
+        parent.set_tags(
+            {"gptpipe.best_trial": best.number, "gptpipe.best_run_id": best.mlflow_run_id}
+        )
+        from prefect.runtime import flow_run
 
-    summary = {
-        "sweep": name,
-        "prefect_flow_run_id": flow_run.id,
-        "source": redact(url),
-        "study_storage": study_ref.shown(),
-        "space": searched.to_dict(),
-        "parallel": parallel,
-        "best": best.to_dict(),
-        "trials": [o.to_dict() for o in _ranked(outcomes)],
-        "model": registered.to_dict(),
-        "mlflow": {
-            "tracking_uri": redact(tracker.tracking_uri),
-            "experiment": experiment,
-            "run_id": parent_id,
-            "run_url": tracker.run_url(parent_id),
-        },
-        "outputs": {
-            "tokens": tokenized.tokens.uri,
-            "train": splits.train.uri,
-            "val": splits.val.uri,
-        },
-    }
-    parent.log_dict(summary, "sweep.json")
-    tracker.client.set_terminated(parent_id, "FINISHED")
-    summary_uri = storage.join(store, "sweeps", name, "summary.json")
-    storage.put_bytes(summary_uri, json.dumps(summary, indent=2).encode("utf-8"))
-    summary["summary_uri"] = summary_uri
-    publish_markdown(sweep_report(summary), key="gptpipe-sweep", description="sweep trials")
-    return summary
+        summary = {
+            "sweep": name,
+            "prefect_flow_run_id": flow_run.id,
+            "source": redact(url),
+            "study_storage": study_ref.shown(),
+            "space": searched.to_dict(),
+            "parallel": parallel,
+            "best": best.to_dict(),
+            "trials": [o.to_dict() for o in _ranked(outcomes)],
+            "model": registered.to_dict(),
+            "mlflow": {
+                "tracking_uri": redact(tracker.tracking_uri),
+                "experiment": experiment,
+                "run_id": parent_id,
+                "run_url": tracker.run_url(parent_id),
+            },
+            "outputs": {
+                "tokens": tokenized.tokens.uri,
+                "train": splits.train.uri,
+                "val": splits.val.uri,
+            },
+        }
+        parent.log_dict(summary, "sweep.json")
+        tracker.client.set_terminated(parent_id, "FINISHED")
+        summary_uri = storage.join(store, "sweeps", name, "summary.json")
+        storage.put_bytes(summary_uri, json.dumps(summary, indent=2).encode("utf-8"))
+        summary["summary_uri"] = summary_uri
+        publish_markdown(sweep_report(summary), key="gptpipe-sweep", description="sweep trials")
+        return summary
+    except BaseException:
+        tracker.client.set_terminated(parent_id, "FAILED")
+        raise
 
 
 def visible_gpus(device: str) -> list[str]:

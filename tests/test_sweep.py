@@ -39,7 +39,7 @@ def write_space(folder: Path, space: dict) -> Path:
     return path
 
 
-def sweep_args(corpus: Path, space: Path, store: Path) -> list[str]:
+def sweep_args(corpus: Path, space: Path, store: Path | str) -> list[str]:
     return ["sweep", "--input", str(corpus), "--space", str(space), "--store", str(store), *TINY]
 
 
@@ -230,6 +230,22 @@ def test_a_grid_of_four_on_two_dask_workers(small_corpus, cli_env, tmp_path):
     assert task_run_names(cli_env, rerun["prefect_flow_run_id"]).count("trial") == 0
     assert rerun["model"]["version"] == model["version"] and rerun["model"]["reused"]
 
+    # another sweep that has one of these configs: that trial's training is re-used
+    overlap = write_space(
+        tmp_path,
+        {
+            "budget": {"max_iters": 60},
+            "pruner": "none",
+            "params": {"n_layer": [2], "learning_rate": [3e-3, 2e-3]},
+        },
+    )
+    other = [*sweep_args(small_corpus, overlap, store), "--parallel", "2", "--name", "other"]
+    result = run_cli(other, cli_env, tmp_path, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    swept = json.loads((store / "sweeps" / "other" / "summary.json").read_text())
+    reused = {t["params"]["learning_rate"]: t["trained"]["cached"] for t in swept["trials"]}
+    assert reused == {3e-3: True, 2e-3: False}
+
 
 @pytest.mark.slow
 def test_pruned_and_failed_trials_are_recorded_and_the_sweep_goes_on(
@@ -246,9 +262,12 @@ def test_pruned_and_failed_trials_are_recorded_and_the_sweep_goes_on(
         },
     )
     store = tmp_path / "store"
-    result = run_cli(sweep_args(small_corpus, space, store), cli_env, tmp_path, timeout=600)
+    database = f"sqlite:///{tmp_path / 'optuna.db'}"  # the study in a database, not the store
+    args = [*sweep_args(small_corpus, space, store), "--study-storage", database]
+    result = run_cli(args, cli_env, tmp_path, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = summary_of(store)
+    assert summary["study_storage"] == database and not list(store.glob("sweeps/*/*.journal"))
     states = {t["number"]: t["state"] for t in summary["trials"]}
     assert states == {0: "complete", 1: "failed", 2: "pruned", 3: "failed"}, summary["trials"]
     failed = next(t for t in summary["trials"] if t["number"] == 1)
@@ -268,17 +287,35 @@ def test_pruned_and_failed_trials_are_recorded_and_the_sweep_goes_on(
     assert "must be divisible" in runs[1].data.tags["gptpipe.trial_error"]
     import optuna
 
-    study = optuna.load_study(
-        study_name=summary["sweep"],
-        storage=optuna.storages.JournalStorage(
-            optuna.storages.journal.JournalFileBackend(
-                str(store / "sweeps" / summary["sweep"] / "study.journal")
-            )
-        ),
-    )
+    study = optuna.load_study(study_name=summary["sweep"], storage=database)
     assert [t.state.name for t in study.trials] == ["COMPLETE", "FAIL", "PRUNED", "FAIL"]
     assert sorted(study.trials[2].intermediate_values) == [0, 20]
     assert "pruned" in result.stdout and "(at step 20)" in result.stdout
+
+
+def test_a_study_storage_that_cannot_be_used_is_one_line(s3_env, small_corpus, cli_env, tmp_path):
+    """A database that cannot be opened (its password never shown), and an s3:// store with no
+    database for the study: one line each, before any work."""
+    space = write_space(tmp_path, {"params": {"n_layer": [1, 2]}})
+    local = tmp_path / "store"
+    cases = [
+        (
+            sweep_args(small_corpus, space, local)
+            + ["--study-storage", "postgresql://u:s3cr3t@127.0.0.1:1/optuna"],
+            "--study-storage postgresql://u:***@127.0.0.1:1/optuna: ",
+        ),
+        (
+            sweep_args(small_corpus, space, f"s3://{s3_env.bucket}/store"),
+            "pass --study-storage with a database URL the trials can reach",
+        ),
+    ]
+    for args, message in cases:
+        result = run_cli(args, cli_env, tmp_path)
+        assert result.returncode == 2, result.stderr[-2000:]
+        (line,) = [x for x in result.stderr.splitlines() if x.startswith("error: ")]
+        assert message in line, line
+        assert "s3cr3t" not in result.stderr + result.stdout and "Traceback" not in result.stderr
+    assert not local.exists()
 
 
 def test_a_sweep_whose_every_trial_fails_is_an_error(small_corpus, cli_env, tmp_path):
