@@ -444,12 +444,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     import storage
 
     store = _absolute_if_local(args.store)
-    storage.preflight(store)
-    _check_input(args)
     from tasks.study import study_storage
 
     if args.study_storage or "://" in store:
         study_storage(store, "check", args.study_storage)  # a bad URL fails here, not later
+    storage.preflight(store)
+    _check_input(args)
     tracker = Tracker(args.tracking_uri, args.experiment)
     tracker.check()
     from flows.sweep import sweep

@@ -14,7 +14,7 @@ import logging
 from dataclasses import dataclass
 
 import storage
-from storage.errors import GptpipeError
+from storage.errors import GptpipeError, first_line
 from storage.tracking import redact
 from tasks.space import Pruner
 
@@ -122,7 +122,8 @@ def _check_rdb(url: str) -> None:
         _storage(url)
     except ImportError as exc:
         raise GptpipeError(
-            f"--study-storage {redact(url)}: its database driver is not installed ({exc.name})"
+            f"--study-storage {redact(url)}: its database driver is not installed "
+            f"({first_line(exc.__cause__ or exc)}): pip install it beside gptpipe"
         ) from None
     except Exception as exc:  # sqlalchemy's errors: a bad URL, a refused connection
         detail = " ".join(str(exc).split())[:200]
