@@ -121,12 +121,7 @@ def pipeline(
     except BaseException:
         tracker.client.set_terminated(parent_id, "FAILED")
         raise
-    summary["mlflow"] = {
-        "tracking_uri": redact(tracker.tracking_uri),
-        "experiment": experiment,
-        "run_id": parent_id,
-        "run_url": tracker.run_url(parent_id),
-    }
+    summary["mlflow"] = mlflow_summary(tracker, experiment, parent_id)
     parent.log_metrics({"train_loss": summary["train_loss"], "val_loss": summary["val_loss"]})
     parent.log_params({"n_params": summary["n_params"], "world_size": summary["world_size"]})
     parent.log_dict(summary, "summary.json")
@@ -136,6 +131,16 @@ def pipeline(
     )
     publish_report(summary)
     return summary
+
+
+def mlflow_summary(tracker: Tracker, experiment: str, run_id: str) -> dict:
+    """Where a summary's MLflow run is: the (redacted) tracking URI, experiment, id, UI link."""
+    return {
+        "tracking_uri": redact(tracker.tracking_uri),
+        "experiment": experiment,
+        "run_id": run_id,
+        "run_url": tracker.run_url(run_id),
+    }
 
 
 def publish_markdown(text: str, *, key: str, description: str) -> None:

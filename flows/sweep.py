@@ -25,7 +25,7 @@ from prefect.futures import as_completed
 
 import storage
 from flows.defaults import DEFAULT_STORE
-from flows.pipeline import publish_markdown
+from flows.pipeline import mlflow_summary, publish_markdown
 from model.config import config_from_dict
 from model.corpus import DEFAULT_SHARD_BYTES
 from model.launch import resolve_nproc
@@ -139,11 +139,7 @@ def sweep(
         )
         runner.run(parallel)
         outcomes = _outcomes(study)
-        completed = sorted((o for o in outcomes if o.state == COMPLETE), key=lambda o: o.val_loss)
-        if not completed:
-            first_error = next((o.error for o in outcomes if o.error), "no trial completed")
-            raise GptpipeError(f"every trial of sweep {name} failed or was pruned: {first_error}")
-        best = completed[0]
+        best = _best(outcomes, name)
         registered = register_model(
             workspace.tracking,
             model_name or model_name_for(url, cfg.tokenizer),
@@ -158,11 +154,9 @@ def sweep(
         parent.set_tags(
             {"gptpipe.best_trial": best.number, "gptpipe.best_run_id": best.mlflow_run_id}
         )
-        from prefect.runtime import flow_run
-
         summary = {
             "sweep": name,
-            "prefect_flow_run_id": flow_run.id,
+            "prefect_flow_run_id": _flow_run_id(),
             "source": redact(url),
             "study_storage": study_ref.shown(),
             "space": searched.to_dict(),
@@ -170,12 +164,7 @@ def sweep(
             "best": best.to_dict(),
             "trials": [o.to_dict() for o in _ranked(outcomes)],
             "model": registered.to_dict(),
-            "mlflow": {
-                "tracking_uri": redact(tracker.tracking_uri),
-                "experiment": experiment,
-                "run_id": parent_id,
-                "run_url": tracker.run_url(parent_id),
-            },
+            "mlflow": mlflow_summary(tracker, experiment, parent_id),
             "outputs": {
                 "tokens": tokenized.tokens.uri,
                 "train": splits.train.uri,
@@ -192,6 +181,21 @@ def sweep(
     except BaseException:
         tracker.client.set_terminated(parent_id, "FAILED")
         raise
+
+
+def _best(outcomes: list[TrialOutcome], name: str) -> TrialOutcome:
+    """The completed trial of lowest val loss; none completed is the sweep's failure."""
+    completed = [o for o in outcomes if o.state == COMPLETE]
+    if not completed:
+        first_error = next((o.error for o in outcomes if o.error), "no trial completed")
+        raise GptpipeError(f"every trial of sweep {name} failed or was pruned: {first_error}")
+    return min(completed, key=lambda o: (o.val_loss, o.number))
+
+
+def _flow_run_id() -> str:
+    from prefect.runtime import flow_run
+
+    return flow_run.id
 
 
 def visible_gpus(device: str) -> list[str]:
