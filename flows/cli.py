@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 import textwrap
+from pathlib import Path
 
 from model.exit import skip_last_collections
 from storage.errors import GptpipeError
@@ -426,11 +427,11 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from model.config import build_config
-    from tasks.space import parse_space, read_space_file
+    from model.config import build_config, read_yaml_mapping
+    from tasks.space import parse_space
 
     cfg = build_config(args.preset, args.config, args.set)
-    space = read_space_file(args.space)
+    space = read_yaml_mapping(Path(args.space), "--space")
     parse_space(space, trials=args.trials, origin=f"--space {args.space}")  # before any work
     if args.parallel < 1:
         raise GptpipeError(f"--parallel must be at least 1, got {args.parallel}")
@@ -444,10 +445,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     import storage
 
     store = _absolute_if_local(args.store)
-    from tasks.study import study_storage
+    from tasks.study import check_study_storage
 
-    if args.study_storage or "://" in store:
-        study_storage(store, "check", args.study_storage)  # a bad URL fails here, not later
+    check_study_storage(store, args.study_storage)  # before the store is touched
     storage.preflight(store)
     _check_input(args)
     tracker = Tracker(args.tracking_uri, args.experiment)

@@ -85,7 +85,7 @@ def sweep(
         nproc = max(1, len(visible) // parallel)  # the GPUs shared among the parallel trials
     nproc = resolve_nproc(nproc, cfg.device)
     slots = gpu_slots(parallel, nproc, visible)
-    base = _base_config(cfg.to_dict(), parallel=parallel, nproc=nproc)
+    base = _base_config(cfg.to_dict(), parallel=parallel, nproc=nproc, on_gpus=bool(visible))
     url = reveal(source)
     name = name or sweep_name_for(url, space, cfg.to_dict(), nproc)
     storage.preflight(store)
@@ -274,14 +274,11 @@ def deployed_sweep(
     )
 
 
-def _base_config(config: dict, *, parallel: int, nproc: int) -> dict:
+def _base_config(config: dict, *, parallel: int, nproc: int, on_gpus: bool) -> dict:
     """The trials' base config: K trials at a time on a CPU share its cores (each training
     would otherwise take them all, and K of them would fight over them)."""
-    if parallel > 1 and config["threads"] == 0 and config["device"] != "cuda":
-        import torch
-
-        if config["device"] == "cpu" or not torch.cuda.is_available():
-            return {**config, "threads": max(1, usable_cores() // (parallel * nproc))}
+    if parallel > 1 and config["threads"] == 0 and not on_gpus:
+        return {**config, "threads": max(1, usable_cores() // (parallel * nproc))}
     return config
 
 

@@ -233,7 +233,9 @@ def available_presets() -> list[str]:
     return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
 
 
-def _read_yaml(path: Path, origin: str) -> dict[str, Any]:
+def read_yaml_mapping(path: Path, origin: str) -> dict[str, Any]:
+    """A YAML file of key: value lines (a preset, --config, a sweep's --space), with one-line
+    errors naming ``origin`` for a missing, unreadable or malformed file."""
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -272,9 +274,9 @@ def build_config(
             f"unknown preset {preset!r}; available: {', '.join(available_presets())}"
         )
     values: dict[str, Any] = {}
-    layers = [(f"preset {preset}", _read_yaml(PRESETS_DIR / f"{preset}.yaml", "--preset"))]
+    layers = [(f"preset {preset}", read_yaml_mapping(PRESETS_DIR / f"{preset}.yaml", "--preset"))]
     if config_file:
-        layers.append((f"--config {config_file}", _read_yaml(Path(config_file), "--config")))
+        layers.append((f"--config {config_file}", read_yaml_mapping(Path(config_file), "--config")))
     for origin, mapping in layers:
         for key, value in mapping.items():
             values[key] = _coerce(str(key), value, origin)
@@ -299,5 +301,6 @@ __all__ = [
     "coerce_setting",
     "config_from_dict",
     "default_preset",
+    "read_yaml_mapping",
     "setting_kind",
 ]

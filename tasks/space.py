@@ -24,10 +24,7 @@ import itertools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
-
-import yaml
 
 from model.config import TrainConfig, coerce_setting, setting_kind
 from storage.errors import GptpipeError
@@ -151,22 +148,6 @@ class SweepSpace:
             },
             "params": {p.name: p.to_dict() for p in self.params},
         }
-
-
-def read_space_file(path: str) -> dict[str, Any]:
-    """The space file's mapping (what the sweep flow takes as its ``space`` parameter)."""
-    origin = f"--space {path}"
-    try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise GptpipeError(f"{origin}: file not found") from None
-    except OSError as exc:
-        raise GptpipeError(f"{origin}: cannot read it: {exc.strerror or exc}") from None
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise GptpipeError(f"{origin}: not valid YAML: {' '.join(str(exc).split())}") from None
-    if not isinstance(data, dict):
-        raise GptpipeError(f"{origin}: expected a mapping with a params: section")
-    return data
 
 
 def parse_space(

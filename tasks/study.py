@@ -75,31 +75,39 @@ class TrialReporter:
         import optuna
 
         self._trial = optuna.trial.Trial(ref.study.open(), ref.trial_id)
-        self.curve: list[tuple[int, float]] = []
 
     def __call__(self, step: int, val_loss: float) -> bool:
-        self.curve.append((step, val_loss))
+        # a trial run again after a kill reaches the steps it reported before: reported once
         if step not in self._trial.storage.get_trial(self._trial._trial_id).intermediate_values:
             self._trial.report(val_loss, step)
         return self._trial.should_prune()
 
 
 def study_storage(store: str, sweep_name: str, url: str | None = None) -> str:
-    """The study's storage: ``url`` if given (checked: it must open), else a journal file in the
-    store, which must then be a local folder (an s3:// store needs a database URL)."""
+    """The study's storage: ``url`` if given, else a journal file in the store's
+    sweeps/NAME/ folder (made here); both checked first (`check_study_storage`)."""
+    check_study_storage(store, url)
+    if url:
+        return url
+    folder = storage.local_path(storage.join(store, "sweeps", sweep_name))
+    folder.mkdir(parents=True, exist_ok=True)
+    return str(folder / JOURNAL_NAME)
+
+
+def check_study_storage(store: str, url: str | None = None) -> None:
+    """One-line errors, touching nothing: a ``url`` that does not open, or no url with a store
+    that is not a folder (an s3:// store needs a database URL for the study)."""
     if url:
         _check_rdb(url)
-        return url
+        return
     try:
-        folder = storage.local_path(storage.join(store, "sweeps", sweep_name))
+        storage.local_path(store)
     except GptpipeError:
         raise GptpipeError(
             f"a sweep's study lives in the store only when the store is a local or shared "
             f"folder; for {redact(store)} pass --study-storage with a database URL the trials "
             "can reach (e.g. postgresql://user:password@host/optuna or sqlite:////shared/s.db)"
         ) from None
-    folder.mkdir(parents=True, exist_ok=True)
-    return str(folder / JOURNAL_NAME)
 
 
 def _storage(spec: str):

@@ -82,13 +82,15 @@ def run_trial(
     """Train and evaluate one trial; its outcome, recorded on its MLflow run."""
     logger = get_run_logger()
     tracking = workspace.tracking
-    nested = replace(workspace, tracking=replace(tracking, parent_id=spec.mlflow_run_id))
+    # the trial's stages log under its MLflow run
+    if tracking is not None:
+        workspace = replace(workspace, tracking=replace(tracking, parent_id=spec.mlflow_run_id))
     outcome: dict[str, Any] = {"number": spec.number, "params": spec.params}
     try:
         trained = train(
             spec.config,
             splits,
-            workspace=nested if tracking else workspace,
+            workspace=workspace,
             tokenizer=tokenizer,
             nproc=nproc,
             pruning=TrialRef(study, spec.number, spec.trial_id),
@@ -97,7 +99,7 @@ def run_trial(
         evaluated = evaluate(
             trained.checkpoint,
             splits,
-            workspace=nested if tracking else workspace,
+            workspace=workspace,
             **asdict(evaluation),
         )
     except TrainingStopped as stop:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import re
 import signal
@@ -41,6 +42,17 @@ def yaml_blocks(path: Path) -> list[str]:
 def bash_blocks(path: Path) -> list[str]:
     """The ```bash blocks of a markdown page, in order."""
     return re.findall(r"^```bash\n(.*?)^```", path.read_text(encoding="utf-8"), re.M | re.S)
+
+
+def prefect_api(env: dict[str, str], path: str, body: dict) -> list[dict]:
+    """POST ``body`` to the Prefect API at $PREFECT_API_URL of ``env`` (e.g. "flow_runs/filter")."""
+    request = urllib.request.Request(
+        f"{env['PREFECT_API_URL']}/{path}",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.load(response)
 
 
 def free_port() -> int:

@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,7 @@ import yaml
 from model.config import TrainConfig
 from storage.errors import GptpipeError
 from tasks.space import parse_space
-from tests.conftest import REPO, bash_blocks, run_cli, seed_preset, yaml_blocks
+from tests.conftest import REPO, bash_blocks, prefect_api, run_cli, seed_preset, yaml_blocks
 
 # a tiny model that learns something in 60 steps; evaluations every 20 steps feed the pruner
 TINY = seed_preset(
@@ -46,16 +45,6 @@ def sweep_args(corpus: Path, space: Path, store: Path | str) -> list[str]:
 def summary_of(store: Path) -> dict:
     (path,) = store.glob("sweeps/*/summary.json")
     return json.loads(path.read_text())
-
-
-def prefect_api(env: dict, path: str, body: dict) -> list[dict]:
-    request = urllib.request.Request(
-        f"{env['PREFECT_API_URL']}/{path}",
-        data=json.dumps(body).encode(),
-        headers={"Content-Type": "application/json"},
-    )
-    with urllib.request.urlopen(request, timeout=30) as response:
-        return json.load(response)
 
 
 def task_run_names(env: dict, flow_run_id: str) -> list[str]:

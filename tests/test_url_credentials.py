@@ -11,7 +11,6 @@ import base64
 import http.server
 import json
 import threading
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import pytest
 
 from model.data import load_text
 from storage.errors import GptpipeError
-from tests.conftest import run_cli, seed_preset
+from tests.conftest import prefect_api, run_cli, seed_preset
 from tests.test_cli_errors import assert_clean_error
 
 USER, PASSWORD = "reader", "s3cret-7f1d2c"
@@ -81,16 +80,6 @@ def corpus_server(small_corpus) -> Iterator[Server]:
 def files_holding(folder: Path, secret: str) -> list[str]:
     """Every file under folder whose bytes contain secret (sqlite databases included)."""
     return [str(p) for p in folder.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
-
-
-def prefect_api(cli_env: dict, path: str, body: dict) -> list[dict]:
-    request = urllib.request.Request(
-        f"{cli_env['PREFECT_API_URL']}/{path}",
-        data=json.dumps(body).encode(),
-        headers={"Content-Type": "application/json"},
-    )
-    with urllib.request.urlopen(request, timeout=30) as response:
-        return json.load(response)
 
 
 def flow_runs_of(cli_env: dict, shown_url: str) -> list[dict]:
