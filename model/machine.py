@@ -223,13 +223,43 @@ def peak_flops(device: torch.device, dtype: str, cache: MachineCache | None = No
             if model in name:
                 return Peak(peaks[dtype], f"table: {name}, dense {dtype}")
     cache = cache or MachineCache()
-    key = machine_key(device, "matmul peak", dtype)
-    entry = cache.get(key)
-    if entry is None:
-        max_n = 8192 if device.type == "cuda" else 1024
-        flops = measure_matmul_flops(device, TORCH_DTYPES[dtype], max_n)
-        entry = {"flops": flops, "measured": time.strftime("%Y-%m-%d")}
-        cache.put(key, entry)
+    entry = cache.get(peak_key(device, dtype))
+    return _measured_peak(device, dtype, entry) if entry else _measure_peak(device, dtype, cache)
+
+
+def corrected_peak(
+    device: torch.device,
+    dtype: str,
+    peak: Peak,
+    *,
+    reached_flops: float,
+    cache: MachineCache | None = None,
+) -> Peak:
+    """The peak again where a training ran faster than it (MFU over 100%): a measured peak is
+    too low when the machine was busy while it was measured, and every later run would read
+    MFU against it. Measures again and caches the larger of that and what the training reached.
+    A table's peak, or one the training did not beat, is returned as it is."""
+    if reached_flops <= peak.flops or peak.source.startswith("table"):
+        return peak
+    return _measure_peak(device, dtype, cache or MachineCache(), at_least=reached_flops)
+
+
+def peak_key(device: torch.device, dtype: str) -> str:
+    """The cache key of the matmul peak in one precision, at this process's thread count."""
+    return machine_key(device, "matmul peak", dtype)
+
+
+def _measure_peak(
+    device: torch.device, dtype: str, cache: MachineCache, *, at_least: float = 0.0
+) -> Peak:
+    max_n = 8192 if device.type == "cuda" else 1024
+    flops = max(measure_matmul_flops(device, TORCH_DTYPES[dtype], max_n), at_least)
+    entry = {"flops": flops, "measured": time.strftime("%Y-%m-%d")}
+    cache.put(peak_key(device, dtype), entry)
+    return _measured_peak(device, dtype, entry)
+
+
+def _measured_peak(device: torch.device, dtype: str, entry: dict[str, Any]) -> Peak:
     if device.type == "cuda":
         where = torch.cuda.get_device_name(device)
     else:

@@ -9,7 +9,9 @@ import model.machine as machine
 from model.machine import (
     MachineCache,
     cgroup_cpu_limit,
+    corrected_peak,
     peak_flops,
+    peak_key,
     threads_per_rank,
     usable_cores,
 )
@@ -79,6 +81,38 @@ def test_the_cpu_peak_is_measured_once_per_precision_and_cached(tmp_path, monkey
     assert machine.cpu_name() in first.source
     peak_flops(torch.device("cpu"), "bfloat16", cache)
     assert calls == [torch.float32, torch.bfloat16]
+
+
+def test_a_peak_a_training_beat_is_measured_again_and_the_larger_cached(tmp_path, monkeypatch):
+    """A peak measured while the machine was busy (here: an absurd 1 MFLOP/s in the cache)."""
+    cpu = torch.device("cpu")
+    cache = MachineCache(tmp_path / "machine.json")
+    cache.put(peak_key(cpu, "float32"), {"flops": 1e6, "measured": "2026-01-01"})
+    low = peak_flops(cpu, "float32", cache)
+    assert low.flops == 1e6
+    fixed = corrected_peak(cpu, "float32", low, reached_flops=2e6, cache=cache)
+    assert fixed.flops > 1e9 and fixed.source.startswith("measured: float32 matmul on ")
+    assert "2026-01-01" not in fixed.source
+    assert peak_flops(cpu, "float32", cache) == fixed  # later runs read the new one
+    # a training cannot beat the matmul peak: what it reached is kept where a busy machine
+    # measures less again
+    monkeypatch.setattr(machine, "measure_matmul_flops", lambda *a: 3e6)
+    assert corrected_peak(cpu, "float32", low, reached_flops=5e6, cache=cache).flops == 5e6
+
+
+def test_a_peak_not_beaten_or_from_the_table_is_kept(tmp_path, monkeypatch):
+    def never(*args):
+        raise AssertionError("measured again")
+
+    monkeypatch.setattr(machine, "measure_matmul_flops", never)
+    cache = MachineCache(tmp_path / "machine.json")
+    measured = machine.Peak(100e9, "measured: float32 matmul on ...")
+    cpu = torch.device("cpu")
+    assert corrected_peak(cpu, "float32", measured, reached_flops=60e9, cache=cache) is measured
+    table = machine.Peak(989e12, "table: NVIDIA H100 80GB HBM3, dense bfloat16")
+    gpu = torch.device("cuda", 0)
+    assert corrected_peak(gpu, "bfloat16", table, reached_flops=1e15, cache=cache) is table
+    assert not cache.path.exists()
 
 
 def test_a_known_gpu_takes_its_peak_from_the_table(monkeypatch):
