@@ -75,11 +75,13 @@ class Precision:
 
 @dataclass(frozen=True)
 class ProbeResult:
-    """Median seconds of one forward/backward step in each precision, at probe_batch rows."""
+    """Median seconds of one forward/backward step in each precision, at probe_batch rows, over
+    `rounds` rounds of one step each."""
 
     float32_s: float
     bfloat16_s: float
     probe_batch: int
+    rounds: int = PROBE_ROUNDS
 
 
 # ----------------------------------------------------------------------------- resolution
@@ -136,11 +138,22 @@ def resolve_precision(
             f"this CPU has {units}, but probing bf16's speed would cost more than "
             f"{PROBE_SHARE:.0%} of this run's training",
         )
-    key = machine_key(device, "precision probe", _shape_key(cfg, model_config), f"rows {plan.rows}")
+    # v2: verdicts of fewer than PROBE_ROUNDS rounds, which v1 cached, are not read
+    key = machine_key(
+        device, "precision probe v2", _shape_key(cfg, model_config), f"rows {plan.rows}"
+    )
     entry = cache.get(key)
     if entry is not None and entry.get("dtype") in ("float32", "bfloat16"):
         return Precision(entry["dtype"], f"{entry['reason']}; cached")
     result = (probe or probe_speeds)(model_config, plan, device)
+    if result.rounds < PROBE_ROUNDS:
+        # one millisecond step of each is noise (a float32 step measured at twice its time
+        # picked bf16 for a model it slowed by a quarter): no verdict, and none cached
+        return Precision(
+            "float32",
+            f"this CPU has {units}, but only {result.rounds} of the probe's {PROBE_ROUNDS} "
+            f"rounds fit in {PROBE_SHARE:.0%} of this run's training: too few to tell",
+        )
     faster = result.bfloat16_s < result.float32_s * (1 - PROBE_MARGIN)
     dtype = "bfloat16" if faster else "float32"
     times = f"{result.bfloat16_s * 1e3:.1f} vs {result.float32_s * 1e3:.1f} ms a step"
@@ -243,5 +256,8 @@ def probe_speeds(model_config: GPTConfig, plan: ProbePlan, device: torch.device)
             if elapsed > plan.budget_s or (done >= PROBE_ROUNDS and elapsed > PROBE_AIM_S):
                 break
     return ProbeResult(
-        statistics.median(times["float32"]), statistics.median(times["bfloat16"]), plan.rows
+        statistics.median(times["float32"]),
+        statistics.median(times["bfloat16"]),
+        plan.rows,
+        rounds=done,
     )

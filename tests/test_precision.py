@@ -110,6 +110,31 @@ def test_a_run_too_short_to_pay_for_a_probe_stays_float32_and_caches_nothing(nat
     assert not cache.path.exists()
 
 
+def test_a_probe_of_too_few_rounds_decides_nothing_and_caches_nothing(native_bf16, cache):
+    """One round of each precision once measured float32 at twice its time (14.9 vs 7.6 ms) and
+    picked bf16 for a tiny model it slowed by a quarter; the verdict was cached for good."""
+
+    def one_round(model_config, plan, device):
+        return ProbeResult(0.0149, 0.0106, plan.rows, rounds=1)
+
+    chosen = resolve(build_config("cpu", None, TINY), cache, one_round)
+    assert chosen.dtype == "float32"
+    assert "only 1 of the probe's 3 rounds fit in 2% of this run's training" in chosen.reason
+    assert not cache.path.exists()
+    # the same times over enough rounds are a verdict, and it is cached
+    rounds = FakeProbe(0.0149, 0.0106)
+    assert resolve(build_config("cpu", None, TINY), cache, rounds).dtype == "bfloat16"
+    assert cache.path.exists()
+
+
+def test_the_real_probe_counts_its_rounds_within_the_budget():
+    seed = build_config("seed").model_config(65)
+    tight = precision.ProbePlan(rows=32, budget_s=1e-4)  # less than one step: one round
+    assert probe_speeds(seed, tight, CPU).rounds == 1
+    enough = precision.ProbePlan(rows=32, budget_s=1.0)
+    assert probe_speeds(seed, enough, CPU).rounds >= precision.PROBE_ROUNDS
+
+
 def test_the_probe_plan_fits_its_budget():
     peak = 200e9
     cpu = build_config("cpu").model_config(65)
