@@ -20,7 +20,7 @@ from model.config import TrainConfig, config_from_dict
 from model.corpus import DEFAULT_SHARD_BYTES
 from model.launch import resolve_nproc
 from model.ray_launch import check_train_engine
-from storage.tracking import DEFAULT_EXPERIMENT, Tracker, model_name_for, redact
+from storage.tracking import DEFAULT_EXPERIMENT, Tracker, end_status, model_name_for, redact
 from tasks.cache import check_refresh
 from tasks.common import retry_unless_user_error
 from tasks.evaluate import evaluate
@@ -88,6 +88,7 @@ def pipeline(
         store=store,
         tracking=Tracking(uri=tracker.tracking_uri, experiment=experiment, parent_id=parent_id),
         refresh=frozenset(check_refresh(refresh or [])),
+        owner=f"gptpipe run {run_id}",
     )
     parent = tracker.stage_handle(parent_id)
     shown = {"source": redact(url), "nproc": nproc, "store": redact(run_uri)}
@@ -118,8 +119,8 @@ def pipeline(
             sampling=sampling,
             model_name=model_name or model_name_for(url, cfg.tokenizer),
         )
-    except BaseException:
-        tracker.client.set_terminated(parent_id, "FAILED")
+    except BaseException as exc:  # FAILED; KILLED when interrupted (Ctrl-C, SIGTERM, cancelled)
+        tracker.client.set_terminated(parent_id, end_status(exc))
         raise
     summary["mlflow"] = mlflow_summary(tracker, experiment, parent_id)
     parent.log_metrics({"train_loss": summary["train_loss"], "val_loss": summary["val_loss"]})
@@ -273,7 +274,7 @@ def _stages(
     run_uri = storage.join(workspace.store, "runs", run_id)
     sampled = sample(trained.checkpoint, run_uri, workspace=workspace, settings=sampling)
     registered = register_model(
-        workspace.tracking,
+        workspace,
         model_name,
         trained=trained,
         evaluated=evaluated,

@@ -31,7 +31,9 @@ from model.corpus import DEFAULT_SHARD_BYTES
 from model.launch import resolve_nproc
 from model.machine import usable_cores
 from storage.errors import GptpipeError, first_line
+from storage.lease import Lease
 from storage.tracking import DEFAULT_EXPERIMENT, Tracker, model_name_for, redact
+from tasks.cache import lease_dir
 from tasks.register import register_model
 from tasks.results import EvaluateResult, Tracking, TrainResult, Workspace
 from tasks.space import SweepSpace, parse_space
@@ -91,96 +93,112 @@ def sweep(
     storage.preflight(store)
     tracker = Tracker(tracking_uri, experiment)
     tracker.check()
-    study_ref = StudyRef(name, study_storage(store, name, study_storage_url), searched.pruner)
-    study = _open_study(study_ref, searched)
-    parent_id = _parent_run(tracker, study, name=name, searched=searched, base=base, url=url)
-    workspace = Workspace(
-        store=store,
-        tracking=Tracking(uri=tracker.tracking_uri, experiment=experiment, parent_id=parent_id),
-    )
-    logger.info(
-        "sweep %s: %d trial(s), %s sampler, %d at a time; study at %s",
-        name,
-        searched.trials,
-        searched.sampler,
-        parallel,
-        study_ref.shown(),
-    )
+    # one process per study at a time: a second sweep of the same name waits, then resumes it
+    lease = Lease(
+        lease_dir(store, "sweep", name),
+        owner=f"gptpipe sweep {name} (pid {os.getpid()})",
+        what=f"sweep {name}",
+        on_wait=logger.info,
+    ).acquire()
     try:
-        tokenized = tokenize(
-            url,
-            workspace,
-            tokenizer=cfg.tokenizer,
-            vocab_size=cfg.vocab_size,
-            shard_bytes=shard_bytes,
+        study_ref = StudyRef(name, study_storage(store, name, study_storage_url), searched.pruner)
+        study = _open_study(study_ref, searched)
+        parent_id = _parent_run(tracker, study, name=name, searched=searched, base=base, url=url)
+        workspace = Workspace(
+            store=store,
+            tracking=Tracking(uri=tracker.tracking_uri, experiment=experiment, parent_id=parent_id),
+            owner=f"gptpipe sweep {name}",
         )
-        splits = split(
-            tokenized.tokens, workspace, val_fraction=cfg.val_fraction, block_size=cfg.block_size
+        logger.info(
+            "sweep %s: %d trial(s), %s sampler, %d at a time; study at %s",
+            name,
+            searched.trials,
+            searched.sampler,
+            parallel,
+            study_ref.shown(),
         )
-        # every trial's final model is measured on the same val batches: the base config's
-        evaluation = Evaluation(eval_iters=cfg.eval_iters, batch_size=cfg.batch_size, seed=cfg.seed)
-        runner = _TrialRunner(
-            study,
-            searched,
-            base=base,
-            tracker=tracker,
-            parent_id=parent_id,
-            slots=slots,
-            submit=lambda spec: trial_task.submit(
-                spec,
-                splits,
-                workspace=workspace,
+        try:
+            tokenized = tokenize(
+                url,
+                workspace,
+                tokenizer=cfg.tokenizer,
+                vocab_size=cfg.vocab_size,
+                shard_bytes=shard_bytes,
+            )
+            splits = split(
+                tokenized.tokens,
+                workspace,
+                val_fraction=cfg.val_fraction,
+                block_size=cfg.block_size,
+            )
+            # every trial's final model is measured on the same val batches: the base config's
+            evaluation = Evaluation(
+                eval_iters=cfg.eval_iters, batch_size=cfg.batch_size, seed=cfg.seed
+            )
+            runner = _TrialRunner(
+                study,
+                searched,
+                base=base,
+                tracker=tracker,
+                parent_id=parent_id,
+                slots=slots,
+                submit=lambda spec: trial_task.submit(
+                    spec,
+                    splits,
+                    workspace=workspace,
+                    tokenizer=tokenized.tokenizer,
+                    study=study_ref,
+                    evaluation=evaluation,
+                    nproc=nproc,
+                ),
+                study_ref=study_ref,
+            )
+            runner.run(parallel)
+            outcomes = _outcomes(study)
+            best = _best(outcomes, name)
+            registered = register_model(
+                workspace,
+                model_name or model_name_for(url, cfg.tokenizer),
+                trained=TrainResult.from_dict(best.trained),
+                evaluated=EvaluateResult(**best.evaluated),
+                splits=splits,
                 tokenizer=tokenized.tokenizer,
-                study=study_ref,
-                evaluation=evaluation,
-                nproc=nproc,
-            ),
-            study_ref=study_ref,
-        )
-        runner.run(parallel)
-        outcomes = _outcomes(study)
-        best = _best(outcomes, name)
-        registered = register_model(
-            workspace.tracking,
-            model_name or model_name_for(url, cfg.tokenizer),
-            trained=TrainResult.from_dict(best.trained),
-            evaluated=EvaluateResult(**best.evaluated),
-            splits=splits,
-            tokenizer=tokenized.tokenizer,
-            run_id=f"{name}-trial-{best.number}",
-        )
-        parent = tracker.stage_handle(parent_id)
-        parent.log_metrics({"best_val_loss": best.val_loss, "trials_done": len(outcomes)})
-        parent.set_tags(
-            {"gptpipe.best_trial": best.number, "gptpipe.best_run_id": best.mlflow_run_id}
-        )
-        summary = {
-            "sweep": name,
-            "prefect_flow_run_id": _flow_run_id(),
-            "source": redact(url),
-            "study_storage": study_ref.shown(),
-            "space": searched.to_dict(),
-            "parallel": parallel,
-            "best": best.to_dict(),
-            "trials": [o.to_dict() for o in _ranked(outcomes)],
-            "model": registered.to_dict(),
-            "mlflow": mlflow_summary(tracker, experiment, parent_id),
-            "outputs": {
-                "tokens": tokenized.tokens.uri,
-                "train": splits.train.uri,
-                "val": splits.val.uri,
-            },
-        }
-        parent.log_dict(summary, "sweep.json")
-        tracker.client.set_terminated(parent_id, "FINISHED")
-        summary_uri = storage.join(store, "sweeps", name, "summary.json")
-        storage.put_bytes(summary_uri, json.dumps(summary, indent=2).encode("utf-8"))
-        summary["summary_uri"] = summary_uri
-        publish_markdown(sweep_report(summary), key="gptpipe-sweep", description="sweep trials")
-        return summary
-    except BaseException:
-        tracker.client.set_terminated(parent_id, "FAILED")
-        raise
+                run_id=f"{name}-trial-{best.number}",
+            )
+            parent = tracker.stage_handle(parent_id)
+            parent.log_metrics({"best_val_loss": best.val_loss, "trials_done": len(outcomes)})
+            parent.set_tags(
+                {"gptpipe.best_trial": best.number, "gptpipe.best_run_id": best.mlflow_run_id}
+            )
+            summary = {
+                "sweep": name,
+                "prefect_flow_run_id": _flow_run_id(),
+                "source": redact(url),
+                "study_storage": study_ref.shown(),
+                "space": searched.to_dict(),
+                "parallel": parallel,
+                "best": best.to_dict(),
+                "trials": [o.to_dict() for o in _ranked(outcomes)],
+                "model": registered.to_dict(),
+                "mlflow": mlflow_summary(tracker, experiment, parent_id),
+                "outputs": {
+                    "tokens": tokenized.tokens.uri,
+                    "train": splits.train.uri,
+                    "val": splits.val.uri,
+                },
+            }
+            parent.log_dict(summary, "sweep.json")
+            tracker.client.set_terminated(parent_id, "FINISHED")
+            summary_uri = storage.join(store, "sweeps", name, "summary.json")
+            storage.put_bytes(summary_uri, json.dumps(summary, indent=2).encode("utf-8"))
+            summary["summary_uri"] = summary_uri
+            publish_markdown(sweep_report(summary), key="gptpipe-sweep", description="sweep trials")
+            return summary
+        except BaseException:
+            tracker.client.set_terminated(parent_id, "FAILED")
+            raise
+    finally:
+        lease.release()
 
 
 def _best(outcomes: list[TrialOutcome], name: str) -> TrialOutcome:

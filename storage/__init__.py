@@ -4,7 +4,8 @@ URIs stay strings on purpose (a `Path` would collapse the `//` of `s3://`). Ever
 all-or-nothing: a reader never sees a half-written object under its final name, and a write that
 fails (a full disk included) is a one-line GptpipeError that leaves the old object as it was.
 
-Objects: put_bytes, put_file, get_bytes, get_file, exists, list_uris, sha256, size. Files for
+Objects: put_bytes, put_file, create_new (only if absent), delete, get_bytes, get_file,
+exists, list_uris, sha256, size. storage.lease builds leases on create_new. Files for
 Parquet and checkpoints: open_read (random access) and ``with open_write(uri) as f``; and
 arrow_filesystem for pyarrow.dataset. preflight(uri) checks a store is usable before a run.
 S3 settings (endpoint, credentials, region) come from the standard AWS_* places: see storage.s3.
@@ -13,6 +14,8 @@ S3 settings (endpoint, credentials, region) come from the standard AWS_* places:
 from storage.uri import (
     arrow_filesystem,
     content_id,
+    create_new,
+    delete,
     exists,
     get_bytes,
     get_file,
@@ -31,6 +34,8 @@ from storage.uri import (
 __all__ = [
     "arrow_filesystem",
     "content_id",
+    "create_new",
+    "delete",
     "exists",
     "get_bytes",
     "get_file",

@@ -89,6 +89,39 @@ class LocalBackend:
         with src, atomic_write(path) as f:
             shutil.copyfileobj(src, f, _CHUNK)
 
+    def create_new(self, path: Path, data: bytes) -> bool:
+        """Write ``data`` to ``path`` only if nothing is there: True if this call created it.
+
+        The content goes to a temporary file of its own first, then os.link gives it its name,
+        which fails if the name exists (as O_EXCL does): a reader never sees the file
+        half-written, and of two processes creating the same name exactly one succeeds.
+        """
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = _create_temp(path)
+        except OSError as exc:
+            raise _write_error(path, exc) from None
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        except OSError as exc:
+            raise _write_error(path, exc) from None
+        finally:
+            tmp.unlink(missing_ok=True)
+        return True
+
+    def delete(self, path: Path) -> None:
+        """Remove the file if it is there."""
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as exc:
+            raise GptpipeError(f"could not delete {path}: {exc.strerror or exc}") from None
+
     def get_bytes(self, path: Path) -> bytes:
         try:
             return path.read_bytes()

@@ -75,6 +75,8 @@ _CREDENTIAL_CODES = {
     "403",
 }
 _NOT_FOUND_CODES = {"NoSuchKey", "404", "NotFound"}
+# a conditional write that lost: the object exists (412), or another write to it was in flight (409)
+_CONDITION_FAILED = {"PreconditionFailed", "412", "ConditionalRequestConflict", "409"}
 _NO_CREDENTIALS = (
     "no S3 credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)"
 )
@@ -382,6 +384,32 @@ class S3Backend:
                 conn.client.upload_fileobj(
                     io.BytesIO(data), loc.bucket, loc.key, Config=_transfer_config()
                 )
+
+    def create_new(self, uri: str, data: bytes) -> bool:
+        """PUT ``data`` only if the key has no object (``If-None-Match: *``, S3's conditional
+        write): True if this call created it. Of two writers exactly one gets True.
+
+        A retried PUT whose first try did succeed answers 412 too: the object is then read
+        back, and it is this call's if it holds exactly ``data`` (callers put a nonce in it).
+        """
+        loc, conn = _object(uri), _connection()
+        with _errors(loc, conn):
+            try:
+                conn.client.put_object(Bucket=loc.bucket, Key=loc.key, Body=data, IfNoneMatch="*")
+                return True
+            except bex.ClientError as exc:
+                if _code_text(exc).split()[0] not in _CONDITION_FAILED:
+                    raise
+        try:
+            return self.get_bytes(uri) == data
+        except GptpipeError:
+            return False  # deleted meanwhile: it was someone else's
+
+    def delete(self, uri: str) -> None:
+        """Remove the object (no error if it is not there)."""
+        loc, conn = _object(uri), _connection()
+        with _errors(loc, conn):
+            conn.client.delete_object(Bucket=loc.bucket, Key=loc.key)
 
     def put_file(self, uri: str, source: Path) -> None:
         loc, conn = _object(uri), _connection()

@@ -63,6 +63,22 @@ def put_file(uri: str, source: str | Path) -> str:
     return uri
 
 
+def create_new(uri: str, data: bytes) -> bool:
+    """Write ``data`` to ``uri`` only if no object is there; True if this call created it.
+
+    Atomic on both backends (a local hard link; S3's ``If-None-Match: *``): of several writers
+    racing for one name, exactly one gets True. The building block of `storage.lease`.
+    """
+    backend, where = _backend(uri)
+    return backend.create_new(where, data)
+
+
+def delete(uri: str) -> None:
+    """Remove an object if it is there."""
+    backend, where = _backend(uri)
+    backend.delete(where)
+
+
 def get_bytes(uri: str) -> bytes:
     backend, where = _backend(uri)
     return backend.get_bytes(where)

@@ -4,6 +4,10 @@ re-uses them.
 A stage's outputs live in a folder named by a key over what they depend on (content hashes and
 settings, never names or run ids), and `manifest.json`, written last, marks the folder complete.
 A crashed stage leaves no manifest, so its folder is simply written again.
+
+Two runs that need the same result at the same time do not both compute it: `claim` takes a
+lease on the stage's key in the store (`storage.lease`) before the work, so the second run waits
+for the first and re-uses its result, and a run whose holder died takes its work over.
 """
 
 from __future__ import annotations
@@ -11,11 +15,15 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any
 
 import storage
+from storage.lease import Holder, Lease
 
 MANIFEST = "manifest.json"
 STAGES = ("tokenize", "split", "train")
@@ -125,6 +133,59 @@ def cache_key(stage: str, **inputs: Any) -> str:
 def stage_dir(store: str, stage: str, key: str) -> str:
     kind = "models" if stage == "train" else "datasets"
     return storage.join(store, kind, f"{stage}-{key}")
+
+
+def lease_dir(store: str, stage: str, key: str) -> str:
+    """Where the lease on a stage's key lives: beside the results, never inside their folder."""
+    return storage.join(store, "leases", f"{stage}-{key}")
+
+
+@dataclass
+class Claim:
+    """What `claim` found: a finished result to re-use (``manifest``), or the work to do under
+    the lease, continuing the work of ``took_over`` (a holder that died) if there is one."""
+
+    folder: str
+    manifest: dict | None = None
+    took_over: Holder | None = None
+    lease: Lease | None = None
+
+    def save(self, manifest: dict) -> None:
+        """Publish the result: the manifest, written last, marks the folder complete (unless
+        another run took this one's lease over meanwhile: then its result is the one kept)."""
+        if self.lease is not None:
+            self.lease.check()
+        save_manifest(self.folder, manifest)
+        self.manifest = manifest
+
+
+@contextmanager
+def claim(
+    store: str,
+    stage: str,
+    key: str,
+    *,
+    refresh: bool = False,
+    owner: str,
+    log: Callable[[str], None],
+) -> Iterator[Claim]:
+    """``with claim(store, stage, key, owner=..., log=...) as found:`` the stage's cached result
+    (``found.manifest``), or the lease to compute it (``found.save(manifest)`` at the end).
+
+    A cached result is returned without a lease. Otherwise the block runs holding the key's lease:
+    a run that had to wait for another gets that run's result (the manifest is read again once
+    the lease is held); ``refresh`` computes it again unless it waited for a run that just did.
+    """
+    folder = stage_dir(store, stage, key)
+    manifest = None if refresh else load_manifest(folder)
+    if manifest is not None:
+        yield Claim(folder, manifest)
+        return
+    what = f"{stage}-{key}"
+    with Lease(lease_dir(store, stage, key), owner=owner, what=what, on_wait=log) as lease:
+        if lease.waited_for is not None or not refresh:
+            manifest = load_manifest(folder)
+        yield Claim(folder, manifest, None if manifest else lease.took_over, lease)
 
 
 def load_manifest(folder: str) -> dict | None:

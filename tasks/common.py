@@ -8,7 +8,8 @@ from contextlib import contextmanager
 from model.launch import TrainingStopped
 from storage.errors import GptpipeError
 from storage.tracking import NullRun, StageRun, Tracker
-from tasks.results import SplitResult, Tracking
+from tasks.cache import Claim, claim
+from tasks.results import SplitResult, Tracking, Workspace
 
 
 def retry_unless_user_error(task, task_run, state) -> bool:
@@ -54,3 +55,22 @@ def log_split_inputs(run: StageRun | NullRun, splits: SplitResult, contexts: dic
     for name, context in contexts.items():
         split = getattr(splits, name)
         run.log_dataset(split.uri, name, split.sha256, context=context)
+
+
+def run_owner(workspace: Workspace) -> str:
+    """This run as others waiting on its leases see it: ``workspace.owner``, else the Prefect
+    flow run's name."""
+    if workspace.owner:
+        return workspace.owner
+    from prefect.runtime import flow_run
+
+    return f"Prefect flow run {flow_run.name or flow_run.id or '(none)'}"
+
+
+@contextmanager
+def claim_stage(workspace: Workspace, stage: str, key: str, log) -> Iterator[Claim]:
+    """`tasks.cache.claim` for a stage of this workspace: its cached result, or its lease."""
+    refresh = workspace.refreshes(stage)
+    owner = run_owner(workspace)
+    with claim(workspace.store, stage, key, refresh=refresh, owner=owner, log=log) as found:
+        yield found

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import hashlib
 import json
 
 from prefect import get_run_logger, task
@@ -8,7 +9,9 @@ import storage
 from model.checkpoint import load_checkpoint
 from model.dist import pick_device
 from model.evaluate import evaluate_checkpoint
-from tasks.common import IO_RETRIES, tracker_for
+from storage.lease import Lease
+from tasks.cache import lease_dir
+from tasks.common import IO_RETRIES, run_owner, tracker_for
 from tasks.registry import (
     CHALLENGER,
     CHAMPION,
@@ -27,12 +30,13 @@ from tasks.results import (
     SplitResult,
     Tracking,
     TrainResult,
+    Workspace,
 )
 
 
 @task(name="register", **IO_RETRIES)
 def register_model(
-    tracking: Tracking,
+    workspace: Workspace,
     name: str,
     *,
     trained: TrainResult,
@@ -47,7 +51,40 @@ def register_model(
     Both losses are measured on this run's val split with the evaluate stage's batches: the
     champion's recorded loss when it was measured so (the same val data, tokenizer, batches and
     device: the `evaluation` tag), or else the champion evaluated afresh, whatever data it saw.
+
+    One registration per model name at a time (a lease in the store): two runs that trained the
+    same checkpoint register it once, and champion decisions do not interleave.
     """
+    logger = get_run_logger()
+    name_key = hashlib.sha256(f"{workspace.tracking.uri}\0{name}".encode()).hexdigest()[:20]
+    lease = Lease(
+        lease_dir(workspace.store, "register", name_key),
+        owner=run_owner(workspace),
+        what=f"registering {name}",
+        on_wait=logger.info,
+    )
+    with lease:
+        return _register(
+            workspace.tracking,
+            name,
+            trained=trained,
+            evaluated=evaluated,
+            splits=splits,
+            tokenizer=tokenizer,
+            run_id=run_id,
+        )
+
+
+def _register(
+    tracking: Tracking,
+    name: str,
+    *,
+    trained: TrainResult,
+    evaluated: EvaluateResult,
+    splits: SplitResult,
+    tokenizer: Artifact,
+    run_id: str,
+) -> RegisterResult:
     logger = get_run_logger()
     tracker = tracker_for(tracking)
     val_loss = evaluated.val_loss

@@ -59,6 +59,7 @@ class Workspace:
     store: str
     tracking: Tracking | None = None
     refresh: frozenset[str] = frozenset()
+    owner: str = ""  # who runs, as other runs waiting on its leases see it (e.g. "gptpipe run ID")
 
     def refreshes(self, stage: str) -> bool:
         """Whether ``stage`` runs again even when the store holds its cached result."""

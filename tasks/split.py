@@ -15,8 +15,8 @@ import storage
 from model.data import read_tokens, split_tokens, write_tokens
 from model.dataset import SHARD_ROW_GROUP_SIZE, make_manifest, read_manifest, write_manifest
 from storage.errors import GptpipeError
-from tasks.cache import cache_key, load_manifest, save_manifest, stage_dir
-from tasks.common import IO_RETRIES, stage_run
+from tasks.cache import cache_key
+from tasks.common import IO_RETRIES, claim_stage, stage_run
 from tasks.results import Artifact, SplitResult, Workspace
 
 _ENTRY_KEYS = ("uri", "sha256", "bytes", "n_tokens")
@@ -41,12 +41,12 @@ def split(
             block_size=block_size,
             val_shards=val_shards,
         )
-        folder = stage_dir(workspace.store, "split", key)
-        manifest = None if workspace.refreshes("split") else load_manifest(folder)
-        cached = manifest is not None
-        if manifest is None:
-            manifest = _split(tokens.uri, folder, val_fraction, block_size, val_shards)
-            save_manifest(folder, manifest)
+        with claim_stage(workspace, "split", key, logger.info) as found:
+            folder, manifest = found.folder, found.manifest
+            cached = manifest is not None
+            if manifest is None:
+                found.save(_split(tokens.uri, folder, val_fraction, block_size, val_shards))
+                manifest = found.manifest
         run.log_params({**manifest["metadata"], "cached": cached, "cache_key": key})
         run.record_io({"tokens": tokens.to_dict()}, manifest["outputs"])
     meta = manifest["metadata"]

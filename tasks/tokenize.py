@@ -35,8 +35,8 @@ from model.corpus import (
 from model.dataset import make_manifest, write_manifest, write_shard_tokens
 from model.tokenizer import CharTokenizer, tokenizer_from_json, train_tokenizer
 from storage.tracking import redact
-from tasks.cache import cache_key, load_manifest, save_manifest, stage_dir
-from tasks.common import IO_RETRIES, stage_run
+from tasks.cache import cache_key, load_manifest, stage_dir
+from tasks.common import IO_RETRIES, claim_stage, stage_run
 from tasks.results import Artifact, TokenizeResult, Workspace, artifact_dicts
 
 # BPE learns its merges from at most this much text, taken evenly from the shards' beginnings.
@@ -142,9 +142,12 @@ def tokenize(
         folder, manifest = planned["folder"], planned["manifest"]
         cached = manifest is not None
         if not cached:
-            manifest = _tokenize_shards(planned, tokenizer, vocab_size, bpe_sample_bytes)
-            manifest["source"] = shown
-            save_manifest(folder, manifest)
+            with claim_stage(workspace, "tokenize", planned["key"], logger.info) as found:
+                manifest, cached = found.manifest, found.manifest is not None  # waited for it
+                if not cached:
+                    manifest = _tokenize_shards(planned, tokenizer, vocab_size, bpe_sample_bytes)
+                    manifest["source"] = shown
+                    found.save(manifest)
         meta = manifest["metadata"]
         n_files = len(planned["files"])
         run.log_params(

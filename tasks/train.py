@@ -11,8 +11,14 @@ from model.config import config_from_dict
 from model.launch import launch_training
 from model.ray_launch import launch_ray_training
 from model.train import SUMMARY_NAME, TrainingData
-from tasks.cache import cache_key, load_manifest, save_manifest, stage_dir
-from tasks.common import log_split_inputs, retry_unless_user_error, stage_run, tracker_for
+from tasks.cache import cache_key
+from tasks.common import (
+    claim_stage,
+    log_split_inputs,
+    retry_unless_user_error,
+    stage_run,
+    tracker_for,
+)
 from tasks.results import Artifact, SplitResult, Tracking, TrainResult, Workspace, artifact_dicts
 from tasks.study import TrialRef
 
@@ -56,37 +62,37 @@ def train(
         config=config,
         nproc=nproc,
     )  # not the engine: the same results either way (see the docstring)
-    folder = stage_dir(workspace.store, "train", key)
     resume = resume or task_run.run_count > 1
     tracking = workspace.tracking
     with stage_run(tracking, "train") as run:
         # the model learns from train; the loss curve and the best checkpoint come from val
         log_split_inputs(run, splits, {"train": "training", "val": "evaluation"})
-        manifest = None if workspace.refreshes("train") else load_manifest(folder)
-        cached = manifest is not None
-        if cached:
-            summary = json.loads(storage.get_bytes(storage.join(folder, SUMMARY_NAME)))
-            logger.info("train: re-using %s (cached: same data, config and code)", folder)
-            reused = {"n_params": summary["n_params"], "world_size": summary["world_size"]}
-            run.log_params({"cached": True, "cache_key": key, **reused})
-        else:
-            with run.system_metrics():
-                summary = _launcher(engine, ray_address)(
-                    config_from_dict(config),
-                    folder,
-                    inputs=TrainingData(splits.train.uri, splits.val.uri, tokenizer.uri),
-                    nproc=nproc,
-                    resume=resume,
-                    on_line=logger.info,
-                    mlflow_run=(tracking.uri, run.run_id) if run.run_id else None,
-                    on_eval=pruning.reporter() if pruning else None,
-                    **({"extra_env": {"CUDA_VISIBLE_DEVICES": gpus}} if gpus else {}),
-                )
-            run.log_params({"cached": False, "cache_key": key})
+        with claim_stage(workspace, "train", key, logger.info) as found:
+            folder, cached = found.folder, found.manifest is not None
+            if cached:
+                summary = json.loads(storage.get_bytes(storage.join(folder, SUMMARY_NAME)))
+                logger.info("train: re-using %s (cached: same data, config and code)", folder)
+                reused = {"n_params": summary["n_params"], "world_size": summary["world_size"]}
+                run.log_params({"cached": True, "cache_key": key, **reused})
+            else:
+                if found.took_over is not None:
+                    logger.info("train: continuing from the last checkpoint in %s", folder)
+                with run.system_metrics():
+                    summary = _launcher(engine, ray_address)(
+                        config_from_dict(config),
+                        folder,
+                        inputs=TrainingData(splits.train.uri, splits.val.uri, tokenizer.uri),
+                        nproc=nproc,
+                        resume=resume or found.took_over is not None,
+                        on_line=logger.info,
+                        mlflow_run=(tracking.uri, run.run_id) if run.run_id else None,
+                        on_eval=pruning.reporter() if pruning else None,
+                        **({"extra_env": {"CUDA_VISIBLE_DEVICES": gpus}} if gpus else {}),
+                    )
+                run.log_params({"cached": False, "cache_key": key})
+                checkpoint = Artifact.of(summary["checkpoint"])
+                found.save({"checkpoint": checkpoint.to_dict(), "config": config, "nproc": nproc})
         checkpoint = Artifact.of(summary["checkpoint"])
-        if not cached:
-            manifest = {"checkpoint": checkpoint.to_dict(), "config": config, "nproc": nproc}
-            save_manifest(folder, manifest)
         inputs = {"train": splits.train, "val": splits.val, "tokenizer": tokenizer}
         run.record_io(artifact_dicts(inputs), {"checkpoint": checkpoint.to_dict()})
         # a re-used training's model is already logged (the register stage finds its version)

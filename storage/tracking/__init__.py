@@ -6,7 +6,8 @@ One module per job; the names other modules use are re-exported here:
 - params: values as MLflow takes them (`flatten_params`, `dumps`)
 - naming: names in MLflow (`DEFAULT_EXPERIMENT`, `model_name_for`)
 - health: the tracking server's /health check (`check_health`)
-- runs: `Tracker` (one server and experiment) and `StageRun` (logging into one run by id)
+- runs: `Tracker` (one server and experiment), `StageRun` (logging into one run by id) and
+  `end_status` (how a run that raised ends: FAILED, or KILLED when interrupted)
 - protocol: rank 0's stdout line protocol (`LineRun`, `parse_line`, `LINE_MARK`)
 - settings: MLflow's client retry/timeout settings (`mlflow_client_settings`)
 - sender: `TrainingRun`, the background sender of a training's calls
@@ -21,7 +22,7 @@ from storage.tracking.naming import DEFAULT_EXPERIMENT, model_name_for
 from storage.tracking.params import dumps, flatten_params
 from storage.tracking.protocol import LINE_CALLS, LINE_MARK, LineRun, parse_line
 from storage.tracking.redact import redact, redact_text
-from storage.tracking.runs import PARENT_TAG, StageRun, Tracker
+from storage.tracking.runs import PARENT_TAG, StageRun, Tracker, end_status
 from storage.tracking.sender import CLOSE_TIMEOUT_S, TrainingRun
 from storage.tracking.settings import MLFLOW_CLIENT_DEFAULTS, mlflow_client_settings
 from storage.tracking.training import RUN_ID_ENV, NullRun, training_run
@@ -41,6 +42,7 @@ __all__ = [
     "TrainingRun",
     "check_health",
     "dumps",
+    "end_status",
     "flatten_params",
     "mlflow_client_settings",
     "model_name_for",

@@ -26,6 +26,17 @@ PARENT_TAG = "mlflow.parentRunId"
 SYSTEM_METRICS_INTERVAL_S = 5.0
 
 
+def end_status(exc: BaseException) -> str:
+    """The MLflow status of a run ended by ``exc``: the exception's own ``mlflow_status`` if it
+    has one (a training stopped on purpose: KILLED); KILLED for a run stopped from outside (an
+    interrupt: KeyboardInterrupt, SystemExit, a termination signal, a cancellation, which are
+    BaseExceptions but not Exceptions); FAILED for an error."""
+    status = getattr(exc, "mlflow_status", None)
+    if status:
+        return status
+    return "FAILED" if isinstance(exc, Exception) else "KILLED"
+
+
 def _client(tracking_uri: str | None):
     from mlflow.tracking import MlflowClient
 
@@ -97,15 +108,15 @@ class Tracker:
 
     @contextmanager
     def stage(self, name: str, parent_id: str) -> Iterator[StageRun]:
-        """A nested run for one stage; FINISHED when the block ends, FAILED when it raises (or
-        the exception's own ``mlflow_status``: a training stopped on purpose is KILLED)."""
+        """A nested run for one stage; FINISHED when the block ends, FAILED when it raises, KILLED
+        when it is interrupted or stopped on purpose (`end_status`)."""
         run = StageRun(self, self.start_run(name, parent_id))
         start = time.perf_counter()
         try:
             yield run
         except BaseException as exc:
             run.log_metrics({"duration_s": time.perf_counter() - start})
-            self.client.set_terminated(run.run_id, getattr(exc, "mlflow_status", "FAILED"))
+            self.client.set_terminated(run.run_id, end_status(exc))
             raise
         run.log_metrics({"duration_s": time.perf_counter() - start})
         self.client.set_terminated(run.run_id, "FINISHED")
