@@ -22,7 +22,6 @@ from model.launch import resolve_nproc
 from model.ray_launch import check_train_engine
 from storage.tracking import DEFAULT_EXPERIMENT, Tracker, end_status, model_name_for, redact
 from tasks.cache import check_refresh
-from tasks.common import retry_unless_user_error
 from tasks.evaluate import evaluate
 from tasks.register import register_model
 from tasks.registry import warm_up_in_background
@@ -193,18 +192,6 @@ def _check_prompt(prompt: str, tokenizer_uri: str) -> None:
         raise GptpipeError(f"--prompt has characters the tokenizer does not know: {shown}")
 
 
-def retry_unless_timed_out(task, task_run, state) -> bool:
-    """The train task's retry rule under a time limit: a training that ran out of time is not
-    started again (that would double the limit); other failures follow the stages' own rule."""
-    try:
-        state.result()
-    except TimeoutError:
-        return False
-    except BaseException:
-        return retry_unless_user_error(task, task_run, state)
-    return False
-
-
 @dataclass(frozen=True)
 class StageOptions:
     """How the stages run: on how many ranks, resuming or not, how the data is cut, how long
@@ -219,12 +206,11 @@ class StageOptions:
     ray_address: str | None = None
 
     def train_task(self):
-        """The train task, under this time limit if there is one."""
+        """The train task, under this time limit if there is one (a training that ran out of
+        time is not retried: tasks.common.retry_unless_user_error)."""
         if self.train_timeout is None:
             return train
-        return train.with_options(
-            timeout_seconds=self.train_timeout, retry_condition_fn=retry_unless_timed_out
-        )
+        return train.with_options(timeout_seconds=self.train_timeout)
 
 
 def _stages(

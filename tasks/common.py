@@ -13,11 +13,13 @@ from tasks.results import SplitResult, Tracking, Workspace
 
 
 def retry_unless_user_error(task, task_run, state) -> bool:
-    """Prefect retry condition: retry transient failures, never bad input (it would fail again)
-    nor a training stopped on purpose (a sweep's pruned trial)."""
+    """Prefect retry condition of every stage: retry transient failures; never bad input (it
+    would fail again), a training stopped on purpose (a sweep's pruned trial), nor a stage that
+    ran out of time (any TimeoutError, Prefect's task timeout among them: a time limit that a
+    retry doubles is no limit)."""
     try:
         state.result()
-    except (GptpipeError, TrainingStopped):
+    except (GptpipeError, TrainingStopped, TimeoutError):
         return False
     except Exception:
         return True
