@@ -37,12 +37,55 @@ def end_status(exc: BaseException) -> str:
     return "FAILED" if isinstance(exc, Exception) else "KILLED"
 
 
+# how long a process waits for another that is creating the same sqlite database
+SQLITE_CREATE_WAIT_S = 120
+
+
+@contextmanager
+def _sqlite_created_alone(tracking_uri: str | None) -> Iterator[None]:
+    """For a ``sqlite:///PATH`` URI: the block runs while no other process holds the lock file
+    beside the database (``PATH.lock``, flock). MLflow creates a new database's schema when its
+    first client opens it (alembic's migrations), and two runs starting together on a database
+    that does not exist yet would both migrate it: one of them dies. A tracking server needs
+    nothing of this (it migrates once, when it starts)."""
+    path = (tracking_uri or "").removeprefix("sqlite:///")
+    if path == (tracking_uri or "") or not path or path.startswith(":memory:"):
+        yield
+        return
+    import fcntl
+
+    lock_path = Path(path).with_name(Path(path).name + ".lock")
+    try:
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(lock_path, "a")  # noqa: SIM115 - closed below, which also unlocks
+    except OSError as exc:
+        raise GptpipeError(
+            f"cannot create the tracking database's lock file {lock_path}: {exc.strerror or exc}"
+        ) from None
+    with lock:
+        deadline = time.monotonic() + SQLITE_CREATE_WAIT_S
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise GptpipeError(
+                        f"another process has held {lock_path} for {SQLITE_CREATE_WAIT_S} s "
+                        "while opening the tracking database: is it stuck? (remove the lock "
+                        "file if no gptpipe or mlflow process is running)"
+                    ) from None
+                time.sleep(0.1)
+        yield
+
+
 def _client(tracking_uri: str | None):
     from mlflow.tracking import MlflowClient
 
     # the registry lives on the tracking server too (MLflow may default it elsewhere)
     try:
-        return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        with _sqlite_created_alone(tracking_uri):
+            return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     except Exception as exc:  # MLflow raises KeyError-chained errors for an unknown scheme
         scheme = (tracking_uri or "").partition("://")[0]
         raise GptpipeError(
@@ -68,9 +111,15 @@ class Tracker:
     def experiment_id(self) -> str:
         if self._experiment_id is None:
             found = self.client.get_experiment_by_name(self.experiment)
-            self._experiment_id = (
-                found.experiment_id if found else self.client.create_experiment(self.experiment)
-            )
+            if found is None:
+                try:
+                    self._experiment_id = self.client.create_experiment(self.experiment)
+                    return self._experiment_id
+                except Exception:  # RESOURCE_ALREADY_EXISTS: another run created it meanwhile
+                    found = self.client.get_experiment_by_name(self.experiment)
+                    if found is None:
+                        raise
+            self._experiment_id = found.experiment_id
         return self._experiment_id
 
     def check(self) -> None:
