@@ -234,7 +234,7 @@ class Lease:
                 said = now
                 self.on_wait(
                     f"{self.what}: waiting for {top.describe()}, which is computing it "
-                    f"(up to {self.wait_s:.0f} s more; its result will be re-used)"
+                    f"(up to {deadline - now:.0f} s more; its result will be re-used)"
                 )
             time.sleep(min(2.0, self.heartbeat_s, max(deadline - now, 0.05)))
 

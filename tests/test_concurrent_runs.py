@@ -166,3 +166,43 @@ def test_a_killed_lease_holder_is_taken_over_and_the_losses_are_an_uninterrupted
     assert not resumed["cached"]["train"]
     assert resumed["train_loss"] == pytest.approx(whole["train_loss"], abs=1e-4)
     assert resumed["val_loss"] == pytest.approx(whole["val_loss"], abs=1e-4)
+
+
+def test_a_sweep_waits_for_the_one_holding_its_study_and_gives_up_in_one_line(
+    cli_env, small_corpus, tmp_path
+):
+    """One process per study: a second sweep of the same name waits for the first (here a live
+    holder in this process), saying for whom, and gives up after its bound with one line."""
+    from storage.lease import Lease
+    from tests.test_sweep import TINY, write_space
+
+    store = tmp_path / "store"
+    space = write_space(tmp_path, {"trials": 1, "params": {"learning_rate": [1e-3]}})
+    holder = Lease(
+        storage.join(str(store), "leases", "sweep-nightly-lr"),
+        owner="the first sweep",
+        what="sweep nightly-lr",
+        heartbeat_s=0.5,
+    ).acquire()
+    try:
+        args = ["sweep", "--input", str(small_corpus), "--space", str(space)]
+        args += ["--store", str(store), "--name", "nightly-lr", *TINY]
+        start = time.monotonic()
+        done = subprocess.run(
+            [str(Path(sys.executable).with_name("gptpipe")), *args],
+            env={**cli_env, "GPTPIPE_LEASE_WAIT_S": "5"},
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    finally:
+        holder.release()
+    out = done.stdout + done.stderr
+    assert done.returncode == 2, out[-3000:]
+    assert "waiting for the first sweep" in out
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "sweep nightly-lr is still held by the first sweep" in errors[0]
+    assert "Traceback" not in out
+    assert not (store / "sweeps" / "nightly-lr").exists()  # the study was not touched
+    assert time.monotonic() - start < 120
