@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from model.launch import TrainingStopped
 from storage.errors import GptpipeError
 from storage.tracking import NullRun, StageRun, Tracker
 from tasks.cache import Claim, claim
@@ -14,12 +13,12 @@ from tasks.results import SplitResult, Tracking, Workspace
 
 def retry_unless_user_error(task, task_run, state) -> bool:
     """Prefect retry condition of every stage: retry transient failures; never bad input (it
-    would fail again), a training stopped on purpose (a sweep's pruned trial), nor a stage that
-    ran out of time (any TimeoutError, Prefect's task timeout among them: a time limit that a
-    retry doubles is no limit)."""
+    would fail again) nor a stage that ran out of time (any TimeoutError, Prefect's task timeout
+    among them: a time limit that a retry doubles is no limit). A training the sweep's pruner
+    stopped does not fail at all (tasks.train: a Completed state named Pruned)."""
     try:
         state.result()
-    except (GptpipeError, TrainingStopped, TimeoutError):
+    except (GptpipeError, TimeoutError):
         return False
     except Exception:
         return True

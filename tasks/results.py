@@ -172,6 +172,20 @@ class TrainResult:
 
 
 @dataclass(frozen=True)
+class Pruned:
+    """A training that a sweep's pruner stopped on purpose: the step of the evaluation that
+    stopped it and that evaluation's val loss. The train task then ends in a Completed state
+    named Pruned whose result this is, not in a Failed one (tasks.train)."""
+
+    step: int
+    val_loss: float
+
+    @property
+    def message(self) -> str:
+        return f"pruned at step {self.step} (val loss {self.val_loss:.4f})"
+
+
+@dataclass(frozen=True)
 class EvaluateResult:
     """The final model's eval-mode losses, and the batches they were measured on."""
 

@@ -5,10 +5,11 @@ import json
 
 from prefect import get_run_logger, task
 from prefect.runtime import task_run
+from prefect.states import Completed, State
 
 import storage
 from model.config import config_from_dict
-from model.launch import launch_training
+from model.launch import TrainingStopped, launch_training
 from model.ray_launch import launch_ray_training
 from model.train import SUMMARY_NAME, TrainingData
 from tasks.cache import cache_key
@@ -19,11 +20,35 @@ from tasks.common import (
     stage_run,
     tracker_for,
 )
-from tasks.results import Artifact, SplitResult, Tracking, TrainResult, Workspace, artifact_dicts
+from tasks.results import (
+    Artifact,
+    Pruned,
+    SplitResult,
+    Tracking,
+    TrainResult,
+    Workspace,
+    artifact_dicts,
+)
 from tasks.study import TrialRef
 
 
+def _pruned_is_no_failure(fn):
+    """The train task's function, ending in a Completed state named Pruned when the sweep's
+    pruner stopped the training (see `train`), instead of raising `TrainingStopped`."""
+
+    @functools.wraps(fn)
+    def train_or_prune(*args, **kwargs) -> TrainResult | State:
+        try:
+            return fn(*args, **kwargs)
+        except TrainingStopped as stop:  # its stage's MLflow run ended KILLED on the way out
+            pruned = Pruned(step=stop.step, val_loss=stop.val_loss)
+            return Completed(name="Pruned", message=pruned.message, data=pruned)
+
+    return train_or_prune
+
+
 @task(name="train", retries=1, retry_delay_seconds=5, retry_condition_fn=retry_unless_user_error)
+@_pruned_is_no_failure
 def train(
     config: dict,
     splits: SplitResult,
@@ -48,8 +73,10 @@ def train(
     same batches of (seed, step, rank, world size) and end with the same weights
     (tests/test_ray_train.py), so either engine's finished training serves the other.
 
-    pruning: the sweep trial this training is; its evaluations are reported to the study, and
-    `TrainingStopped` is raised when the pruner stops it (not retried). gpus: the GPUs the
+    pruning: the sweep trial this training is; its evaluations are reported to the study. When
+    the pruner stops it, the task run ends in a Completed state named Pruned, "pruned at step N
+    (val loss X)", whose result is a `Pruned` (not a TrainResult), and its MLflow run is KILLED:
+    stopped on purpose, not failed (call it with return_state=True). gpus: the GPUs the
     training may use (CUDA_VISIBLE_DEVICES, e.g. "2,3"): a sweep gives each of its parallel
     trials its own.
     """

@@ -14,12 +14,11 @@ from typing import Any
 
 from prefect import get_run_logger, task
 
-from model.launch import TrainingStopped
 from storage.errors import first_line
 from storage.tracking import Tracker
 from tasks.common import tracker_for
 from tasks.evaluate import evaluate
-from tasks.results import Artifact, SplitResult, Workspace
+from tasks.results import Artifact, Pruned, SplitResult, Workspace
 from tasks.study import StudyRef, TrialRef
 from tasks.train import train
 
@@ -87,6 +86,7 @@ def run_trial(
         workspace = replace(workspace, tracking=replace(tracking, parent_id=spec.mlflow_run_id))
     outcome: dict[str, Any] = {"number": spec.number, "params": spec.params}
     try:
+        # a training the pruner stopped is a Completed state named Pruned whose result says where
         trained = train(
             spec.config,
             splits,
@@ -95,28 +95,29 @@ def run_trial(
             nproc=nproc,
             pruning=TrialRef(study, spec.number, spec.trial_id),
             gpus=spec.gpus,
-        )
-        evaluated = evaluate(
-            trained.checkpoint,
-            splits,
-            workspace=workspace,
-            **asdict(evaluation),
-        )
-    except TrainingStopped as stop:
-        logger.info("trial %d pruned: %s", spec.number, stop)
-        result = TrialOutcome(**outcome, state=PRUNED, stopped_at=stop.step)
+            return_state=True,
+        ).result()
+        if isinstance(trained, Pruned):
+            logger.info("trial %d %s", spec.number, trained.message)
+            result = TrialOutcome(**outcome, state=PRUNED, stopped_at=trained.step)
+        else:
+            evaluated = evaluate(
+                trained.checkpoint,
+                splits,
+                workspace=workspace,
+                **asdict(evaluation),
+            )
+            result = TrialOutcome(
+                **outcome,
+                state=COMPLETE,
+                val_loss=evaluated.val_loss,
+                train_loss=evaluated.train_loss,
+                trained=trained.to_dict(history=False),
+                evaluated=evaluated.to_dict(),
+            )
     except Exception as exc:  # this trial failed; the sweep goes on with the others
         logger.warning("trial %d failed: %s", spec.number, first_line(exc, limit=300))
         result = TrialOutcome(**outcome, state=FAILED, error=first_line(exc, limit=300))
-    else:
-        result = TrialOutcome(
-            **outcome,
-            state=COMPLETE,
-            val_loss=evaluated.val_loss,
-            train_loss=evaluated.train_loss,
-            trained=trained.to_dict(history=False),
-            evaluated=evaluated.to_dict(),
-        )
     result = replace(result, mlflow_run_id=spec.mlflow_run_id)
     record_outcome(tracker_for(tracking), result, study=study)
     return result

@@ -5,7 +5,9 @@ trial registered, against the session's real Prefect server and the real CLI."""
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -280,6 +282,31 @@ def test_pruned_and_failed_trials_are_recorded_and_the_sweep_goes_on(
     assert [t.state.name for t in study.trials] == ["COMPLETE", "FAIL", "PRUNED", "FAIL"]
     assert sorted(study.trials[2].intermediate_values) == [0, 20]
     assert "pruned" in result.stdout and "(at step 20)" in result.stdout
+
+    # Prefect: the pruned trial's train task ended in a clean state that says so, and nothing
+    # about it was logged at ERROR (stopped on purpose, not failed)
+    task_runs = prefect_api(
+        cli_env,
+        "task_runs/filter",
+        {"task_runs": {"flow_run_id": {"any_": [summary["prefect_flow_run_id"]]}}, "limit": 200},
+    )
+    (trial,) = [r for r in task_runs if r["name"] == "trial-2"]
+    (pruned_train,) = [
+        r
+        for r in task_runs
+        if r["name"].startswith("train-")
+        and trial["id"] in {p["id"] for p in r["task_inputs"].get("__parents__", [])}
+    ]
+    state = pruned_train["state"]
+    assert (state["type"], state["name"]) == ("COMPLETED", "Pruned"), state
+    assert re.fullmatch(r"pruned at step 20 \(val loss \d+\.\d{4}\)", state["message"]), state
+    for run in (pruned_train, trial):
+        logs = prefect_api(
+            cli_env, "logs/filter", {"logs": {"task_run_id": {"any_": [run["id"]]}}, "limit": 200}
+        )
+        assert any("Finished in state" in log["message"] for log in logs), logs  # logs arrived
+        errors = [log["message"] for log in logs if log["level"] >= logging.ERROR]
+        assert errors == [], f"{run['name']} logged at ERROR: {errors}"
 
 
 def test_a_study_storage_that_cannot_be_used_is_one_line(s3_env, small_corpus, cli_env, tmp_path):
