@@ -40,6 +40,20 @@ def load_model(uri: str, device: str = "auto") -> LoadedModel:
     return LoadedModel(model, tokenizer, ckpt)
 
 
+def check_seed(seed: int) -> None:
+    if not -(2**63) <= seed < 2**64:  # what torch.Generator.manual_seed accepts
+        raise GptpipeError(f"seed must fit in 64 bits, got {seed}")
+
+
+def row_seed(seed: int, row: int) -> int:
+    """The seed of row ``row`` of prompts sampled together with ``seed``: ``seed + row`` (past
+    2**64 - 1 it wraps to 0). Each prompt of a batch gets its own random stream, as varied as
+    separate requests and as reproducible; row 0 is the prompt sent alone with ``seed``."""
+    check_seed(seed)
+    derived = seed + row
+    return derived - 2**64 if derived >= 2**64 else derived
+
+
 def sample_text(
     loaded: LoadedModel,
     prompt: str = "",
@@ -60,8 +74,7 @@ def sample_text(
         raise GptpipeError(f"temperature must be a finite number >= 0, got {temperature}")
     if top_k is not None and top_k < 1:
         raise GptpipeError(f"top_k must be at least 1, got {top_k}")
-    if not -(2**63) <= seed < 2**64:  # what torch.Generator.manual_seed accepts
-        raise GptpipeError(f"seed must fit in 64 bits, got {seed}")
+    check_seed(seed)
     tokenizer, model = loaded.tokenizer, loaded.model
     notes: list[str] = []
     unknown = tokenizer.unknown_chars(prompt)

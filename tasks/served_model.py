@@ -8,10 +8,12 @@ not gptpipe installed. Keep it so: this file imports MLflow, `model` and `storag
 Prefect, flows or tasks (a test serves the model where those cannot be imported).
 
 Generation settings arrive as MLflow params (SAMPLING_PARAMS, the signature's params schema):
-MLflow checks their types and fills in the defaults. A value out of range (a negative
-max_new_tokens, top_k 0) or a prompt with characters the tokenizer does not know is an
-INVALID_PARAMETER_VALUE MlflowException, which the scoring server answers with a 400 and the
-message; any other exception would be a bare "unexpected error".
+MLflow checks their types and fills in the defaults. Prompts sent together each get their own
+random stream: row i is sampled with seed + i (`model.sample.row_seed`), so row 0 is the text
+that prompt gets alone with that seed. A value out of range (a negative max_new_tokens, top_k
+0) or a prompt with characters the tokenizer does not know is an INVALID_PARAMETER_VALUE
+MlflowException, which the scoring server answers with a 400 and the message; any other
+exception would be a bare "unexpected error".
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from mlflow.models import set_model
 from mlflow.pyfunc import PythonModel
 from mlflow.types import ParamSchema, ParamSpec
 
-from model.sample import load_model, sample_text
+from model.sample import load_model, row_seed, sample_text
 from storage.errors import GptpipeError
 
 SAMPLING_PARAMS = ParamSchema(
@@ -49,7 +51,7 @@ class GPTTextGenerator(PythonModel):
     ) -> list[str]:
         """MLflow hands the prompts over as a one-column DataFrame (the signature's string
         column; the type hint keeps it so, and keeps MLflow from inferring a signature without
-        params), checked to be strings."""
+        params), checked to be strings. Row i is sampled with seed + i (see the module)."""
         settings = {**DEFAULTS, **(params or {})}
         top_k = settings["top_k"]
         try:
@@ -60,9 +62,9 @@ class GPTTextGenerator(PythonModel):
                     max_new_tokens=int(settings["max_new_tokens"]),
                     temperature=float(settings["temperature"]),
                     top_k=None if top_k is None else int(top_k),
-                    seed=int(settings["seed"]),
+                    seed=row_seed(int(settings["seed"]), row),
                 )[0]
-                for prompt in model_input.iloc[:, 0]
+                for row, prompt in enumerate(model_input.iloc[:, 0])
             ]
         except GptpipeError as exc:  # bad settings or prompt: the caller's to fix, a 400
             raise MlflowException.invalid_parameter_value(str(exc)) from None

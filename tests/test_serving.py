@@ -228,6 +228,36 @@ def test_the_champion_answers_with_the_tokens_asked(server, local):
     assert status == 200 and new_tokens(local, default["predictions"][0]) == 200
 
 
+def test_prompts_sent_together_each_get_their_own_random_stream(server, local):
+    """Row i is sampled with seed + i: a batch is as varied as separate requests (the same prompt
+    twice included), as reproducible, and its first row is that prompt's text alone."""
+    from model.sample import sample_text
+
+    params = {"max_new_tokens": 40, "temperature": 1.0, "seed": 7}
+    prompts = (PROMPT, "JULIET:", PROMPT)
+    status, batch = invoke(server, params, inputs=prompts)
+    assert status == 200, batch
+    texts = batch["predictions"]
+    continued = [text.removeprefix(prompt) for text, prompt in zip(texts, prompts, strict=True)]
+    assert len(set(continued)) == 3, continued  # no two rows share one seed's draws
+    assert invoke(server, params, inputs=prompts) == (200, batch)  # same request, same texts
+    assert invoke(server, params, inputs=(PROMPT,))[1]["predictions"] == [texts[0]]
+    # as the docs say: row i is what its prompt gets alone with seed + i
+    for row, prompt in enumerate(prompts):
+        alone = sample_text(local, prompt, max_new_tokens=40, temperature=1.0, seed=7 + row)[0]
+        assert texts[row] == alone, row
+
+
+def test_a_rows_seed_is_the_requests_plus_its_row_within_64_bits():
+    from model.sample import row_seed
+    from storage.errors import GptpipeError
+
+    assert [row_seed(7, row) for row in range(3)] == [7, 8, 9]
+    assert row_seed(-1, 1) == 0 and row_seed(2**64 - 1, 2) == 1  # what torch's generator takes
+    with pytest.raises(GptpipeError, match="seed must fit in 64 bits"):
+        row_seed(2**64, 0)
+
+
 @pytest.mark.parametrize(
     "params, named",
     [
