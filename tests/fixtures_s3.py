@@ -12,10 +12,12 @@ import threading
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from urllib.parse import urlparse
 
 import pytest
+
+from tests.quiet_http import QuietHTTPServer
 
 # Distinctive, so that a test can assert it never shows up in an error message.
 SECRET = "gptpipe-TEST-secret-7Qz9xW4v"
@@ -104,7 +106,7 @@ class FaultyProxy:
         self._kind = None
         self._left = 0.0
         self._match: Callable[[str], bool] = lambda request: True
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _ProxyHandler)
+        self._server = QuietHTTPServer(("127.0.0.1", 0), _ProxyHandler)
         self._server.daemon_threads = True
         self._server.proxy = self
         self._thread = threading.Thread(

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.conftest import REPO, free_port, run_cli, seed_preset
+from tests.quiet_http import QuietHTTPServer
 from tests.test_cli_errors import assert_clean_error
 
 TOKEN = "s3cr3t-7d41a9"  # in the webhook URL's query: never in a message
@@ -46,7 +47,7 @@ class Receiver:
             def log_message(self, *args):
                 pass
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = QuietHTTPServer(("127.0.0.1", 0), Handler)
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 

@@ -25,6 +25,7 @@ from model.data import (
 from model.dataset import open_dataset
 from model.tokenizer import CharTokenizer
 from storage.errors import GptpipeError
+from tests.quiet_http import QuietHTTPServer
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 
@@ -96,7 +97,7 @@ def test_load_text_over_http(tmp_path):
         def log_message(self, *args):
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server = QuietHTTPServer(("127.0.0.1", 0), Handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:

@@ -10,6 +10,7 @@ import pytest
 
 from storage.errors import GptpipeError
 from storage.tracking import check_health
+from tests.quiet_http import QuietHTTPServer
 
 
 class _Recorder(http.server.BaseHTTPRequestHandler):
@@ -28,7 +29,7 @@ class _Recorder(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def server():
-    httpd = http.server.HTTPServer(("127.0.0.1", 0), _Recorder)
+    httpd = QuietHTTPServer(("127.0.0.1", 0), _Recorder)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     _Recorder.seen.clear()
     yield f"127.0.0.1:{httpd.server_address[1]}"

@@ -29,6 +29,7 @@ from model.dataset import (
 from model.tokenizer import tokenizer_from_json, train_tokenizer
 from storage.errors import GptpipeError
 from tests.conftest import run_cli
+from tests.quiet_http import QuietHTTPServer
 
 SAFE = re.compile(rb"[\x21-\x7e]\n[\x21-\x7e]")
 
@@ -557,7 +558,7 @@ def test_an_http_input_is_staged_into_the_store(small_corpus, cli_env, tmp_path)
     handler = functools.partial(
         http.server.SimpleHTTPRequestHandler, directory=str(small_corpus.parent)
     )
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server = QuietHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         url = f"http://127.0.0.1:{server.server_port}/{small_corpus.name}"

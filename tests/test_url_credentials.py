@@ -19,6 +19,7 @@ import pytest
 from model.data import load_text
 from storage.errors import GptpipeError
 from tests.conftest import prefect_api, run_cli, seed_preset
+from tests.quiet_http import QuietHTTPServer
 from tests.test_cli_errors import assert_clean_error
 
 USER, PASSWORD = "reader", "s3cret-7f1d2c"
@@ -57,7 +58,7 @@ class Server:
             def log_message(self, *args):
                 pass
 
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd = QuietHTTPServer(("127.0.0.1", 0), Handler)
         self.port = self.httpd.server_address[1]
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
 
