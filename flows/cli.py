@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import signal
 import sys
 import textwrap
 from pathlib import Path
@@ -257,7 +259,11 @@ def _quiet_user_errors() -> None:
 
     class DropTraceback(logging.Filter):
         def filter(self, record: logging.LogRecord) -> bool:
-            if record.exc_info and isinstance(record.exc_info[1], GptpipeError):
+            # bad input, and interrupts (Ctrl-C, SIGTERM: BaseExceptions, not Exceptions)
+            if record.exc_info and (
+                isinstance(record.exc_info[1], GptpipeError)
+                or not isinstance(record.exc_info[1], Exception)
+            ):
                 record.exc_info, record.exc_text = None, None
             return True
 
@@ -317,8 +323,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     check_train_engine(args.train_engine, args.ray_address, nproc=args.nproc, device=cfg.device)
     tracker = Tracker(args.tracking_uri, args.experiment)
     tracker.check()
-    from flows.pipeline import pipeline
+    from flows.pipeline import new_run_id, pipeline
 
+    run_id = args.run_id or new_run_id()  # chosen here: an interrupted run's last line names it
     if prefect_server:
         prefect_server.use()
     from flows.alerts import Alerter
@@ -328,19 +335,104 @@ def cmd_run(args: argparse.Namespace) -> int:
     # URL may hold a token
     hooks = Alerter(target).hooks() if target is not None else {}
     flow = pipeline.with_options(timeout_seconds=timeout, **hooks)
+    checkpoints = CheckpointWatch()
     try:
         summary = _run_pipeline(
             flow,
             args,
             cfg=cfg,
             store=store,
+            run_id=run_id,
             tracking_uri=tracker.tracking_uri,
             train_timeout=train_timeout,
         )
     except TimeoutError as exc:  # the hooks have sent the alert; the user gets one line
         raise GptpipeError(_timed_out(exc, args)) from None
+    except BaseException as exc:
+        code = interrupt_status(exc)
+        if code is None:
+            raise
+        # the flow has recorded the crash, the MLflow runs are KILLED, the training stopped
+        print(_interrupted(code, args, run_id, checkpoints.step), file=sys.stderr, flush=True)
+        return code
+    finally:
+        checkpoints.close()
     print_summary(summary)
     return 0
+
+
+class Terminated(BaseException):
+    """SIGTERM (a scheduler's, `timeout`'s), raised in the main thread as Ctrl-C raises
+    KeyboardInterrupt, so that a run ends the same way: the flow and its MLflow runs record
+    the stop, the command exits 143. During a flow Prefect's own handler raises its
+    TerminationSignal instead, then signals again once the flow has ended: this is raised then."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def _sigterm_raises():
+    """SIGTERM raises `Terminated` in the block (the main thread only); as before after it, so
+    that a SIGTERM during the exit handlers ends the process quietly."""
+    try:
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:  # not the main thread: signals are the main thread's
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def interrupt_status(exc: BaseException) -> int | None:
+    """The exit status of a command stopped by ``exc``: 130 for Ctrl-C (SIGINT), 143 for
+    SIGTERM (128 + the signal, as a shell reports it); None for anything else."""
+    if isinstance(exc, KeyboardInterrupt):
+        return 128 + signal.SIGINT
+    if isinstance(exc, Terminated):
+        return 128 + signal.SIGTERM
+    from prefect.exceptions import TerminationSignal
+
+    if isinstance(exc, TerminationSignal):
+        return 128 + exc.signal
+    return None
+
+
+class CheckpointWatch(logging.Filter):
+    """The step of the last checkpoint the training reported (its lines are the train task's
+    log), for the line of an interrupted run; attached to Prefect's task-run logger until
+    `close`."""
+
+    def __init__(self) -> None:
+        from model.launch import parse_checkpoint_line
+
+        super().__init__()
+        self.step: int | None = None
+        self._parse = parse_checkpoint_line
+        self._logger = logging.getLogger("prefect.task_runs")
+        self._logger.addFilter(self)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str):
+            step = self._parse(record.msg)
+            if step is not None:
+                self.step = step
+        return True
+
+    def close(self) -> None:
+        self._logger.removeFilter(self)
+
+
+def _interrupted(code: int, args: argparse.Namespace, run_id: str, step: int | None) -> str:
+    """One line: the run stopped, what is kept, how to continue it."""
+    how = "interrupted" if code == 128 + signal.SIGINT else "terminated"
+    kept = f"; its training checkpoint (step {step}) is kept" if step is not None else ""
+    missing = ([] if args.run_id else ["--run-id", run_id]) + ([] if args.resume else ["--resume"])
+    again = f"the same command plus {' '.join(missing)}" if missing else "the same command"
+    return f"{how}: run {run_id} stopped{kept}: continue it with {again}"
 
 
 def _timed_out(exc: TimeoutError, args: argparse.Namespace) -> str:
@@ -361,6 +453,7 @@ def _run_pipeline(
     *,
     cfg,
     store: str,
+    run_id: str,
     tracking_uri: str | None,
     train_timeout: float | None,
 ) -> dict:
@@ -373,7 +466,7 @@ def _run_pipeline(
         config=cfg.to_dict(),
         store=store,
         nproc=args.nproc,
-        run_id=args.run_id,
+        run_id=run_id,
         prompt=args.prompt,
         sample_tokens=args.sample_tokens,
         tracking_uri=tracking_uri,
@@ -625,13 +718,15 @@ def main(argv: list[str] | None = None) -> int:
         "inspect": cmd_inspect,
     }[args.command]
     try:
-        return handler(args)
+        with _sigterm_raises():
+            return handler(args)
     except GptpipeError as exc:
         print(f"error: {textwrap.shorten(str(exc), 2000)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except (KeyboardInterrupt, Terminated) as exc:  # before any run started (a run says more)
+        code = interrupt_status(exc)
+        print("interrupted" if code == 128 + signal.SIGINT else "terminated", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

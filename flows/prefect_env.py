@@ -13,7 +13,9 @@ Nothing changes when an API is configured (PREFECT_API_URL from the environment,
 prefect.toml) or the temporary server is disabled: then nothing is started here. If the early
 server does not come up, it is stopped and Prefect starts its own as before. It is stopped when
 the process exits, after Prefect's log and event workers have flushed (they register their exit
-handlers later, so theirs run first), like Prefect's own.
+handlers later, so theirs run first), like Prefect's own. Unlike Prefect's own, it runs in a
+session of its own, so that a Ctrl-C or a SIGTERM to the command's process group does not stop it
+while the interrupted flow still reports to it; if this process is killed, it ends too.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ import subprocess
 import sys
 import time
 import urllib.request
+
+from model.lifeline import die_with_parent
 
 # uvicorn's exit status when it cannot bind its port (Prefect retries another port on it)
 _PORT_IN_USE = 3
@@ -93,7 +97,12 @@ class TemporaryServer:
             "PREFECT__SERVER_FINAL": "1",
             **self._settings.to_environment_variables(exclude_unset=True),
         }
-        self.process = subprocess.Popen(cmd, env=env)
+        # a session of its own: a terminal's Ctrl-C and `timeout`'s SIGTERM go to this command's
+        # process group, and the server must outlive them so that the flow can record how it
+        # ended; it is stopped at exit (`stop`), and dies with this process if that is killed
+        self.process = subprocess.Popen(
+            cmd, env=env, start_new_session=True, preexec_fn=die_with_parent()
+        )
 
     def _healthy(self) -> bool:
         try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Callable, Iterable
@@ -18,6 +19,7 @@ import torch
 
 import storage
 from model.config import TrainConfig
+from model.lifeline import die_with_parent
 from model.progress import parse_eval_line
 from model.train import SUMMARY_NAME, TRACK_STDOUT_ARG, TrainingData
 from storage.errors import GptpipeError
@@ -153,8 +155,9 @@ def launch_training(
     processes need not load MLflow. After the training this waits on MLflow
     `storage.tracking.CLOSE_TIMEOUT_S` (60 s) at most.
 
-    If reading the training's output fails (on_line raises, Ctrl-C), the training is stopped
-    rather than waited for.
+    If reading the training's output fails (on_line raises, Ctrl-C, SIGTERM), the training is
+    stopped rather than waited for; its last checkpoint stays. If this process is killed, the
+    training gets SIGTERM (on Linux: `model.lifeline`) instead of going on orphaned.
 
     With several nodes (`Rendezvous`), call this on every node (same arguments but the node_rank);
     out_uri should be a
@@ -178,7 +181,13 @@ def launch_training(
     errors: list[str] = []
     try:
         with subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, bufsize=1
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+            bufsize=1,
+            preexec_fn=die_with_parent(),  # this thread waits for the child: it outlives it
         ) as proc:
             try:
                 _read_output(proc, run, watching(on_line, on_eval), tail, errors)
@@ -197,6 +206,17 @@ def launch_training(
     if rendezvous.nnodes > 1 and not storage.exists(summary_uri):
         return {"node_rank": rendezvous.node_rank}  # rank 0 ran on another node and wrote elsewhere
     return json.loads(storage.get_bytes(summary_uri))
+
+
+# the lines model.train prints when a checkpoint is written, and when it resumes from one
+_CHECKPOINT_LINE = re.compile(r"^(?:checkpoint at|resumed from) step (\d+)\b")
+
+
+def parse_checkpoint_line(line: str) -> int | None:
+    """The step of the checkpoint a training line says is stored (written, or resumed from);
+    None for any other line: what an interrupted run can be continued from."""
+    match = _CHECKPOINT_LINE.match(line)
+    return int(match[1]) if match else None
 
 
 def watching(

@@ -194,6 +194,9 @@ def train(
         step = int(ckpt["step"])
         history = list(ckpt.get("history", []))
         p0(f"resumed from step {step} ({ckpt_uri})")
+    elif resume:  # a retry that failed before its first checkpoint lands here too: not an error
+        p0(f"nothing to resume in {ckpt_uri}: training from step 0")
+    start_step = step
 
     use_cuda = info.device.type == "cuda"
     if use_cuda:
@@ -395,7 +398,11 @@ def train(
             storage.join(out_uri, SUMMARY_NAME), json.dumps(summary, indent=2).encode()
         )
     run.close()
-    p0(f"done: {step} steps in {train_seconds:.1f} s, final val loss {final['val_loss']:.4f}")
+    # the steps this process ran: a resumed training names where it started
+    steps = f"{step - start_step} steps" + (
+        f" (from step {start_step} to {step})" if start_step else ""
+    )
+    p0(f"done: {steps} in {train_seconds:.1f} s, final val loss {final['val_loss']:.4f}")
     return summary
 
 
