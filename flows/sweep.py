@@ -32,7 +32,7 @@ from model.launch import resolve_nproc
 from model.machine import usable_cores
 from storage.errors import GptpipeError, first_line
 from storage.lease import Lease
-from storage.tracking import DEFAULT_EXPERIMENT, Tracker, model_name_for, redact
+from storage.tracking import DEFAULT_EXPERIMENT, Tracker, end_status, model_name_for, redact
 from tasks.cache import lease_dir
 from tasks.register import register_model
 from tasks.results import EvaluateResult, Tracking, TrainResult, Workspace
@@ -194,8 +194,8 @@ def sweep(
             summary["summary_uri"] = summary_uri
             publish_markdown(sweep_report(summary), key="gptpipe-sweep", description="sweep trials")
             return summary
-        except BaseException:
-            tracker.client.set_terminated(parent_id, "FAILED")
+        except BaseException as exc:  # FAILED; KILLED when interrupted (Ctrl-C, SIGTERM)
+            tracker.client.set_terminated(parent_id, end_status(exc))
             raise
     finally:
         lease.release()
