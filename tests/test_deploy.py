@@ -12,6 +12,7 @@ import inspect
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -121,12 +122,50 @@ def test_work_pools_of_the_deployments_are_documented():
 
 def test_pull_step_goes_to_the_checkout_the_image_has():
     (step,) = prefect_yaml()["pull"]
-    directory = step["prefect.deployments.steps.set_working_directory"]["directory"]
+    directory = step["flows.checkout.set_working_directory"]["directory"]
     (placeholder,) = find_placeholders(directory)
     assert placeholder.name == "$GPTPIPE_HOME"  # read from the flow run's environment
     dockerfile = (DEPLOY / "Dockerfile").read_text(encoding="utf-8")
     workdir = re.search(r"^WORKDIR (\S+)", dockerfile, re.M).group(1)
     assert f"GPTPIPE_HOME={workdir}" in dockerfile
+
+
+def test_pull_step_goes_to_gptpipe_home_else_the_installed_checkout(
+    prefect_server, tmp_path, monkeypatch
+):
+    """prefect.yaml's pull steps through Prefect's own run_steps, as a flow run's process runs
+    them (in a temporary folder): an unset GPTPIPE_HOME is the checkout gptpipe is installed
+    from, where the entrypoints are; one that is not a checkout fails at once, saying what to
+    set (Prefect's own step would go there and the run fail later: no flows/nightly.py)."""
+    import asyncio
+
+    from prefect.deployments.steps.core import StepExecutionError, run_steps
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from storage.errors import GptpipeError
+
+    steps = prefect_yaml()["pull"]
+    entrypoints = {d["entrypoint"].partition(":")[0] for d in prefect_yaml()["deployments"]}
+    monkeypatch.chdir(tmp_path)  # restored afterwards: the steps change this process's folder
+    with temporary_settings({PREFECT_API_URL: prefect_server}):
+        for home in (None, str(REPO)):
+            if home is None:
+                monkeypatch.delenv("GPTPIPE_HOME", raising=False)
+            else:
+                monkeypatch.setenv("GPTPIPE_HOME", home)
+            os.chdir(tmp_path)
+            assert asyncio.run(run_steps(steps)) == {"directory": str(REPO)}
+            assert Path.cwd() == REPO and all(Path(e).is_file() for e in entrypoints)
+
+        elsewhere = tmp_path / "not-a-checkout"
+        elsewhere.mkdir()
+        monkeypatch.setenv("GPTPIPE_HOME", str(elsewhere))
+        with pytest.raises(StepExecutionError) as failed:
+            asyncio.run(run_steps(steps))
+    error = failed.value.__cause__
+    assert isinstance(error, GptpipeError) and "\n" not in str(error)
+    assert str(error).startswith(f"GPTPIPE_HOME={elsewhere} is not a gptpipe checkout")
+    assert "GPTPIPE_HOME=$PWD prefect worker start --pool local" in str(error)
 
 
 def test_gpu_deployment_env_names_compose_services():
@@ -509,7 +548,7 @@ def test_deploy_and_run_the_nightly_deployment(prefect_server, small_corpus, tmp
 # ----------------------------------------------------------------------------- the docs, as written
 
 DEPLOY_DOCS = REPO / "docs" / "deploy.md"
-# a worker polls until it is stopped: test_deploy_and_run_the_nightly_deployment runs one for real
+# a worker polls until it is stopped: the docs test starts the quick start's in the background
 RUNS_UNTIL_STOPPED = "prefect worker start"
 
 
@@ -531,11 +570,71 @@ def test_the_docs_have_the_deploy_blocks_this_test_runs():
     assert prefect_only("prefect a \\\n  b  # a continued line")
 
 
+def worker_runs_the_nightly_deployment(command: str, env: dict, corpus: Path, out: Path):
+    """The docs' `prefect worker start ...` line, as written, from the project root in the
+    background, while a run of the nightly deployment (tiny parameters) is created: the worker
+    must take it and run it to COMPLETED. The worker is stopped after."""
+    from tests.conftest import prefect_api
+
+    params = {
+        "source": str(corpus),
+        "preset": "seed",
+        "overrides": ["max_iters=10", "eval_interval=10", "eval_iters=2", "log_interval=10"],
+        "batch_size": 8,
+        "store": str(out / "store"),
+        "tracking_uri": f"sqlite:///{out / 'mlflow.db'}",
+        "run_id": "docs-worker",
+        "sample_tokens": 20,
+    }
+    log_path = out / "worker.log"
+    with open(log_path, "wb") as log:
+        worker = subprocess.Popen(
+            ["bash", "-c", command],
+            cwd=REPO,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        created = run_deployment(
+            ["deployment", "run", "nightly-retrain/nightly-retrain"], params, env
+        )
+        flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", created).group(1)
+        deadline, state = time.monotonic() + 300, None
+        while time.monotonic() < deadline and worker.poll() is None:
+            (run,) = prefect_api(
+                env, "flow_runs/filter", {"flow_runs": {"id": {"any_": [flow_run_id]}}}
+            )
+            state = run["state"]
+            if state["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+                break
+            time.sleep(1)
+    finally:
+        os.killpg(worker.pid, signal.SIGTERM)
+        try:
+            worker.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(worker.pid, signal.SIGKILL)
+            worker.wait()
+    shown = f"{command}: {state}\n" + log_path.read_text(errors="replace")[-6000:]
+    assert state is not None and state["type"] == "COMPLETED", shown
+    summary = json.loads((out / "store" / "runs" / "docs-worker" / "summary.json").read_text())
+    assert summary["stages"]["train"]["step"] == 10, shown
+
+
 @pytest.mark.slow
-def test_the_deploy_docs_run_as_written_on_a_fresh_prefect_server(tmp_path):
+def test_the_deploy_docs_run_as_written_on_a_fresh_prefect_server(small_corpus, tmp_path):
+    """Every Prefect-only block of docs/deploy.md, in order, from the project root; the quick
+    start's worker, started as written (no GPTPIPE_HOME), runs a flow run of the nightly
+    deployment to completion before the next block."""
     from tests.conftest import prefect_server_in
 
     blocks = [b for b in bash_blocks(DEPLOY_DOCS) if prefect_only(b)]
+    workers = [
+        line for b in blocks for line in b.splitlines() if line.startswith(RUNS_UNTIL_STOPPED)
+    ]
+    assert workers == ["prefect worker start --pool local"], workers  # the quick start's
     home = tmp_path / "prefect-home"
     with prefect_server_in(tmp_path / "server") as url:
         env = {
@@ -544,11 +643,15 @@ def test_the_deploy_docs_run_as_written_on_a_fresh_prefect_server(tmp_path):
             "PREFECT_API_URL": url,
             "PREFECT_HOME": str(home),
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_WORKER_QUERY_SECONDS": "2",  # the worker looks for runs every 2 s, not 10
+            "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+            "PYTHONUNBUFFERED": "1",
         }
+        for name in ("GPTPIPE_HOME", "GPTPIPE_STORE", "GPTPIPE_INPUT", "MLFLOW_TRACKING_URI"):
+            env.pop(name, None)  # as a user's shell would have them: unset
         for block in blocks:
-            script = "\n".join(
-                line for line in block.splitlines() if not line.startswith(RUNS_UNTIL_STOPPED)
-            )
+            lines = block.splitlines()
+            script = "\n".join(line for line in lines if not line.startswith(RUNS_UNTIL_STOPPED))
             done = subprocess.run(
                 ["bash", "-e", "-x", "-c", script],
                 cwd=REPO,
@@ -559,6 +662,8 @@ def test_the_deploy_docs_run_as_written_on_a_fresh_prefect_server(tmp_path):
             )
             failed = f"docs/deploy.md block failed:\n{block}\n{done.stdout}\n{done.stderr}"
             assert done.returncode == 0, failed
+            for command in (line for line in lines if line.startswith(RUNS_UNTIL_STOPPED)):
+                worker_runs_the_nightly_deployment(command, env, small_corpus, tmp_path)
         for name in ("nightly-retrain", "nightly-retrain-gpu"):
             shown = prefect(["deployment", "inspect", f"nightly-retrain/{name}"], env, REPO)
             assert name in shown
