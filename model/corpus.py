@@ -81,6 +81,17 @@ def list_inputs(source: str) -> list[SourceFile]:
     return files
 
 
+def check_input(source: str) -> None:
+    """A run's input, checked before any work: an http(s) URL answers with a body; a file,
+    folder, glob or s3:// source has non-empty files. A one-line GptpipeError otherwise."""
+    if source.startswith(("http://", "https://")):
+        from model.data import probe_url
+
+        probe_url(source)
+    else:
+        list_inputs(source)
+
+
 def _local_inputs(source: str) -> list[str]:
     path = Path(source).expanduser()
     if path.is_file():

@@ -35,6 +35,8 @@ from storage.errors import GptpipeError
 from storage.local import atomic_write
 
 DOWNLOAD_TIMEOUT_S = 30
+# checking an input URL before a run: an answer within this long, or a one-line error
+PROBE_TIMEOUT_S = 10
 ROW_GROUP_SIZE = 1 << 20  # ~1M tokens (2 MiB of uint16) per row group
 FORMAT = "gptpipe-tokens-1"
 # Byte-stream-split stores the ids' first bytes, then their second bytes, ... as separate streams
@@ -87,6 +89,20 @@ def load_text(source: str) -> bytes:
 def _download(url: str) -> bytes:
     """GET ``url``. Errors name the URL without its user:password@ (they reach the terminal,
     Prefect's logs and its API), as ``redact`` shows it."""
+    return _read_url(url, timeout=DOWNLOAD_TIMEOUT_S)
+
+
+def probe_url(url: str, timeout: float = PROBE_TIMEOUT_S) -> None:
+    """Check that ``url`` answers with a non-empty body, reading its first byte only: an
+    unreachable or empty input is then one line before a run starts, not a failed stage."""
+    if not _read_url(url, timeout=timeout, limit=1):
+        from storage.tracking import redact
+
+        raise GptpipeError(f"input {redact(url)} is empty; pass a URL of a non-empty text file")
+
+
+def _read_url(url: str, *, timeout: float, limit: int | None = None) -> bytes:
+    """The body of ``url`` (its first ``limit`` bytes), or a one-line GptpipeError."""
     from storage.tracking import redact
 
     shown = redact(url)
@@ -97,8 +113,8 @@ def _download(url: str) -> bytes:
             f"invalid input URL ({exc}); pass an http(s) URL or --input PATH to a local text file"
         ) from None
     try:
-        with urllib.request.urlopen(request, timeout=DOWNLOAD_TIMEOUT_S) as response:
-            return response.read()
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.read() if limit is None else response.read(limit)
     except urllib.error.HTTPError as exc:
         reason = f"HTTP {exc.code} {exc.reason}"
     except urllib.error.URLError as exc:

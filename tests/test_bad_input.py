@@ -570,3 +570,27 @@ def test_failing_runs_leave_an_earlier_run_byte_identical(small_corpus, cli_env,
         n for n in before if n.startswith("runs/")
     ]
     assert_nothing_half_written(store)
+
+
+@pytest.mark.parametrize("kind", ["missing", "empty-file", "empty-folder", "unreachable-url"])
+def test_a_bad_input_is_one_line_before_prefect_and_creates_nothing(kind, tmp_path):
+    """Tried as a new user would, with no Prefect server configured: the input is checked before
+    Prefect's temporary server is used and before the store or MLflow is touched."""
+    source = {
+        "missing": tmp_path / "nope.txt",
+        "empty-file": tmp_path / "empty.txt",
+        "empty-folder": tmp_path / "corpora",
+        "unreachable-url": f"http://127.0.0.1:{free_port()}/corpus.txt",
+    }[kind]
+    if kind == "empty-file":
+        source.write_bytes(b"")
+    if kind == "empty-folder":
+        source.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API", "MLFLOW_TRACK"))}
+    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
+    result = gptpipe_run(source, tmp_path / "store", env, tmp_path)
+    error_line(result, str(source))
+    assert result.stdout == ""  # no Prefect output: no server used, no flow run
+    assert "Prefect" not in result.stderr
+    assert not (tmp_path / "store").exists()
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlruns").exists()
