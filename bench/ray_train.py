@@ -1,7 +1,7 @@
 """Tokens/s of 2 Ray Train workers (`--train-engine ray`) against 2 torchrun ranks, one machine.
 
 Both sides train the `cpu` preset (float32) on the same data with the launchers the train
-stage uses (`model.ray_launch.launch_ray_training`, `model.launch.launch_training`); rounds
+stage uses (`model.launch.launch_ray_training`, `model.launch.launch_training`); rounds
 alternate the sides. Reported: the median of the steady tokens/s each training logs (the time
 per step) and the median wall time of a whole training (start-up included). The local Ray
 cluster is started once, as a cluster is up before a pipeline uses it; its start-up is shown
@@ -21,9 +21,9 @@ from pathlib import Path
 from bench.common import alternate, median, prepared, timed_run_sets
 from bench.vs_nanogpt import ours_tokens_per_sec, prepare_ours
 from model.config import build_config
-from model.launch import launch_training
+from model.launch import launch_ray_training, launch_training
+from model.launch.ray import connect, import_ray
 from model.machine import cpu_description, usable_cores
-from model.ray_launch import connect, import_ray, launch_ray_training
 
 
 def main() -> None:

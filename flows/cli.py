@@ -318,7 +318,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 f"({finished}); choose another --run-id so that its outputs are kept"
             )
     _check_input(args)
-    from model.ray_launch import check_train_engine
+    from model.launch import check_train_engine
 
     check_train_engine(args.train_engine, args.ray_address, nproc=args.nproc, device=cfg.device)
     tracker = Tracker(args.tracking_uri, args.experiment)

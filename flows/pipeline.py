@@ -18,8 +18,7 @@ from flows.alerts import check_timeout, label_flow_run, mlflow_link
 from flows.defaults import DEFAULT_STORE, TINY_SHAKESPEARE_URL
 from model.config import TrainConfig, config_from_dict
 from model.corpus import DEFAULT_SHARD_BYTES
-from model.launch import resolve_nproc
-from model.ray_launch import check_train_engine
+from model.launch import check_train_engine, resolve_nproc
 from storage.tracking import DEFAULT_EXPERIMENT, Tracker, end_status, model_name_for, redact
 from tasks.cache import check_refresh
 from tasks.evaluate import evaluate

@@ -29,7 +29,7 @@ import sys
 import time
 import urllib.request
 
-from model.lifeline import die_with_parent
+from model.launch.lifeline import die_with_parent
 
 # uvicorn's exit status when it cannot bind its port (Prefect retries another port on it)
 _PORT_IN_USE = 3

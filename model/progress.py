@@ -6,30 +6,16 @@ returns would turn into noise; there each log step prints one line that carries 
 
 from __future__ import annotations
 
-import re
 import sys
 import time
 
 from tqdm import tqdm
 
-_EVAL_LINE = re.compile(r"^step (\d+): train loss (\S+), val loss (\S+)$")
-
 
 def eval_line(step: int, train_loss: float, val_loss: float) -> str:
-    """The line rank 0 prints at each evaluation; `parse_eval_line` reads it back."""
+    """The line rank 0 prints at each evaluation, for people: the launcher reads evaluations
+    from the line printed beside it (`model.launch.protocol.evaluation_line`), never this one."""
     return f"step {step}: train loss {train_loss:.4f}, val loss {val_loss:.4f}"
-
-
-def parse_eval_line(line: str) -> tuple[int, float] | None:
-    """(step, val loss) from an evaluation's line, None for any other line: the launcher hands
-    evaluations to a watcher (a sweep's pruner) from the output it reads anyway."""
-    match = _EVAL_LINE.match(line)
-    if match is None:
-        return None
-    try:
-        return int(match[1]), float(match[3])
-    except ValueError:
-        return None
 
 
 class Progress:

@@ -32,6 +32,8 @@ from model.dataset import open_dataset
 from model.evaluate import estimate_loss
 from model.exit import skip_last_collections
 from model.gpt import GPT, flops_per_token
+from model.launch.protocol import evaluation_line
+from model.launch.rank import RUN_ID_ENV, training_run
 from model.machine import corrected_peak, peak_flops, threads_per_rank, usable_cores
 from model.memory import keep_freed_memory
 from model.params import group_subtotals_flat, parameter_table
@@ -40,7 +42,6 @@ from model.precision import resolve_precision
 from model.progress import Progress, eval_line
 from model.tokenizer import tokenizer_from_json
 from storage.errors import GptpipeError
-from storage.tracking import RUN_ID_ENV, training_run
 
 SUMMARY_NAME = "summary.json"
 # How model.launch tells rank 0 to print its tracking calls for the launcher to send
@@ -287,6 +288,7 @@ def train(
         history.append(record)
         run.log_metrics({"train_loss": losses["train"], "val_loss": losses["val"]}, at_step)
         progress.write(eval_line(at_step, losses["train"], losses["val"]))
+        progress.write(evaluation_line(at_step, losses["train"], losses["val"]))
         return record
 
     def checkpoint_now(at_step: int) -> None:

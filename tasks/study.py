@@ -14,6 +14,7 @@ import logging
 from dataclasses import dataclass
 
 import storage
+from model.launch.protocol import Evaluation
 from storage.errors import GptpipeError, first_line
 from storage.tracking import redact
 from tasks.space import Pruner
@@ -68,7 +69,8 @@ class TrialRef:
 class TrialReporter:
     """Reports a training's evaluations to its trial; says when the pruner wants it stopped.
 
-    Called as ``launch_training(on_eval=...)``: (step, val loss) -> stop?
+    Called as ``launch_training(on_eval=...)`` with each of rank 0's evaluation messages
+    (`model.launch.protocol.Evaluation`): stop?
     """
 
     def __init__(self, ref: TrialRef):
@@ -76,10 +78,11 @@ class TrialReporter:
 
         self._trial = optuna.trial.Trial(ref.study.open(), ref.trial_id)
 
-    def __call__(self, step: int, val_loss: float) -> bool:
+    def __call__(self, evaluation: Evaluation) -> bool:
+        step = evaluation.step
         # a trial run again after a kill reaches the steps it reported before: reported once
         if step not in self._trial.storage.get_trial(self._trial._trial_id).intermediate_values:
-            self._trial.report(val_loss, step)
+            self._trial.report(evaluation.val_loss, step)
         return self._trial.should_prune()
 
 

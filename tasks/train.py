@@ -9,8 +9,7 @@ from prefect.states import Completed, State
 
 import storage
 from model.config import config_from_dict
-from model.launch import TrainingStopped, launch_training
-from model.ray_launch import launch_ray_training
+from model.launch import TrainingStopped, launch_ray_training, launch_training
 from model.train import SUMMARY_NAME, TrainingData
 from tasks.cache import cache_key
 from tasks.common import (

@@ -38,7 +38,7 @@ def relative(stage: str, root: Path = REPO_ROOT) -> set[str]:
 def test_closures_hold_the_stage_code_and_nothing_else():
     closures = {stage: relative(stage) for stage in STAGES}
     assert {"model/data.py", "model/config.py", "tasks/train.py"} <= closures["train"]
-    assert {"model/train.py", "model/launch.py"} <= closures["train"]
+    assert {"model/train.py", "model/launch/torchrun.py"} <= closures["train"]
     assert "tasks/split.py" in closures["split"]
     assert {"model/tokenizer.py", "tasks/tokenize.py"} <= closures["tokenize"]
     for stage, files in closures.items():
@@ -143,7 +143,7 @@ def test_relative_imports_are_followed(tmp_path):
 def test_train_entry_modules_include_what_launch_runs():
     """The programs model.launch starts with `python -m NAME` run the training: their code is
     part of train's key."""
-    tree = ast.parse((REPO_ROOT / "model/launch.py").read_bytes())
+    tree = ast.parse((REPO_ROOT / "model/launch/torchrun.py").read_bytes())
     run_as_main = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.List):

@@ -11,7 +11,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from bench.common import train_cli
-from storage.tracking import RUN_ID_ENV, Tracker
+from model.launch import RUN_ID_ENV
+from storage.tracking import Tracker
 from tests.conftest import launch_on
 from tests.fixtures_s3 import FaultyProxy
 

@@ -278,12 +278,12 @@ def test_a_killed_run_leaves_no_training_and_no_server_behind(env, small_corpus,
 
 
 def test_die_with_parent_ends_the_child_of_a_killed_process(tmp_path):
-    """`model.lifeline.die_with_parent`: the child of a SIGKILLed process gets SIGTERM."""
+    """`model.launch.lifeline.die_with_parent`: the child of a SIGKILLed process gets SIGTERM."""
     if not sys.platform.startswith("linux"):
         pytest.skip("PR_SET_PDEATHSIG is Linux's")
     parent_code = (
         "import subprocess, sys, time\n"
-        "from model.lifeline import die_with_parent\n"
+        "from model.launch.lifeline import die_with_parent\n"
         "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'],"
         " preexec_fn=die_with_parent())\n"
         "print(child.pid, flush=True)\n"

@@ -95,7 +95,7 @@ def ray_cluster():
 
 
 def ray_train(data, out: Path, address: str, **launch) -> dict:
-    from model.ray_launch import launch_ray_training
+    from model.launch import launch_ray_training
 
     summary = launch_ray_training(
         config_from_dict(CONFIG),
@@ -224,7 +224,7 @@ def test_a_killed_worker_is_restarted_from_the_checkpoint(
 
 def test_a_cluster_smaller_than_asked_is_one_line():
     """The GPU case is the arithmetic on the cluster's resources (this machine has none)."""
-    from model.ray_launch import plan_workers
+    from model.launch.ray import plan_workers
 
     with pytest.raises(GptpipeError, match=r"--nproc 4 .* of one GPU each, but the c has 2 GPU"):
         plan_workers(4, "auto", {"CPU": 64, "GPU": 2}, "the c")

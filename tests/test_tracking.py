@@ -53,7 +53,8 @@ def _all_text_in_prefect(api: str) -> str:
 
 def test_printed_tracking_calls_reach_the_run(tmp_path, capsys):
     """What rank 0's LineRun prints, TrainingRun.log_line sends; other lines are left alone."""
-    from storage.tracking import LineRun, Tracker, TrainingRun
+    from model.launch import LineRun, TrainingRun
+    from storage.tracking import Tracker
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     run_id = Tracker(uri, "lines").start_run("train")
@@ -107,7 +108,8 @@ def test_printed_tracking_calls_reach_the_run(tmp_path, capsys):
 def test_training_run_gives_up_sooner_only_while_open(tmp_path, monkeypatch):
     """MLflow reads its retry settings from the environment: a TrainingRun puts the shorter
     ones there while it is open, leaves a value the user set alone, and takes them out after."""
-    from storage.tracking import MLFLOW_CLIENT_DEFAULTS, Tracker, TrainingRun
+    from model.launch import TrainingRun
+    from storage.tracking import MLFLOW_CLIENT_DEFAULTS, Tracker
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     run_id = Tracker(uri, "defaults").start_run("train")
@@ -129,7 +131,7 @@ def test_closing_a_run_waits_on_a_dead_server_a_bounded_time(capfd):
     of waiting out MLflow's retries of every call still queued."""
     import time
 
-    from storage.tracking import TrainingRun
+    from model.launch import TrainingRun
 
     with socket.socket() as listener:  # accepts connections (the backlog), never answers
         listener.bind(("127.0.0.1", 0))
@@ -363,8 +365,9 @@ def test_mlflow_client_settings_restore_the_environment(monkeypatch):
 def test_rank_zero_tracking_is_chosen_by_arguments_not_the_environment(monkeypatch):
     """model.train's --track-stdout / --mlflow-run-id pick rank 0's run; the tracking factory
     itself never reads os.environ ($GPTPIPE_MLFLOW_RUN_ID is only --mlflow-run-id's default)."""
+    from model.launch import RUN_ID_ENV, LineRun, TrainingRun, training_run
     from model.train import parse_args
-    from storage.tracking import RUN_ID_ENV, LineRun, NullRun, TrainingRun, training_run
+    from storage.tracking import NullRun
 
     required = ["--train", "t", "--val", "v", "--tokenizer", "k", "--out", "o"]
     monkeypatch.delenv(RUN_ID_ENV, raising=False)

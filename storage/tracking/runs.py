@@ -1,4 +1,4 @@
-"""Runs by id through `MlflowClient`: the Tracker (one server, one experiment) and StageRun.
+"""Runs by id through `MlflowClient`: the Tracker (one server, one experiment), StageRun, NullRun.
 
 Everything goes through `MlflowClient` with explicit run ids, never MLflow's "active run": stages
 run in Prefect tasks and training in other processes, where a thread-local active run would point
@@ -7,6 +7,7 @@ at the wrong run or at none.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import time
@@ -251,6 +252,19 @@ class StageRun:
             yield
         finally:
             monitor.finish()
+
+
+class NullRun:
+    """What code run without tracking logs into (a stage without MLflow, ranks other than 0):
+    every call does nothing."""
+
+    run_id = None
+
+    def __getattr__(self, name: str):
+        return lambda *args, **kwargs: None
+
+    def system_metrics(self, **kwargs) -> contextlib.nullcontext:
+        return contextlib.nullcontext()
 
 
 def _dataset_source(uri: str):

@@ -1,31 +1,18 @@
 """Which run rank 0 of a training logs into, chosen from explicit arguments (never os.environ).
 
-`model.train` parses `--track-stdout` (set by `model.launch`, whose process sends the calls) and
+`model.train` parses `--track-stdout` (set by the launchers, whose process sends the calls) and
 `--mlflow-run-id ID` (rank 0 connects itself, e.g. multi-node by hand) and hands them here.
 """
 
 from __future__ import annotations
 
-import contextlib
-
-from storage.tracking.protocol import LineRun
-from storage.tracking.sender import TrainingRun
+from model.launch.protocol import LineRun
+from model.launch.sender import TrainingRun
+from storage.tracking import NullRun
 
 # Read by `model.train`'s argument parser only, as the default of --mlflow-run-id, so that
 # torchrun commands that set it on every node keep working
 RUN_ID_ENV = "GPTPIPE_MLFLOW_RUN_ID"
-
-
-class NullRun:
-    """What ranks other than 0, and code run without tracking, log into: every call does nothing."""
-
-    run_id = None
-
-    def __getattr__(self, name: str):
-        return lambda *args, **kwargs: None
-
-    def system_metrics(self, **kwargs) -> contextlib.nullcontext:
-        return contextlib.nullcontext()
 
 
 def training_run(

@@ -1,41 +1,30 @@
 """Start training in child processes: `python -m model.train` for one rank, torchrun for more.
 
 Children keep the parent free of process-group state and let torch elastic watch the ranks: if
-one dies, torchrun stops the others instead of leaving them hanging in a collective.
+one dies, torchrun stops the others instead of leaving them hanging in a collective. Rank 0's
+output is read by `model.launch.reader.RankOutput` (its tracking calls and evaluations are
+messages of `model.launch.protocol`).
 """
 
 from __future__ import annotations
 
-import collections
 import json
 import os
-import re
 import subprocess
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 import storage
 from model.config import TrainConfig
-from model.lifeline import die_with_parent
-from model.progress import parse_eval_line
+from model.launch.lifeline import die_with_parent
+from model.launch.protocol import Evaluation
+from model.launch.reader import RankOutput
+from model.launch.sender import TrainingRun
 from model.train import SUMMARY_NAME, TRACK_STDOUT_ARG, TrainingData
 from storage.errors import GptpipeError
-from storage.tracking import TrainingRun
-
-
-class TrainingStopped(Exception):
-    """The training was stopped early because its `on_eval` watcher asked for it (a sweep's
-    pruner): not an error, and nothing to retry."""
-
-    mlflow_status = "KILLED"  # the train stage's MLflow run: stopped, not failed
-
-    def __init__(self, step: int, val_loss: float):
-        super().__init__(f"stopped on purpose at step {step} (val loss {val_loss:.4f})")
-        self.step, self.val_loss = step, val_loss
-
 
 # How long a child that was told to stop (SIGTERM) gets before it is killed; torchrun passes the
 # signal on to its ranks and waits for them
@@ -142,22 +131,23 @@ def launch_training(
     extra_env: dict[str, str] | None = None,
     rendezvous: Rendezvous = ONE_NODE,
     mlflow_run: tuple[str, str] | None = None,
-    on_eval: Callable[[int, float], bool] | None = None,
+    on_eval: Callable[[Evaluation], bool] | None = None,
 ) -> dict:
     """Run training to the end, passing each output line to on_line; return its summary.
 
-    on_eval(step, val_loss) is called at each of the training's evaluations; when it returns
-    True the training is stopped and `TrainingStopped` raised (a sweep prunes a trial so).
+    on_eval(evaluation) is called at each of the training's evaluations (rank 0's
+    `model.launch.protocol.Evaluation` messages); when it returns True the training is stopped
+    and `TrainingStopped` raised (a sweep prunes a trial so).
 
     mlflow_run: (tracking URI, run id) of the MLflow run to log training into. Rank 0 is then
-    told (`--track-stdout`) to print its tracking calls (`storage.tracking.LineRun`) and this
-    process sends them, from a thread (training never waits on MLflow), so the training
+    told (`--track-stdout`) to print its tracking calls (`model.launch.protocol.LineRun`) and
+    this process sends them, from a thread (training never waits on MLflow), so the training
     processes need not load MLflow. After the training this waits on MLflow
-    `storage.tracking.CLOSE_TIMEOUT_S` (60 s) at most.
+    `model.launch.sender.CLOSE_TIMEOUT_S` (60 s) at most.
 
     If reading the training's output fails (on_line raises, Ctrl-C, SIGTERM), the training is
     stopped rather than waited for; its last checkpoint stays. If this process is killed, the
-    training gets SIGTERM (on Linux: `model.lifeline`) instead of going on orphaned.
+    training gets SIGTERM (on Linux: `model.launch.lifeline`) instead of going on orphaned.
 
     With several nodes (`Rendezvous`), call this on every node (same arguments but the node_rank);
     out_uri should be a
@@ -176,9 +166,8 @@ def launch_training(
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(extra_env or {})}
     run = TrainingRun(*mlflow_run) if mlflow_run else None
     if run is not None:
-        cmd.append(TRACK_STDOUT_ARG)  # rank 0 prints its calls; _read_output hands them to run
-    tail: collections.deque[str] = collections.deque(maxlen=40)
-    errors: list[str] = []
+        cmd.append(TRACK_STDOUT_ARG)  # rank 0 prints its calls; output hands them to run
+    output = RankOutput(run, on_line, on_eval)
     try:
         with subprocess.Popen(
             cmd,
@@ -190,7 +179,8 @@ def launch_training(
             preexec_fn=die_with_parent(),  # this thread waits for the child: it outlives it
         ) as proc:
             try:
-                _read_output(proc, run, watching(on_line, on_eval), tail, errors)
+                assert proc.stdout is not None
+                output.read(proc.stdout)
             except BaseException:
                 _stop(proc)  # Popen's exit would wait for the whole training
                 raise
@@ -199,71 +189,11 @@ def launch_training(
         if run is not None:
             run.close()  # what is still queued, and metrics that failed, are sent now
     if code != 0:
-        if errors:
-            raise GptpipeError(errors[0].removeprefix("error: "))
-        raise RuntimeError(f"training exited with code {code}; last output:\n" + "\n".join(tail))
+        raise output.failure(f"training exited with code {code}")
     summary_uri = storage.join(out_uri, SUMMARY_NAME)
     if rendezvous.nnodes > 1 and not storage.exists(summary_uri):
         return {"node_rank": rendezvous.node_rank}  # rank 0 ran on another node and wrote elsewhere
     return json.loads(storage.get_bytes(summary_uri))
-
-
-# the lines model.train prints when a checkpoint is written, and when it resumes from one
-_CHECKPOINT_LINE = re.compile(r"^(?:checkpoint at|resumed from) step (\d+)\b")
-
-
-def parse_checkpoint_line(line: str) -> int | None:
-    """The step of the checkpoint a training line says is stored (written, or resumed from);
-    None for any other line: what an interrupted run can be continued from."""
-    match = _CHECKPOINT_LINE.match(line)
-    return int(match[1]) if match else None
-
-
-def watching(
-    on_line: Callable[[str], None], on_eval: Callable[[int, float], bool] | None
-) -> Callable[[str], None]:
-    """on_line, also handing each evaluation line to on_eval (which may stop the training)."""
-    if on_eval is None:
-        return on_line
-
-    def watch(line: str) -> None:
-        on_line(line)
-        evaluation = parse_eval_line(line)
-        if evaluation is not None and on_eval(*evaluation):
-            raise TrainingStopped(*evaluation)
-
-    return watch
-
-
-def _read_output(
-    proc: subprocess.Popen,
-    run: TrainingRun | None,
-    on_line: Callable[[str], None],
-    tail: collections.deque[str],
-    errors: list[str],
-) -> None:
-    """Pass each line of the child's output on (`pass_lines`)."""
-    assert proc.stdout is not None
-    pass_lines(proc.stdout, run, on_line, tail, errors)
-
-
-def pass_lines(
-    lines: Iterable[str],
-    run: TrainingRun | None,
-    on_line: Callable[[str], None],
-    tail: collections.deque[str],
-    errors: list[str],
-) -> None:
-    """Pass each line of rank 0's output on: tracking calls to run, the others to on_line
-    (the last ones kept in tail, `error: ` lines in errors). Also `model.ray_launch`'s path."""
-    for line in lines:
-        line = line.rstrip("\n")
-        if run is not None and run.log_line(line):
-            continue
-        tail.append(line)
-        if line.startswith("error: ") and line not in errors:
-            errors.append(line)
-        on_line(line)
 
 
 def _stop(proc: subprocess.Popen) -> None:

@@ -1,24 +1,23 @@
 """Start training on a Ray cluster: `model.train`'s loop in N Ray Train workers (TorchTrainer).
 
-The torchrun launcher's (model/launch.py) counterpart for clusters. Ray Train starts one worker
-process per rank, on whichever nodes have the resources (one GPU per worker where the cluster
-has GPUs, else one CPU), sets the variables torchrun would set (RANK, WORLD_SIZE, LOCAL_RANK,
-LOCAL_WORLD_SIZE, MASTER_ADDR...) and joins the torch process group (nccl, or gloo on CPUs)
-before our function runs. `model.dist.setup` then finds that group, so `model.train.train` runs
-unchanged: the same batches of (seed, step, rank, world size), the same checkpoints and summary
-written by rank 0 to the store.
+The torchrun launcher's (`model.launch.torchrun`) counterpart for clusters. Ray Train starts
+one worker process per rank, on whichever nodes have the resources (one GPU per worker where the
+cluster has GPUs, else one CPU), sets the variables torchrun would set (RANK, WORLD_SIZE,
+LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR...) and joins the torch process group (nccl, or gloo
+on CPUs) before our function runs. `model.dist.setup` then finds that group, so
+`model.train.train` runs unchanged: the same batches of (seed, step, rank, world size), the same
+checkpoints and summary written by rank 0 to the store.
 
 Faults: when a worker dies, Ray Train (`FailureConfig.max_failures`) starts the workers again;
 every start after the first resumes from the checkpoint in the store, as `--resume` does.
-Tracking: rank 0's output lines, the `storage.tracking.LineRun` calls among them, are relayed
-to this process through a small actor and handled as torchrun's stdout is (`pass_lines`), so
-MLflow is reached from the driver only, training never waits on it, and the metrics of steps a
-restarted attempt computes again are sent once.
+Tracking: rank 0's output lines, the `model.launch.protocol` messages among them (tracking calls,
+evaluations), are relayed to this process through a small actor and read as torchrun's stdout is
+(`model.launch.reader.RankOutput`), so MLflow is reached from the driver only, training never
+waits on it, and the metrics of steps a restarted attempt computes again are sent once.
 """
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import io
 import json
@@ -35,12 +34,12 @@ import torch
 import storage
 from model import dist
 from model.config import TrainConfig, config_from_dict
-from model.launch import pass_lines, watching
+from model.launch.protocol import LINE_MARK, Evaluation, parse_line
+from model.launch.reader import RankOutput
+from model.launch.sender import TrainingRun
 from model.machine import usable_cores
 from model.train import SUMMARY_NAME, TrainingData, train
 from storage.errors import GptpipeError, first_line
-from storage.tracking import TrainingRun
-from storage.tracking.protocol import LINE_MARK, parse_line
 
 # Restarts of the workers after a failure (a dead process, a lost node) before the run fails
 MAX_FAILURES = 2
@@ -233,11 +232,11 @@ def launch_ray_training(
     resume: bool = False,
     on_line: Callable[[str], None] = print,
     mlflow_run: tuple[str, str] | None = None,
-    on_eval: Callable[[int, float], bool] | None = None,
+    on_eval: Callable[[Evaluation], bool] | None = None,
     max_failures: int = MAX_FAILURES,
 ) -> dict:
     """Run training in nproc Ray Train workers to the end; return its summary (as
-    `model.launch.launch_training` does, with the same arguments where they mean the same).
+    `model.launch.torchrun.launch_training` does, with the same arguments where they mean the same).
 
     address: a running cluster (HOST:PORT, ray://HOST:PORT), or None for a local cluster of
     this machine, started here for this training and stopped after it (which also stops a
@@ -279,7 +278,7 @@ def launch_ray_training(
             ),
         )
         try:
-            _fit_relaying(trainer, relay, run, watching(on_line, on_eval))
+            _fit_relaying(trainer, relay, RankOutput(run, on_line, on_eval))
         finally:
             if run is not None:
                 run.close()  # what is still queued, and metrics that failed, are sent now
@@ -289,7 +288,7 @@ def launch_ray_training(
     return json.loads(storage.get_bytes(storage.join(out_uri, SUMMARY_NAME)))
 
 
-def _fit_relaying(trainer, relay, run: TrainingRun | None, on_line: Callable[[str], None]) -> None:
+def _fit_relaying(trainer, relay, output: RankOutput) -> None:
     """trainer.fit() in a thread while this one hands rank 0's relayed lines on; a failed
     training is its first `error:` line (a GptpipeError), else its error and last lines."""
     import ray
@@ -304,23 +303,20 @@ def _fit_relaying(trainer, relay, run: TrainingRun | None, on_line: Callable[[st
 
     fitting = threading.Thread(target=fit, name="ray-train-fit", daemon=True)
     fitting.start()
-    tail: collections.deque[str] = collections.deque(maxlen=40)
-    errors: list[str] = []
     once = _OnceMetrics()
     while True:
         done = not fitting.is_alive()  # read before the last take: no line is left behind
         lines = [kept for line in ray.get(relay.take.remote()) if (kept := once(line))]
-        pass_lines(lines, run, on_line, tail, errors)
+        output.read(lines)
         if done:
             break
         time.sleep(POLL_S)
     if not failure:
         return  # an attempt's error that a restart got past is no failure
-    if errors:
-        raise GptpipeError(errors[0].removeprefix("error: "))
-    raise RuntimeError(
-        f"Ray Train failed: {first_line(failure[0])}; last output:\n" + "\n".join(tail)
-    ) from failure[0]
+    error = output.failure(f"Ray Train failed: {first_line(failure[0])}")
+    if isinstance(error, GptpipeError):
+        raise error  # the training's own one-line error
+    raise error from failure[0]
 
 
 TRAIN_ENGINES = ("torchrun", "ray")

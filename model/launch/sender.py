@@ -1,7 +1,7 @@
 """The train stage's sender: `TrainingRun` queues rank 0's tracking calls and one thread sends them.
 
 Only rank 0 of a training logs: through its launcher (the pipeline's train stage reads rank 0's
-calls from its output, `storage.tracking.protocol`), or itself when given a run id (multi-node).
+calls from its output, `model.launch.protocol`), or itself when given a run id (multi-node).
 Either way the training never waits on MLflow or dies of it.
 """
 
@@ -15,10 +15,9 @@ import time
 from contextlib import ExitStack
 from typing import Any
 
+from model.launch.protocol import parse_line
 from storage.errors import first_line
-from storage.tracking.protocol import parse_line
-from storage.tracking.runs import StageRun, Tracker
-from storage.tracking.settings import mlflow_client_settings
+from storage.tracking import StageRun, Tracker, mlflow_client_settings
 
 # How long closing a TrainingRun (the end of a training) waits on MLflow at most
 CLOSE_TIMEOUT_S = 60.0
