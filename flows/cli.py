@@ -305,6 +305,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     check_refresh(args.refresh)
     if args.sample_tokens < 0:
         raise GptpipeError(f"--sample-tokens must not be negative, got {args.sample_tokens}")
+    _check_input(args)  # before the store: a run that cannot start creates nothing
     import storage
 
     store = _absolute_if_local(args.store)
@@ -317,7 +318,6 @@ def cmd_run(args: argparse.Namespace) -> int:
                 f"--run-id {args.run_id}: the store already has a finished run of that name "
                 f"({finished}); choose another --run-id so that its outputs are kept"
             )
-    _check_input(args)
     from model.launch import check_train_engine
 
     check_train_engine(args.train_engine, args.ray_address, nproc=args.nproc, device=cfg.device)
@@ -601,14 +601,14 @@ def print_sweep_summary(summary: dict) -> None:
 
 
 def _check_input(args: argparse.Namespace) -> None:
-    """The task runner settings and an s3:// input, checked before any work."""
+    """The task runner settings and the input, checked before any work: a missing or empty file,
+    an empty folder, a pattern that matches nothing, an unreachable URL or an empty s3:// prefix
+    is one line now, not a failed tokenize stage after Prefect has started."""
     from flows.engines import check_task_runner
+    from model.corpus import check_input
 
     check_task_runner(*_task_runner(args), args.workers)
-    if args.input.startswith("s3://"):
-        from model.corpus import list_inputs
-
-        list_inputs(args.input)  # an object, or a prefix with objects under it
+    check_input(args.input)
 
 
 def _on_task_runner(flow, args: argparse.Namespace):
