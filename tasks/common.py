@@ -12,13 +12,17 @@ from tasks.results import SplitResult, Tracking, Workspace
 
 
 def retry_unless_user_error(task, task_run, state) -> bool:
-    """Prefect retry condition of every stage: retry transient failures; never bad input (it
-    would fail again) nor a stage that ran out of time (any TimeoutError, Prefect's task timeout
-    among them: a time limit that a retry doubles is no limit). A training the sweep's pruner
-    stopped does not fail at all (tasks.train: a Completed state named Pruned)."""
+    """Prefect retry condition of every stage: retry transient failures (a dropped connection, a
+    socket's read timeout); never bad input (it would fail again) nor a stage that ran out of its
+    time limit (Prefect's task or flow timeout: a limit that a retry doubles is no limit). A
+    training the sweep's pruner stopped does not fail at all (tasks.train: a Completed state
+    named Pruned)."""
+    from prefect.flow_engine import FlowRunTimeoutError
+    from prefect.task_engine import TaskRunTimeoutError
+
     try:
         state.result()
-    except (GptpipeError, TimeoutError):
+    except (GptpipeError, TaskRunTimeoutError, FlowRunTimeoutError):
         return False
     except Exception:
         return True
