@@ -28,7 +28,6 @@ from tasks.results import (
     EvaluateResult,
     RegisterResult,
     SplitResult,
-    Tracking,
     TrainResult,
     Workspace,
 )
@@ -56,76 +55,94 @@ def register_model(
     same checkpoint register it once, and champion decisions do not interleave.
     """
     logger = get_run_logger()
-    name_key = hashlib.sha256(f"{workspace.tracking.uri}\0{name}".encode()).hexdigest()[:20]
-    lease = Lease(
-        lease_dir(workspace.store, "register", name_key),
-        owner=run_owner(workspace),
-        what=f"registering {name}",
-        on_wait=logger.info,
-    )
-    with lease:
-        return _register(
-            workspace.tracking,
+    with _one_registration_at_a_time(workspace, name, logger.info):
+        tracker = tracker_for(workspace.tracking)
+        val_loss = evaluated.val_loss
+        evaluation = json.dumps(
+            {
+                "val_sha256": splits.val.sha256,
+                "tokenizer_sha256": tokenizer.sha256,
+                "eval_iters": evaluated.eval_iters,
+                "batch_size": evaluated.batch_size,
+                "seed": evaluated.seed,
+                "device": pick_device("auto").type,
+            },
+            sort_keys=True,
+        )
+        checkpoint_sha256 = trained.checkpoint.sha256
+        version = version_of_checkpoint(tracker, name, checkpoint_sha256)
+        reused = version is not None
+        if reused:
+            logger.info("%s version %s is this checkpoint already: re-using it", name, version)
+        else:
+            tags = {
+                "val_loss": f"{val_loss:.6f}",
+                "val_sha256": splits.val.sha256,
+                "evaluation": evaluation,
+                "gptpipe.run_id": run_id,
+                CHECKPOINT_TAG: checkpoint_sha256,
+            }
+            model_uri = trained.model_uri
+            if model_uri is None:
+                # a training re-used from the cache logged no model: log it now, into its own run,
+                # which trained nothing and so gives the model no val_loss: it gets this one
+                model_uri = log_checkpoint_model(
+                    tracker, trained.mlflow_run_id, trained.checkpoint.uri, step=trained.step
+                )
+                loss_run = evaluated.mlflow_run_id or trained.mlflow_run_id
+                if loss_run:
+                    link_val_loss(tracker, model_uri, loss_run, val_loss)
+            version = register(tracker, name, model_uri, tags=tags)
+        if trained.mlflow_run_id:  # the train run links the version, new or re-used
+            tracker.client.set_tag(
+                trained.mlflow_run_id, "gptpipe.model_version", f"{name}/{version}"
+            )
+            tracker.client.set_tag(
+                trained.mlflow_run_id, "gptpipe.model_version_reused", str(reused)
+            )
+        champion, champion_loss, promote, reason = _versus_champion(
+            tracker,
             name,
-            trained=trained,
+            version,
+            val_loss,
+            evaluation=evaluation,
             evaluated=evaluated,
             splits=splits,
             tokenizer=tokenizer,
-            run_id=run_id,
+        )
+        # the loser of a comparison on the same val data becomes the challenger
+        alias = CHAMPION if promote else CHALLENGER if champion_loss is not None else None
+        if alias:
+            tracker.client.set_registered_model_alias(name, alias, version)
+        challenger = version_by_alias(tracker, name, CHALLENGER) if promote else None
+        if challenger is not None and str(challenger.version) == version:  # it had lost before
+            tracker.client.delete_registered_model_alias(name, CHALLENGER)
+        moved = f" -> {alias}" if alias else ""
+        said = "re-used" if reused else "registered"
+        logger.info("%s %s version %s; %s%s", said, name, version, reason, moved)
+        return RegisterResult(
+            name=name,
+            version=version,
+            champion=promote,
+            champion_version=version if promote else (champion.version if champion else None),
+            previous_champion_val_loss=champion_loss,
+            reason=reason,
+            reused=reused,
         )
 
 
-def _register(
-    tracking: Tracking,
+def _versus_champion(
+    tracker,
     name: str,
+    version: str,
+    val_loss: float,
     *,
-    trained: TrainResult,
+    evaluation: str,
     evaluated: EvaluateResult,
     splits: SplitResult,
     tokenizer: Artifact,
-    run_id: str,
-) -> RegisterResult:
-    logger = get_run_logger()
-    tracker = tracker_for(tracking)
-    val_loss = evaluated.val_loss
-    evaluation = json.dumps(
-        {
-            "val_sha256": splits.val.sha256,
-            "tokenizer_sha256": tokenizer.sha256,
-            "eval_iters": evaluated.eval_iters,
-            "batch_size": evaluated.batch_size,
-            "seed": evaluated.seed,
-            "device": pick_device("auto").type,
-        },
-        sort_keys=True,
-    )
-    checkpoint_sha256 = trained.checkpoint.sha256
-    version = version_of_checkpoint(tracker, name, checkpoint_sha256)
-    reused = version is not None
-    if reused:
-        logger.info("%s version %s is this checkpoint already: re-using it", name, version)
-    else:
-        tags = {
-            "val_loss": f"{val_loss:.6f}",
-            "val_sha256": splits.val.sha256,
-            "evaluation": evaluation,
-            "gptpipe.run_id": run_id,
-            CHECKPOINT_TAG: checkpoint_sha256,
-        }
-        model_uri = trained.model_uri
-        if model_uri is None:
-            # a training re-used from the cache logged no model: log it now, into its own run,
-            # which trained nothing and so gives the model no val_loss: it gets this one
-            model_uri = log_checkpoint_model(
-                tracker, trained.mlflow_run_id, trained.checkpoint.uri, step=trained.step
-            )
-            loss_run = evaluated.mlflow_run_id or trained.mlflow_run_id
-            if loss_run:
-                link_val_loss(tracker, model_uri, loss_run, val_loss)
-        version = register(tracker, name, model_uri, tags=tags)
-    if trained.mlflow_run_id:  # the train run links the version, new or re-used
-        tracker.client.set_tag(trained.mlflow_run_id, "gptpipe.model_version", f"{name}/{version}")
-        tracker.client.set_tag(trained.mlflow_run_id, "gptpipe.model_version_reused", str(reused))
+):
+    """(champion, its val loss or None, whether ``version`` replaces it, why)."""
     champion = version_by_alias(tracker, name)
     champion_loss = None
     if champion is None:
@@ -153,24 +170,17 @@ def _register(
                 f"v{champion.version}'s {champion_loss:.4f}{', as recorded' if recorded else ''} "
                 "on the same val data"
             )
-    # the loser of a comparison on the same val data becomes the challenger
-    alias = CHAMPION if promote else CHALLENGER if champion_loss is not None else None
-    if alias:
-        tracker.client.set_registered_model_alias(name, alias, version)
-    challenger = version_by_alias(tracker, name, CHALLENGER) if promote else None
-    if challenger is not None and str(challenger.version) == version:  # it had lost before
-        tracker.client.delete_registered_model_alias(name, CHALLENGER)
-    moved = f" -> {alias}" if alias else ""
-    said = "re-used" if reused else "registered"
-    logger.info("%s %s version %s; %s%s", said, name, version, reason, moved)
-    return RegisterResult(
-        name=name,
-        version=version,
-        champion=promote,
-        champion_version=version if promote else (champion.version if champion else None),
-        previous_champion_val_loss=champion_loss,
-        reason=reason,
-        reused=reused,
+    return champion, champion_loss, promote, reason
+
+
+def _one_registration_at_a_time(workspace: Workspace, name: str, log) -> Lease:
+    """The lease on registering under ``name`` on this tracking server (kept in the store)."""
+    name_key = hashlib.sha256(f"{workspace.tracking.uri}\0{name}".encode()).hexdigest()[:20]
+    return Lease(
+        lease_dir(workspace.store, "register", name_key),
+        owner=run_owner(workspace),
+        what=f"registering {name}",
+        on_wait=log,
     )
 
 

@@ -95,6 +95,30 @@ def served(cmd: list[str], health_url: str, timeout: float, log_path: Path, **po
                 proc.wait()
 
 
+def children(pid: int) -> list[int]:
+    """The processes whose parent is pid, from /proc."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below pid (children, theirs, ...)."""
+    found, frontier = [], [pid]
+    while frontier:
+        kids = [c for p in frontier for c in children(p)]
+        found += kids
+        frontier = kids
+    return found
+
+
 @pytest.fixture(scope="session")
 def corpus_path() -> Path:
     if not CORPUS.is_file():

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 import storage
-from tests.conftest import seed_preset
+from tests.conftest import run_cli, seed_preset
 
 pytestmark = pytest.mark.slow
 
@@ -139,28 +139,14 @@ def test_a_killed_lease_holder_is_taken_over_and_the_losses_are_an_uninterrupted
     killed.stdout.close()
     time.sleep(1)
 
-    taker = subprocess.run(
-        [str(Path(sys.executable).with_name("gptpipe")), *run_args(small_corpus, store, "taker")],
-        env=cli_env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    taker = run_cli(run_args(small_corpus, store, "taker"), cli_env, tmp_path, timeout=600)
     out = taker.stdout + taker.stderr
     assert taker.returncode == 0, out[-3000:]
     assert "took over from gptpipe run killed" in out and "its process is gone" in out
     assert "resumed from step" in out  # from the killed run's checkpoint, not from scratch
 
     alone = str(tmp_path / "alone")
-    uninterrupted = subprocess.run(
-        [str(Path(sys.executable).with_name("gptpipe")), *run_args(small_corpus, alone, "alone")],
-        env=cli_env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    uninterrupted = run_cli(run_args(small_corpus, alone, "alone"), cli_env, tmp_path, timeout=600)
     assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
     resumed, whole = summary_of(store, "taker"), summary_of(alone, "alone")
     assert not resumed["cached"]["train"]
@@ -188,14 +174,7 @@ def test_a_sweep_waits_for_the_one_holding_its_study_and_gives_up_in_one_line(
         args = ["sweep", "--input", str(small_corpus), "--space", str(space)]
         args += ["--store", str(store), "--name", "nightly-lr", *TINY]
         start = time.monotonic()
-        done = subprocess.run(
-            [str(Path(sys.executable).with_name("gptpipe")), *args],
-            env={**cli_env, "GPTPIPE_LEASE_WAIT_S": "5"},
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
+        done = run_cli(args, {**cli_env, "GPTPIPE_LEASE_WAIT_S": "5"}, tmp_path)
     finally:
         holder.release()
     out = done.stdout + done.stderr

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import launch_on, seed_preset
+from tests.conftest import descendants, launch_on, seed_preset
 
 # 600 steps of the tiny model: the signal comes at the first checkpoint (step 100), the
 # resumed run trains the rest in seconds
@@ -39,24 +39,6 @@ TINY = seed_preset(
 CHECKPOINT_LINE = re.compile(r"checkpoint at step (\d+): (\S+)")
 # the signal to the end of the command; the run itself takes a second or two here
 STOP_WITHIN_S = 20
-
-
-def descendants(pid: int) -> list[int]:
-    """Every process below pid (children, theirs, ...), from /proc."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            children.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(entry.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
 
 
 def running(pids: list[int]) -> list[str]:

@@ -15,6 +15,7 @@ import torch
 
 from bench.common import train_cli
 from model.checkpoint import load_checkpoint
+from tests.conftest import children, descendants
 
 CONFIG = {
     "block_size": 32,
@@ -40,19 +41,6 @@ def command(data: dict[str, str], out: Path, *extra: str) -> list[str]:
         json.dumps(CONFIG),
         *extra,
     ]
-
-
-def children(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(entry.name))
-    return found
 
 
 @pytest.mark.slow
@@ -108,15 +96,6 @@ def test_sigkilled_rank_resumes_to_the_uninterrupted_result(char_dataset, tmp_pa
     assert [v for c in curves[0] for v in c[1:]] == pytest.approx(
         [v for c in curves[1] for v in c[1:]]
     )
-
-
-def descendants(pid: int) -> list[int]:
-    found, frontier = [], [pid]
-    while frontier:
-        kids = [c for p in frontier for c in children(p)]
-        found += kids
-        frontier = kids
-    return found
 
 
 def cmdline(pid: int) -> str:
