@@ -137,6 +137,7 @@ def test_input_empty_file(cli_env, tmp_path):
     assert not (tmp_path / "store" / "datasets").exists()
 
 
+@pytest.mark.slow
 def test_input_binary_file(cli_env, tmp_path):
     binary = tmp_path / "model.bin"
     binary.write_bytes(b"some text\x00\x01\x02\xff" * 100)
@@ -145,6 +146,7 @@ def test_input_binary_file(cli_env, tmp_path):
     assert not (tmp_path / "store" / "datasets").exists()
 
 
+@pytest.mark.slow
 def test_input_not_utf8(cli_env, tmp_path):
     latin1 = tmp_path / "latin1.txt"
     latin1.write_bytes("Ça va, très bien.\n".encode("latin-1") * 50)
@@ -153,6 +155,7 @@ def test_input_not_utf8(cli_env, tmp_path):
     assert not (tmp_path / "store" / "datasets").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("val_fraction", "fragments"),
     [

@@ -289,6 +289,7 @@ def test_die_with_parent_ends_the_child_of_a_killed_process(tmp_path):
         parent.stdout.close()
 
 
+@pytest.mark.slow
 def test_resume_with_nothing_to_resume_says_so_and_done_counts_this_process_steps(
     char_dataset, tmp_path
 ):

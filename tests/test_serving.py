@@ -172,6 +172,7 @@ def new_tokens(loaded, text: str, prompt: str = PROMPT) -> int:
     return len(loaded.tokenizer.encode(text)) - len(loaded.tokenizer.encode(prompt))
 
 
+@pytest.mark.slow
 def test_the_block_keeps_gptpipe_code_out(tmp_path, mlflow_server):
     """The sitecustomize used for the server really refuses gptpipe's code: the repository's
     `model`, `storage`, and `tasks` cannot be imported with it, and can without it."""
@@ -197,6 +198,7 @@ def test_the_block_keeps_gptpipe_code_out(tmp_path, mlflow_server):
     assert Path(done.stdout.strip()).is_relative_to(REPO)  # the editable install would serve it
 
 
+@pytest.mark.slow
 def test_the_champion_answers_with_the_tokens_asked(server, local):
     from model.sample import sample_text
 
@@ -228,6 +230,7 @@ def test_the_champion_answers_with_the_tokens_asked(server, local):
     assert status == 200 and new_tokens(local, default["predictions"][0]) == 200
 
 
+@pytest.mark.slow
 def test_prompts_sent_together_each_get_their_own_random_stream(server, local):
     """Row i is sampled with seed + i: a batch is as varied as separate requests (the same prompt
     twice included), as reproducible, and its first row is that prompt's text alone."""
@@ -258,6 +261,7 @@ def test_a_rows_seed_is_the_requests_plus_its_row_within_64_bits():
         row_seed(2**64, 0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "params, named",
     [
@@ -273,11 +277,13 @@ def test_bad_params_are_a_400_naming_them(server, params, named):
     assert body["error_code"] == "INVALID_PARAMETER_VALUE" and named in body["message"], body
 
 
+@pytest.mark.slow
 def test_a_prompt_the_tokenizer_cannot_read_is_a_400(server):
     status, body = invoke(server, {"max_new_tokens": 3}, inputs=("ROMEO: \u2603",))
     assert status == 400 and "characters the tokenizer does not know" in body["message"], body
 
 
+@pytest.mark.slow
 def test_the_readme_curl_command_runs(server, local):
     """The README's curl command, against this server's port, answers as it says."""
     [curl] = readme_serving_blocks()[1]
@@ -294,6 +300,7 @@ def test_the_readme_curl_command_runs(server, local):
     assert new_tokens(local, text) == asked
 
 
+@pytest.mark.slow
 def test_the_model_declares_its_requirements_and_ships_its_code(champion, tmp_path):
     """What serving needs is in the model: pinned requirements, the two packages, the params."""
     import mlflow
@@ -318,6 +325,7 @@ def test_the_model_declares_its_requirements_and_ships_its_code(champion, tmp_pa
     assert (folder / "serving_input_example.json").is_file()
 
 
+@pytest.mark.slow
 def test_sampling_from_the_registry_downloads_the_checkpoint_as_trained(champion, tmp_path):
     """`gptpipe sample --model models:/NAME@champion` reads the very checkpoint (MLflow resolves
     the alias), loaded with weights_only like any other."""
@@ -336,6 +344,7 @@ def test_sampling_from_the_registry_downloads_the_checkpoint_as_trained(champion
         download_checkpoint(tracker, f"models:/{NAME}@nobody", tmp_path / "none")
 
 
+@pytest.mark.slow
 def test_logged_models_rank_by_their_linked_val_loss(champion):
     """link_val_loss puts the val loss on the version's logged model, where MLflow's
     search_logged_models orders by it."""

@@ -303,6 +303,7 @@ def test_a_dataset_that_fails_to_open_leaves_no_file_open(twenty_shards):
     assert info.traceback and open_fds(Path(uri).parent) == 0
 
 
+@pytest.mark.slow
 def test_streamed_training_equals_in_memory_training(char_dataset, tmp_path):
     """The same run, once with the data in memory and once streamed row group by row group."""
     import os
@@ -857,9 +858,10 @@ def _nightly_with(name, dask, ray, small_corpus, env, cwd):
 
 
 CALLERS = {"cli": _cli_with, "nightly": _nightly_with}
+CALLER_PARAMS = ["cli", pytest.param("nightly", marks=pytest.mark.slow)]
 
 
-@pytest.mark.parametrize("caller", CALLERS)
+@pytest.mark.parametrize("caller", CALLER_PARAMS)
 @pytest.mark.parametrize("name, dask, ray, message", ADDRESS_ERRORS)
 def test_both_callers_refuse_a_wrong_address(
     caller, name, dask, ray, message, small_corpus, cli_env, tmp_path
@@ -869,7 +871,7 @@ def test_both_callers_refuse_a_wrong_address(
     assert not (tmp_path / "s" / "datasets").exists()
 
 
-@pytest.mark.parametrize("caller", CALLERS)
+@pytest.mark.parametrize("caller", CALLER_PARAMS)
 def test_both_callers_take_a_ray_address_alone_for_ray(caller, small_corpus, cli_env, tmp_path):
     """A Ray address with the default runner means Ray: the one at that address is asked for."""
     pytest.importorskip("prefect_ray", reason="needs the ray extra")

@@ -335,6 +335,7 @@ def test_a_study_storage_that_cannot_be_used_is_one_line(s3_env, small_corpus, c
     assert not local.exists()
 
 
+@pytest.mark.slow
 def test_a_sweep_whose_every_trial_fails_is_an_error(small_corpus, cli_env, tmp_path):
     space = write_space(tmp_path, {"params": {"n_head": [3, 5]}, "budget": {"max_iters": 5}})
     store = tmp_path / "store"

@@ -147,7 +147,6 @@ def test_closing_a_run_waits_on_a_dead_server_a_bounded_time(capfd):
     assert "did not take the last tracking calls within 3 s" in capfd.readouterr().err
 
 
-@pytest.mark.slow
 def _inputs(run) -> set[tuple[str, str]]:
     """(dataset name, context) of each of the run's MLflow dataset inputs."""
     return {
@@ -156,6 +155,7 @@ def _inputs(run) -> set[tuple[str, str]]:
     }
 
 
+@pytest.mark.slow
 def test_pipeline_on_s3_tracked_in_mlflow_server(
     s3_env, mlflow_server, cli_env, small_corpus, tmp_path
 ):
