@@ -116,9 +116,9 @@ def train(
                         **({"extra_env": {"CUDA_VISIBLE_DEVICES": gpus}} if gpus else {}),
                     )
                 run.log_params({"cached": False, "cache_key": key})
-                checkpoint = Artifact.of(summary["checkpoint"])
+            checkpoint = Artifact.of(summary["checkpoint"])  # hashes it: once
+            if not cached:
                 found.save({"checkpoint": checkpoint.to_dict(), "config": config, "nproc": nproc})
-        checkpoint = Artifact.of(summary["checkpoint"])
         inputs = {"train": splits.train, "val": splits.val, "tokenizer": tokenizer}
         run.record_io(artifact_dicts(inputs), {"checkpoint": checkpoint.to_dict()})
         # a re-used training's model is already logged (the register stage finds its version)
