@@ -524,8 +524,8 @@ class Alerter:
     """Flow-state hooks that send at most one alert per flow run.
 
     With a target, alerts go there (`gptpipe run --notify`). Without one, each hook reads it when
-    it runs: the flow run's ``notify`` parameter, else $GPTPIPE_NOTIFY_URL (the nightly flow's
-    hooks, whose deployment sets either). A flow run that fails is reported by the failure or
+    it runs: the flow run's ``alerts.notify`` parameter, else $GPTPIPE_NOTIFY_URL (the nightly
+    flow's hooks, whose deployment sets either). A flow run that fails is reported by the failure or
     the crash hook, never both; a hook that cannot deliver logs one line and leaves the run's
     state as it was.
     """
@@ -565,7 +565,8 @@ class Alerter:
         if self.target is not None:
             return self.target
         try:
-            return notify_target((flow_run.parameters or {}).get("notify"))
+            alerts = (flow_run.parameters or {}).get("alerts") or {}  # a run request's section
+            return notify_target(alerts.get("notify") if isinstance(alerts, dict) else None)
         except Exception as exc:
             logger.warning("no alert sent: %s", first_line(exc))
             return None

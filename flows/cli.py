@@ -277,55 +277,75 @@ def _quiet_user_errors() -> None:
         logging.getLogger(name).addFilter(DropTraceback())
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    from model.config import build_config
+def run_request(args: argparse.Namespace):
+    """The command line as a run request (flows.request): argv -> request -> check -> flow."""
+    from flows.request import RunRequest
 
-    cfg = build_config(args.preset, args.config, args.set)  # before the heavy imports below
-    from flows.alerts import check_timeout, notify_target
+    refresh = getattr(args, "refresh", [])
+    return RunRequest.of(
+        data={
+            "source": args.input,
+            "store": args.store,
+            "shard_size": args.shard_size,
+            "val_shards": getattr(args, "val_shards", 0),
+            "refresh": ["tokenize"] if refresh is True else (refresh or []),
+        },
+        compute={
+            "nproc": getattr(args, "nproc", "1"),
+            "train_engine": getattr(args, "train_engine", "torchrun"),
+            "task_runner": args.task_runner,
+            "workers": args.workers,
+            "dask_address": args.dask_address,
+            "ray_address": args.ray_address,
+        },
+        training={
+            "preset": args.preset,
+            "config_file": args.config,
+            "overrides": args.set,
+            "resume": getattr(args, "resume", False),
+        },
+        tracking={
+            "tracking_uri": getattr(args, "tracking_uri", None),
+            "experiment": getattr(args, "experiment", "gptpipe"),
+            "model_name": getattr(args, "model_name", None),
+        },
+        sampling={
+            "prompt": getattr(args, "prompt", ""),
+            "sample_tokens": getattr(args, "sample_tokens", 500),
+        },
+        # the command line has no limits unless given
+        alerts={
+            "notify": getattr(args, "notify", None),
+            "timeout_seconds": getattr(args, "timeout", None),
+            "train_timeout_seconds": getattr(args, "train_timeout", None),
+        },
+        run_id=getattr(args, "run_id", None),
+    )
 
-    timeout = check_timeout(args.timeout, name="--timeout")
-    train_timeout = check_timeout(args.train_timeout, name="--train-timeout")
-    target = notify_target(args.notify)
+
+def _settle_and_boot(request):
+    """The request's own checks, then Prefect's temporary server booting (when no Prefect API is
+    set) while the checks of what the settings point at run; (settled settings, server)."""
+    settled = request.check_settings()
     from flows.prefect_env import start_temporary_server
 
-    # without a configured Prefect API, its temporary server boots while the checks below run
     prefect_server = start_temporary_server()
-    if target is not None:
-        if target.kind == "block" and prefect_server is not None:
-            raise GptpipeError(
-                f"--notify {target.spec}: Prefect blocks are kept by a Prefect server; set "
-                "PREFECT_API_URL to yours (this run would use a temporary server, without blocks)"
-            )
-        target.check()
-    from model.launch import resolve_nproc
-    from storage.tracking import Tracker
-    from tasks.cache import check_refresh
+    target = settled.notify
+    if target is not None and target.kind == "block" and prefect_server is not None:
+        raise GptpipeError(
+            f"--notify {target.spec}: Prefect blocks are kept by a Prefect server; set "
+            "PREFECT_API_URL to yours (this run would use a temporary server, without blocks)"
+        )
+    return settled, prefect_server
 
-    args.nproc = resolve_nproc(args.nproc, cfg.device)
-    check_refresh(args.refresh)
-    if args.sample_tokens < 0:
-        raise GptpipeError(f"--sample-tokens must not be negative, got {args.sample_tokens}")
-    _check_input(args)  # before the store: a run that cannot start creates nothing
-    import storage
 
-    store = _absolute_if_local(args.store)
-    # an unusable store, input bucket or tracking server fails here, before any work
-    storage.preflight(store)
-    if args.run_id:
-        finished = storage.join(store, "runs", args.run_id, "summary.json")  # checks the name too
-        if storage.exists(finished):
-            raise GptpipeError(
-                f"--run-id {args.run_id}: the store already has a finished run of that name "
-                f"({finished}); choose another --run-id so that its outputs are kept"
-            )
-    from model.launch import check_train_engine
+def cmd_run(args: argparse.Namespace) -> int:
+    request = run_request(args)
+    settled, prefect_server = _settle_and_boot(request)
+    checked = request.check(settled=settled)
+    from flows.pipeline import pipeline
 
-    check_train_engine(args.train_engine, args.ray_address, nproc=args.nproc, device=cfg.device)
-    tracker = Tracker(args.tracking_uri, args.experiment)
-    tracker.check()
-    from flows.pipeline import new_run_id, pipeline
-
-    run_id = args.run_id or new_run_id()  # chosen here: an interrupted run's last line names it
+    run_id = checked.plan.run_id  # chosen by the check: an interrupted run's last line names it
     if prefect_server:
         prefect_server.use()
     from flows.alerts import Alerter
@@ -333,19 +353,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     _quiet_user_errors()
     # the hooks are given here, not as a parameter: Prefect stores parameters, and a webhook
     # URL may hold a token
-    hooks = Alerter(target).hooks() if target is not None else {}
-    flow = pipeline.with_options(timeout_seconds=timeout, **hooks)
+    hooks = Alerter(checked.notify).hooks() if checked.notify is not None else {}
+    flow = pipeline.with_options(timeout_seconds=checked.timeout_seconds, **hooks)
     checkpoints = CheckpointWatch()
     try:
-        summary = _run_pipeline(
-            flow,
-            args,
-            cfg=cfg,
-            store=store,
-            run_id=run_id,
-            tracking_uri=tracker.tracking_uri,
-            train_timeout=train_timeout,
-        )
+        summary = _on_task_runner(flow, checked)(source=checked.source, plan=checked.plan)
     except TimeoutError as exc:  # the hooks have sent the alert; the user gets one line
         raise GptpipeError(_timed_out(exc, args)) from None
     except BaseException as exc:
@@ -447,67 +459,26 @@ def _timed_out(exc: TimeoutError, args: argparse.Namespace) -> str:
     return f"the run timed out: {exc}"
 
 
-def _run_pipeline(
-    flow,
-    args: argparse.Namespace,
-    *,
-    cfg,
-    store: str,
-    run_id: str,
-    tracking_uri: str | None,
-    train_timeout: float | None,
-) -> dict:
-    """The pipeline flow with the command's settings; its summary."""
-    from model.corpus import DEFAULT_SHARD_BYTES
-    from tasks.tokenize import source_parameter
-
-    return _on_task_runner(flow, args)(
-        source=source_parameter(args.input),  # stored by Prefect without user:password@
-        config=cfg.to_dict(),
-        store=store,
-        nproc=args.nproc,
-        run_id=run_id,
-        prompt=args.prompt,
-        sample_tokens=args.sample_tokens,
-        tracking_uri=tracking_uri,
-        experiment=args.experiment,
-        model_name=args.model_name,
-        refresh=args.refresh,
-        resume=args.resume,
-        shard_bytes=args.shard_size or DEFAULT_SHARD_BYTES,
-        val_shards=args.val_shards,
-        train_timeout_seconds=train_timeout,
-        train_engine=args.train_engine,
-        ray_address=args.ray_address if args.train_engine == "ray" else None,
-    )
-
-
 def cmd_tokenize(args: argparse.Namespace) -> int:
-    from model.config import build_config
-
-    cfg = build_config(args.preset, args.config, args.set)
-    from flows.prefect_env import start_temporary_server
-
-    prefect_server = start_temporary_server()  # boots while the checks below run
-    import storage
-
-    store = _absolute_if_local(args.store)
-    storage.preflight(store)
-    _check_input(args)
+    request = run_request(args)
+    settled, prefect_server = _settle_and_boot(request)
+    request.check_data(settled=settled)
     from flows.tokenize_corpus import tokenize_corpus
-    from model.corpus import DEFAULT_SHARD_BYTES
     from tasks.tokenize import source_parameter
 
     if prefect_server:
         prefect_server.use()
     _quiet_user_errors()
-    result = _on_task_runner(tokenize_corpus, args)(
-        source=source_parameter(args.input),  # stored by Prefect without user:password@
-        store=store,
-        tokenizer=cfg.tokenizer,
-        vocab_size=cfg.vocab_size,
-        shard_bytes=args.shard_size or DEFAULT_SHARD_BYTES,
-        refresh=args.refresh,
+    from flows.engines import with_task_runner
+
+    on_runner = with_task_runner(tokenize_corpus, *settled.task_runner, request.compute.workers)
+    result = on_runner(
+        source=source_parameter(settled.source),  # stored by Prefect without user:password@
+        store=settled.store,
+        tokenizer=settled.config.tokenizer,
+        vocab_size=settled.config.vocab_size,
+        shard_bytes=settled.shard_bytes,
+        refresh=bool(settled.refresh),
     )
     meta = result.metadata
     print(
@@ -520,58 +491,30 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from model.config import build_config, read_yaml_mapping
-    from tasks.space import parse_space
+    from flows.request import SweepRequest
+    from model.config import read_yaml_mapping
 
-    cfg = build_config(args.preset, args.config, args.set)
-    space = read_yaml_mapping(Path(args.space), "--space")
-    parse_space(space, trials=args.trials, origin=f"--space {args.space}")  # before any work
-    if args.parallel < 1:
-        raise GptpipeError(f"--parallel must be at least 1, got {args.parallel}")
-    from flows.prefect_env import start_temporary_server
-
-    prefect_server = start_temporary_server()  # boots while the checks below run
-    from model.launch import resolve_nproc
-    from storage.tracking import Tracker
-
-    nproc = resolve_nproc(args.nproc, cfg.device)
-    import storage
-
-    store = _absolute_if_local(args.store)
-    from tasks.study import check_study_storage
-
-    check_study_storage(store, args.study_storage)  # before the store is touched
-    storage.preflight(store)
-    _check_input(args)
-    tracker = Tracker(args.tracking_uri, args.experiment)
-    tracker.check()
+    request = SweepRequest.of(
+        **run_request(args).model_dump(exclude={"alerts", "sampling", "run_id"}),
+        alerts={"timeout_seconds": None, "train_timeout_seconds": None},
+        search={
+            "space": read_yaml_mapping(Path(args.space), "--space"),
+            "space_file": args.space,
+            "trials": args.trials,
+            "parallel": args.parallel,
+            "name": args.name,
+            "study_storage": args.study_storage,
+        },
+    )
+    settled, prefect_server = _settle_and_boot(request)
+    checked = request.check(settled=settled)
     from flows.sweep import sweep
-    from model.corpus import DEFAULT_SHARD_BYTES
-    from tasks.tokenize import source_parameter
 
     if prefect_server:
         prefect_server.use()
     _quiet_user_errors()
-    if (
-        args.workers is None
-        and args.task_runner != "default"
-        and not (args.dask_address or args.ray_address)
-    ):
-        args.workers = args.parallel  # a local cluster of one worker per parallel trial
-    summary = _on_task_runner(sweep, args)(
-        source=source_parameter(args.input),
-        space=space,
-        config=cfg.to_dict(),
-        store=store,
-        name=args.name,
-        trials=args.trials,
-        parallel=args.parallel,
-        nproc=nproc,
-        study_storage_url=args.study_storage,
-        tracking_uri=tracker.tracking_uri,
-        experiment=args.experiment,
-        model_name=args.model_name,
-        shard_bytes=args.shard_size or DEFAULT_SHARD_BYTES,
+    summary = _on_task_runner(sweep, checked)(
+        source=checked.source, plan=checked.plan, search=request.search
     )
     print_sweep_summary(summary)
     return 0
@@ -600,34 +543,11 @@ def print_sweep_summary(summary: dict) -> None:
     print("\n".join(lines), flush=True)
 
 
-def _check_input(args: argparse.Namespace) -> None:
-    """The task runner settings and the input, checked before any work: a missing or empty file,
-    an empty folder, a pattern that matches nothing, an unreachable URL or an empty s3:// prefix
-    is one line now, not a failed tokenize stage after Prefect has started."""
-    from flows.engines import check_task_runner
-    from model.corpus import check_input
-
-    check_task_runner(*_task_runner(args), args.workers)
-    check_input(args.input)
-
-
-def _on_task_runner(flow, args: argparse.Namespace):
+def _on_task_runner(flow, checked):
+    """``flow`` on the checked run's task runner."""
     from flows.engines import with_task_runner
 
-    return with_task_runner(flow, *_task_runner(args), args.workers)
-
-
-def _task_runner(args: argparse.Namespace) -> tuple[str, str | None]:
-    """(task runner, cluster address) from --task-runner, --dask-address and --ray-address."""
-    from flows.engines import resolve_task_runner
-
-    return resolve_task_runner(args.task_runner, args.dask_address, args.ray_address)
-
-
-def _absolute_if_local(store: str) -> str:
-    if "://" in store:
-        return store
-    return os.path.abspath(store)
+    return with_task_runner(flow, *checked.task_runner, checked.workers)
 
 
 def print_summary(summary: dict) -> None:

@@ -7,20 +7,14 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
-import time
-from dataclasses import dataclass
 
 from prefect import flow, get_run_logger
 
 import storage
-from flows.alerts import check_timeout, label_flow_run, mlflow_link
-from flows.defaults import DEFAULT_STORE, TINY_SHAKESPEARE_URL
+from flows.alerts import label_flow_run, mlflow_link
+from flows.request import RunPlan
 from model.config import TrainConfig, config_from_dict
-from model.corpus import DEFAULT_SHARD_BYTES
-from model.launch import check_train_engine, resolve_nproc
-from storage.tracking import DEFAULT_EXPERIMENT, Tracker, end_status, model_name_for, redact
-from tasks.cache import check_refresh
+from storage.tracking import Tracker, end_status, redact
 from tasks.evaluate import evaluate
 from tasks.register import register_model
 from tasks.registry import warm_up_in_background
@@ -31,52 +25,22 @@ from tasks.tokenize import SourceURL, reveal, tokenize
 from tasks.train import train
 
 
-def new_run_id() -> str:
-    return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + secrets.token_hex(3)
-
-
 @flow(name="gptpipe-pipeline")
-def pipeline(
-    source: str | SourceURL = TINY_SHAKESPEARE_URL,
-    *,
-    config: dict | None = None,
-    store: str = DEFAULT_STORE,
-    nproc: int | str = 1,
-    run_id: str | None = None,
-    prompt: str = "",
-    sample_tokens: int = 500,
-    tracking_uri: str | None = None,
-    experiment: str = DEFAULT_EXPERIMENT,
-    model_name: str | None = None,
-    refresh: list[str] | None = None,
-    resume: bool = False,
-    shard_bytes: int = DEFAULT_SHARD_BYTES,
-    val_shards: int = 0,
-    train_timeout_seconds: float | None = None,
-    train_engine: str = "torchrun",
-    ray_address: str | None = None,
-) -> dict:
+def pipeline(source: str | SourceURL, plan: RunPlan) -> dict:
     """Run every stage once; return (and store) the run's summary.
 
-    A ``source`` URL with credentials comes as a SourceURL (see `source_parameter`): Prefect then
-    stores this flow run's ``source`` without them. ``train_timeout_seconds`` stops a training
-    that runs longer (and does not retry it); the whole run's limit is the flow's own
-    ``timeout_seconds`` (`Flow.with_options`), set by the caller with its alert hooks.
-    ``train_engine`` "ray" trains in ``nproc`` Ray Train workers on the cluster at
-    ``ray_address`` (else a local one started for the training) instead of torchrun ranks here.
+    ``plan`` is a checked run request (`flows.request.RunRequest.check`); ``source`` is the
+    corpus, apart from the plan so that Prefect stores it without credentials (a SourceURL, see
+    `source_parameter`). The plan's ``train_timeout_seconds`` stops a training that runs longer
+    (and does not retry it); the whole run's limit is the flow's own ``timeout_seconds``
+    (`Flow.with_options`), set by the caller with its alert hooks.
     """
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    train_timeout = check_timeout(train_timeout_seconds, name="train_timeout_seconds")
     warm_up_in_background()  # the model log's slow part, done while the stages run
-    cfg = config_from_dict(config or {})
-    nproc = resolve_nproc(nproc, cfg.device)  # "auto": one rank per visible GPU, else 1
-    check_train_engine(train_engine, ray_address, nproc=nproc, device=cfg.device)
+    cfg = config_from_dict(plan.config)
     url = reveal(source)  # credentials included: the tokenize stage downloads it
-    run_id = run_id or new_run_id()
-    # a scheduled run fails here, before any work, like the CLI does before it starts the flow
-    storage.preflight(store)
-    tracker = Tracker(tracking_uri, experiment)
-    tracker.check()
+    run_id, store = plan.run_id, plan.store
+    tracker = Tracker(plan.tracking_uri, plan.experiment)
     run_uri = storage.join(store, "runs", run_id)
     logger = get_run_logger()
     parent_id = tracker.start_run(
@@ -84,12 +48,14 @@ def pipeline(
     )
     workspace = Workspace(
         store=store,
-        tracking=Tracking(uri=tracker.tracking_uri, experiment=experiment, parent_id=parent_id),
-        refresh=frozenset(check_refresh(refresh or [])),
+        tracking=Tracking(
+            uri=tracker.tracking_uri, experiment=plan.experiment, parent_id=parent_id
+        ),
+        refresh=frozenset(plan.refresh),
         owner=f"gptpipe run {run_id}",
     )
     parent = tracker.stage_handle(parent_id)
-    shown = {"source": redact(url), "nproc": nproc, "store": redact(run_uri)}
+    shown = {"source": redact(url), "nproc": plan.nproc, "store": redact(run_uri)}
     parent.log_params({**cfg.to_dict(), **shown})
     logger.info("run %s -> %s (MLflow run %s)", run_id, run_uri, parent_id)
     # for the alert hooks of whichever flow encloses this one, and for the Prefect UI
@@ -97,30 +63,12 @@ def pipeline(
         run_id=run_id,
         mlflow_run=mlflow_link(tracker.run_url(parent_id), parent_id, tracker.tracking_uri),
     )
-    options = StageOptions(
-        nproc=nproc,
-        resume=resume,
-        shard_bytes=shard_bytes,
-        val_shards=val_shards,
-        train_timeout=train_timeout,
-        train_engine=train_engine,
-        ray_address=ray_address,
-    )
-    sampling = SamplingSettings(prompt=prompt, max_new_tokens=sample_tokens, seed=cfg.seed)
     try:
-        summary = _stages(
-            cfg,
-            url,
-            workspace=workspace,
-            run_id=run_id,
-            options=options,
-            sampling=sampling,
-            model_name=model_name or model_name_for(url, cfg.tokenizer),
-        )
+        summary = _stages(cfg, url, workspace=workspace, plan=plan)
     except BaseException as exc:  # FAILED; KILLED when interrupted (Ctrl-C, SIGTERM, cancelled)
         tracker.client.set_terminated(parent_id, end_status(exc))
         raise
-    summary["mlflow"] = mlflow_summary(tracker, experiment, parent_id)
+    summary["mlflow"] = mlflow_summary(tracker, plan.experiment, parent_id)
     parent.log_metrics({"train_loss": summary["train_loss"], "val_loss": summary["val_loss"]})
     parent.log_params({"n_params": summary["n_params"], "world_size": summary["world_size"]})
     parent.log_dict(summary, "summary.json")
@@ -191,44 +139,26 @@ def _check_prompt(prompt: str, tokenizer_uri: str) -> None:
         raise GptpipeError(f"--prompt has characters the tokenizer does not know: {shown}")
 
 
-@dataclass(frozen=True)
-class StageOptions:
-    """How the stages run: on how many ranks, resuming or not, how the data is cut, how long
-    training may take (seconds; None: no limit)."""
-
-    nproc: int = 1
-    resume: bool = False
-    shard_bytes: int = DEFAULT_SHARD_BYTES
-    val_shards: int = 0
-    train_timeout: float | None = None
-    train_engine: str = "torchrun"  # or "ray": Ray Train workers on the cluster at ray_address
-    ray_address: str | None = None
-
-    def train_task(self):
-        """The train task, under this time limit if there is one (a training that ran out of
-        time is not retried: tasks.common.retry_unless_user_error)."""
-        if self.train_timeout is None:
-            return train
-        return train.with_options(timeout_seconds=self.train_timeout)
+def train_task(limit_seconds: float | None):
+    """The train task, under this time limit if there is one (a training that ran out of time
+    is not retried: tasks.common.retry_unless_user_error)."""
+    if limit_seconds is None:
+        return train
+    return train.with_options(timeout_seconds=limit_seconds)
 
 
-def _stages(
-    cfg: TrainConfig,
-    source: str,
-    *,
-    workspace: Workspace,
-    run_id: str,
-    options: StageOptions,
-    sampling: SamplingSettings,
-    model_name: str,
-) -> dict:
+def _stages(cfg: TrainConfig, source: str, *, workspace: Workspace, plan: RunPlan) -> dict:
     """Every stage in order; the run's summary (summary.json's shape)."""
+    run_id = plan.run_id
+    sampling = SamplingSettings(
+        prompt=plan.prompt, max_new_tokens=plan.sample_tokens, seed=cfg.seed
+    )
     tokenized = tokenize(
         source,
         workspace,
         tokenizer=cfg.tokenizer,
         vocab_size=cfg.vocab_size,
-        shard_bytes=options.shard_bytes,
+        shard_bytes=plan.shard_bytes,
     )
     _check_prompt(sampling.prompt, tokenized.tokenizer.uri)  # before training, not after it
     splits = split(
@@ -236,17 +166,17 @@ def _stages(
         workspace,
         val_fraction=cfg.val_fraction,
         block_size=cfg.block_size,
-        val_shards=options.val_shards,
+        val_shards=plan.val_shards,
     )
-    trained = options.train_task()(
+    trained = train_task(plan.train_timeout_seconds)(
         cfg.to_dict(),
         splits,
         workspace=workspace,
         tokenizer=tokenized.tokenizer,
-        nproc=options.nproc,
-        resume=options.resume,
-        engine=options.train_engine,
-        ray_address=options.ray_address,
+        nproc=plan.nproc,
+        resume=plan.resume,
+        engine=plan.train_engine,
+        ray_address=plan.ray_address,
     )
     evaluated = evaluate(
         trained.checkpoint,
@@ -260,7 +190,7 @@ def _stages(
     sampled = sample(trained.checkpoint, run_uri, workspace=workspace, settings=sampling)
     registered = register_model(
         workspace,
-        model_name,
+        plan.model_name,
         trained=trained,
         evaluated=evaluated,
         splits=splits,

@@ -24,15 +24,23 @@ from prefect import flow, get_run_logger
 from prefect.futures import as_completed
 
 import storage
-from flows.defaults import DEFAULT_STORE
+from flows.engines import with_task_runner
 from flows.pipeline import mlflow_summary, publish_markdown
+from flows.request import (
+    DEPLOYMENT,
+    ComputeSettings,
+    DataSettings,
+    RunPlan,
+    SearchSettings,
+    SweepRequest,
+    TrackingSettings,
+    TrainingSettings,
+)
 from model.config import config_from_dict
-from model.corpus import DEFAULT_SHARD_BYTES
-from model.launch import resolve_nproc
 from model.machine import usable_cores
 from storage.errors import GptpipeError, first_line
 from storage.lease import Lease
-from storage.tracking import DEFAULT_EXPERIMENT, Tracker, end_status, model_name_for, redact
+from storage.tracking import Tracker, end_status, redact
 from tasks.cache import lease_dir
 from tasks.register import register_model
 from tasks.results import EvaluateResult, Tracking, TrainResult, Workspace
@@ -58,41 +66,22 @@ def sweep_name_for(source: str, space: dict, config: dict, nproc: int) -> str:
 
 
 @flow(name="gptpipe-sweep")
-def sweep(
-    source: str | SourceURL,
-    *,
-    space: dict,
-    config: dict | None = None,
-    store: str = DEFAULT_STORE,
-    name: str | None = None,
-    trials: int | None = None,
-    parallel: int = 1,
-    nproc: int | str = 1,
-    study_storage_url: str | None = None,
-    tracking_uri: str | None = None,
-    experiment: str = DEFAULT_EXPERIMENT,
-    model_name: str | None = None,
-    shard_bytes: int = DEFAULT_SHARD_BYTES,
-) -> dict:
-    """Search ``space`` (a space file's mapping, `tasks.space`) on ``source``; the sweep's
-    summary (also stored as sweeps/NAME/summary.json), its trials ranked by val loss."""
+def sweep(source: str | SourceURL, plan: RunPlan, search: SearchSettings) -> dict:
+    """Search ``search.space`` (a space file's mapping, `tasks.space`) on ``source`` with the
+    checked ``plan`` (`flows.request.SweepRequest.check`); the sweep's summary (also stored as
+    sweeps/NAME/summary.json), its trials ranked by val loss."""
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     logger = get_run_logger()
-    searched = parse_space(space, trials=trials)
-    if isinstance(parallel, bool) or not isinstance(parallel, int) or parallel < 1:
-        raise GptpipeError(f"--parallel must be a whole number of at least 1, got {parallel!r}")
-    cfg = config_from_dict(config or {})
+    space, parallel, store = search.space, search.parallel, plan.store
+    searched = parse_space(space, trials=search.trials)
+    cfg = config_from_dict(plan.config)
     visible = visible_gpus(cfg.device)
-    if nproc == "auto" and visible:
-        nproc = max(1, len(visible) // parallel)  # the GPUs shared among the parallel trials
-    nproc = resolve_nproc(nproc, cfg.device)
+    nproc = plan.nproc
     slots = gpu_slots(parallel, nproc, visible)
     base = _base_config(cfg.to_dict(), parallel=parallel, nproc=nproc, on_gpus=bool(visible))
     url = reveal(source)
-    name = name or sweep_name_for(url, space, cfg.to_dict(), nproc)
-    storage.preflight(store)
-    tracker = Tracker(tracking_uri, experiment)
-    tracker.check()
+    name = search.name or sweep_name_for(url, space, cfg.to_dict(), nproc)
+    tracker = Tracker(plan.tracking_uri, plan.experiment)
     # one process per study at a time: a second sweep of the same name waits, then resumes it
     lease = Lease(
         lease_dir(store, "sweep", name),
@@ -101,12 +90,16 @@ def sweep(
         on_wait=logger.info,
     ).acquire()
     try:
-        study_ref = StudyRef(name, study_storage(store, name, study_storage_url), searched.pruner)
+        study_ref = StudyRef(
+            name, study_storage(store, name, search.study_storage), searched.pruner
+        )
         study = _open_study(study_ref, searched)
         parent_id = _parent_run(tracker, study, name=name, searched=searched, base=base, url=url)
         workspace = Workspace(
             store=store,
-            tracking=Tracking(uri=tracker.tracking_uri, experiment=experiment, parent_id=parent_id),
+            tracking=Tracking(
+                uri=tracker.tracking_uri, experiment=plan.experiment, parent_id=parent_id
+            ),
             owner=f"gptpipe sweep {name}",
         )
         logger.info(
@@ -123,7 +116,7 @@ def sweep(
                 workspace,
                 tokenizer=cfg.tokenizer,
                 vocab_size=cfg.vocab_size,
-                shard_bytes=shard_bytes,
+                shard_bytes=plan.shard_bytes,
             )
             splits = split(
                 tokenized.tokens,
@@ -158,7 +151,7 @@ def sweep(
             best = _best(outcomes, name)
             registered = register_model(
                 workspace,
-                model_name or model_name_for(url, cfg.tokenizer),
+                plan.model_name,
                 trained=TrainResult.from_dict(best.trained),
                 evaluated=EvaluateResult(**best.evaluated),
                 splits=splits,
@@ -180,7 +173,7 @@ def sweep(
                 "best": best.to_dict(),
                 "trials": [o.to_dict() for o in _ranked(outcomes)],
                 "model": registered.to_dict(),
-                "mlflow": mlflow_summary(tracker, experiment, parent_id),
+                "mlflow": mlflow_summary(tracker, plan.experiment, parent_id),
                 "outputs": {
                     "tokens": tokenized.tokens.uri,
                     "train": splits.train.uri,
@@ -242,53 +235,29 @@ def gpu_slots(parallel: int, nproc: int, visible: list[str]) -> list[str | None]
 
 @flow(name="hyperparameter-sweep")
 def deployed_sweep(
-    source: str | None = None,
-    *,
-    space: dict,
-    preset: str | None = None,
-    overrides: list[str] | None = None,
-    store: str | None = None,
-    name: str | None = None,
-    trials: int | None = None,
-    parallel: int = 1,
-    nproc: int | str = 1,
-    task_runner: str = "default",
-    dask_address: str | None = None,
-    ray_address: str | None = None,
-    workers: int | None = None,
-    study_storage_url: str | None = None,
-    tracking_uri: str | None = None,
-    experiment: str = DEFAULT_EXPERIMENT,
-    model_name: str | None = None,
+    search: SearchSettings,
+    data: DataSettings = DataSettings(),
+    compute: ComputeSettings = ComputeSettings(nproc=1),
+    training: TrainingSettings = TrainingSettings(),
+    tracking: TrackingSettings = TrackingSettings(),
 ) -> dict:
-    """The sweep as a deployment runs it (deploy/prefect.yaml): the config as a preset and
-    ``--set`` overrides, unset ``source`` and ``store`` from $GPTPIPE_INPUT and $GPTPIPE_STORE
-    like the nightly flow, the trials on the task runner named (a local Dask or Ray cluster of
-    ``workers``, default one per parallel trial, or the one at the address)."""
-    from flows.engines import resolve_task_runner, with_task_runner
-    from flows.nightly import resolve_source_and_store
-    from model.config import build_config
-    from tasks.tokenize import source_parameter
-
-    cfg = build_config(preset, None, overrides or [])
-    parse_space(space, trials=trials)  # before any work
-    source, store = resolve_source_and_store(source, store)
-    runner, address = resolve_task_runner(task_runner, dask_address, ray_address)
-    if runner != "default" and address is None and workers is None:
-        workers = parallel
-    return with_task_runner(sweep, runner, address, workers)(
-        source=source_parameter(source),
-        space=space,
-        config=cfg.to_dict(),
-        store=store,
-        name=name,
-        trials=trials,
-        parallel=parallel,
-        nproc=nproc,
-        study_storage_url=study_storage_url,
-        tracking_uri=tracking_uri,
-        experiment=experiment,
-        model_name=model_name,
+    """The sweep as a deployment runs it (deploy/prefect.yaml): a sweep request's sections as
+    parameters, checked before any work (a bad value is one line naming its parameter, e.g.
+    ``search.parallel``); unset ``data.source`` and ``data.store`` from $GPTPIPE_INPUT and
+    $GPTPIPE_STORE like the nightly flow; the trials on the task runner named (a local Dask or
+    Ray cluster of ``compute.workers``, default one per parallel trial, or the one at the
+    address)."""
+    request = SweepRequest.of(
+        DEPLOYMENT,
+        search=search,
+        data=data,
+        compute=compute,
+        training=training,
+        tracking=tracking,
+    )
+    checked = request.check(DEPLOYMENT)
+    return with_task_runner(sweep, *checked.task_runner, checked.workers)(
+        source=checked.source, plan=checked.plan, search=request.search
     )
 
 

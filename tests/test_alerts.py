@@ -149,11 +149,13 @@ import json, sys
 from flows.nightly import nightly_retrain
 
 params = json.loads(sys.argv[1])
+store = params.pop("store")
 try:
-    nightly_retrain(**params, source=sys.argv[2], run_id="nightly-broken")
+    nightly_retrain(**params, data={"source": sys.argv[2], "store": store},
+                    run_id="nightly-broken")
 except Exception as exc:
     print("first run failed:", type(exc).__name__)
-nightly_retrain(**params, source=sys.argv[3], run_id="nightly-good")
+nightly_retrain(**params, data={"source": sys.argv[3], "store": store}, run_id="nightly-good")
 """
 
 
@@ -165,15 +167,18 @@ def test_the_nightly_flow_reports_a_failed_subflow_once_and_a_new_champion(
     empty = tmp_path / "empty.txt"
     empty.write_text("")
     params = {
-        "preset": "seed",
-        "overrides": ["max_iters=20", "eval_interval=10", "eval_iters=2", "log_interval=10"],
-        "batch_size": 8,
-        "nproc": 1,
+        "training": {
+            "preset": "seed",
+            "overrides": [
+                *("max_iters=20", "eval_interval=10", "eval_iters=2", "log_interval=10"),
+                "batch_size=8",
+            ],
+        },
+        "compute": {"nproc": 1},
         "store": str(tmp_path / "store"),
-        "model_name": "gptpipe-alerts-test",
-        "sample_tokens": 20,
-        "timeout_seconds": 600,
-        "train_timeout_seconds": 300,
+        "tracking": {"model_name": "gptpipe-alerts-test"},
+        "sampling": {"sample_tokens": 20},
+        "alerts": {"timeout_seconds": 600, "train_timeout_seconds": 300},
     }
     done = subprocess.run(
         [sys.executable, "-c", NIGHTLY, json.dumps(params), str(empty), str(small_corpus)],

@@ -88,9 +88,12 @@ def test_deployments_point_at_a_real_flow_and_take_its_parameters():
     flow = getattr(importlib.import_module(path.removesuffix(".py").replace("/", ".")), function)
     assert flow.name == "hyperparameter-sweep"
     assert set(sweep["parameters"]) <= set(inspect.signature(flow.fn).parameters)
+    from flows.request import DEPLOYMENT, RunRequest, SweepRequest
     from tasks.space import parse_space
 
-    assert parse_space(sweep["parameters"]["space"]).trials == 6  # the example grid is valid
+    # the parameters are a request's sections, and pass its own checks as written
+    SweepRequest.of(DEPLOYMENT, **sweep["parameters"]).check_settings(DEPLOYMENT)
+    assert parse_space(sweep["parameters"]["search"]["space"]).trials == 6  # a valid grid
     for name, deployment in deployments.items():
         # entrypoints resolve against the folder `prefect deploy` runs in: the project root
         path, _, function = deployment["entrypoint"].partition(":")
@@ -99,8 +102,11 @@ def test_deployments_point_at_a_real_flow_and_take_its_parameters():
         flow = getattr(module, function)
         assert flow.name == "nightly-retrain"
         signature = inspect.signature(flow.fn).parameters
-        assert {"nproc", "batch_size"} <= set(deployment["parameters"]), name
+        assert {"compute", "training", "alerts"} <= set(deployment["parameters"]), name
         assert set(deployment["parameters"]) <= set(signature), name
+        request = RunRequest.of(DEPLOYMENT, **deployment["parameters"])
+        request.check_settings(DEPLOYMENT)
+        assert request.alerts.timeout_seconds == 6 * 3600, name
         schedule = deployment["schedules"][0]
         assert (schedule["cron"], schedule["timezone"]) == ("0 2 * * *", "UTC")
     assert deployments["nightly-retrain"]["work_pool"]["name"] == "local"
@@ -477,25 +483,26 @@ def test_deploy_and_run_the_nightly_deployment(prefect_server, small_corpus, tmp
         )
     )
     assert gpu["work_pool_name"] == "gpu"
-    assert gpu["parameters"]["nproc"] == "auto" and "batch_size" in gpu["parameters"]
+    assert gpu["parameters"]["compute"]["nproc"] == "auto"
+    assert "batch_size=64" in gpu["parameters"]["training"]["overrides"]
     assert gpu["job_variables"]["env"]["AWS_ACCESS_KEY_ID"] == "deploy-test-key"
     assert gpu["schedules"][0]["schedule"]["cron"] == "0 2 * * *"
     assert gpu["global_concurrency_limit"]["limit"] == 1
     assert gpu["concurrency_options"]["collision_strategy"] == "ENQUEUE"
-    assert gpu["parameters"]["timeout_seconds"] == 21600
+    assert gpu["parameters"]["alerts"]["timeout_seconds"] == 21600
 
     store = tmp_path / "store"
     params = {
-        "source": str(small_corpus),
-        "preset": "seed",
-        "overrides": ["max_iters=20", "eval_interval=10", "eval_iters=2"],
-        "batch_size": 16,
-        "store": str(store),
-        "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "data": {"source": str(small_corpus), "store": str(store)},
+        "training": {
+            "preset": "seed",
+            "overrides": ["max_iters=20", "eval_interval=10", "eval_iters=2", "batch_size=16"],
+        },
+        "tracking": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
         "run_id": "deploy-test",
-        "sample_tokens": 40,
-        "task_runner": "dask",  # the tokenize stage mapped over a local Dask cluster
-        "workers": 1,
+        "sampling": {"sample_tokens": 40},
+        # the tokenize stage mapped over a local Dask cluster
+        "compute": {"task_runner": "dask", "workers": 1},
     }
     run_args = ["deployment", "run", "nightly-retrain/nightly-retrain"]
     created = run_deployment(run_args, params, env)
@@ -528,10 +535,8 @@ def test_deploy_and_run_the_nightly_deployment(prefect_server, small_corpus, tmp
     # the sweep deployment, run by the same kind of worker: two trials on the same data
     space = {"budget": {"max_iters": 20}, "pruner": "none", "params": {"n_layer": [1, 2]}}
     sweep_params = {
-        **{k: params[k] for k in ("source", "preset", "store", "tracking_uri")},
-        "overrides": [*params["overrides"], "batch_size=16"],
-        "space": space,
-        "name": "deploy-sweep",
+        **{k: params[k] for k in ("data", "training", "tracking")},
+        "search": {"space": space, "name": "deploy-sweep"},
     }
     run_deployment(["deployment", "run", "hyperparameter-sweep/sweep"], sweep_params, env)
     log = run_worker_once(env, worker_cwd)
@@ -577,14 +582,17 @@ def worker_runs_the_nightly_deployment(command: str, env: dict, corpus: Path, ou
     from tests.conftest import prefect_api
 
     params = {
-        "source": str(corpus),
-        "preset": "seed",
-        "overrides": ["max_iters=10", "eval_interval=10", "eval_iters=2", "log_interval=10"],
-        "batch_size": 8,
-        "store": str(out / "store"),
-        "tracking_uri": f"sqlite:///{out / 'mlflow.db'}",
+        "data": {"source": str(corpus), "store": str(out / "store")},
+        "training": {
+            "preset": "seed",
+            "overrides": [
+                *("max_iters=10", "eval_interval=10", "eval_iters=2", "log_interval=10"),
+                "batch_size=8",
+            ],
+        },
+        "tracking": {"tracking_uri": f"sqlite:///{out / 'mlflow.db'}"},
         "run_id": "docs-worker",
-        "sample_tokens": 20,
+        "sampling": {"sample_tokens": 20},
     }
     log_path = out / "worker.log"
     with open(log_path, "wb") as log:

@@ -91,10 +91,10 @@ def test_a_stage_past_its_time_limit_is_not_retried(on_server):
 
 
 def test_the_train_task_under_a_limit_keeps_the_stages_rule():
-    from flows.pipeline import StageOptions
+    from flows.pipeline import train_task
     from tasks.train import train
 
-    assert StageOptions().train_task() is train
-    limited = StageOptions(train_timeout=3).train_task()
+    assert train_task(None) is train
+    limited = train_task(3)
     assert limited.timeout_seconds == 3 and limited.retries == train.retries == 1
     assert limited.retry_condition_fn is retry_unless_user_error is train.retry_condition_fn

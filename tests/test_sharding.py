@@ -832,8 +832,10 @@ from flows.nightly import nightly_retrain
 from storage.errors import GptpipeError
 name, dask, ray, source, store = [a or None for a in sys.argv[1:]]
 try:
-    nightly_retrain(source=source, store=store, task_runner=name, dask_address=dask,
-                    ray_address=ray)
+    nightly_retrain(
+        data={"source": source, "store": store},
+        compute={"task_runner": name, "dask_address": dask, "ray_address": ray},
+    )
 except GptpipeError as exc:
     print(f"error: {exc}", file=sys.stderr)
     sys.exit(2)
