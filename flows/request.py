@@ -262,11 +262,14 @@ class SettledSettings:
 def validation_line(exc: ValidationError, naming: Naming) -> str:
     """Pydantic's first complaint as one line, naming the setting as the user wrote it."""
     error = exc.errors()[0]
-    path = ".".join(str(part) for part in error["loc"] if not isinstance(part, int))
-    got = error.get("input")
+    parts = [str(part) for part in error["loc"] if not isinstance(part, int)]
+    path = ".".join(parts)
     if error["type"] == "extra_forbidden":
         return f"{path}: not a setting gptpipe knows (see docs/deploy.md, Run requests)"
-    return f"{naming.name(path)}: {error['msg'].lower()}, got {got!r}"
+    # the setting's own path, without pydantic's names of a union's members (`nproc.int`)
+    known = [".".join(parts[:n]) for n in range(len(parts), 0, -1)]
+    path = next((p for p in known if p in FLAGS), path)
+    return f"{naming.name(path)}: {error['msg'].lower()}, got {error.get('input')!r}"
 
 
 def _settle(request: RunRequest, naming: Naming) -> SettledSettings:
