@@ -10,7 +10,9 @@ Both share one small API so the rest of the pipeline does not care which is in u
 
 JSON formats (one line, ``ensure_ascii=False`` so characters stay readable):
 
-- char: ``{"kind": "char", "vocab": ["\\n", " ", "!", ...]}`` - the vocabulary in id order;
+- char: ``{"kind": "char", "vocab": ["\\n", " ", "!", ...]}`` - the vocabulary in id order
+  (sorted for a fresh vocabulary; one that grew from a base keeps the base's order and has the
+  characters it added at the end, see `CharTokenizer.extended`);
 - bpe: ``{"kind": "bpe", "vocab_size": 512, "tokenizer": {...}}`` - ``tokenizer`` is the
   HuggingFace ``tokenizers`` JSON document, embedded as an object rather than as an escaped string
   so that it stays readable.
@@ -20,7 +22,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -76,6 +78,9 @@ def _format_chars(chars: Sequence[str]) -> str:
 class CharTokenizer:
     """The lecture's tokenizer: one id per character, vocabulary = sorted characters of the corpus.
 
+    A vocabulary that grew from an older one (`extended`) keeps the older one's ids and has the
+    new characters after them, so it need not be sorted; it never holds a character twice.
+
     Encoding and decoding are vectorised through NumPy: text is viewed as an array of UTF-32 code
     points and mapped through a lookup table, so there is no Python loop per character.
     """
@@ -88,8 +93,8 @@ class CharTokenizer:
             raise GptpipeError("a character vocabulary cannot be empty")
         if any(not isinstance(c, str) or len(c) != 1 for c in vocab):
             raise GptpipeError("a character vocabulary must hold single characters only")
-        if vocab != sorted(set(vocab)):
-            raise GptpipeError("a character vocabulary must be sorted and without duplicates")
+        if len(set(vocab)) != len(vocab):
+            raise GptpipeError("a character vocabulary must not hold a character twice")
         self.vocab: list[str] = vocab
         self.vocab_size = len(vocab)
         cps = _codepoints("".join(vocab)).astype(np.int64)
@@ -111,6 +116,16 @@ class CharTokenizer:
             return cls([chr(c) for c in np.flatnonzero(counts)])
         cps = np.unique(_codepoints(text))
         return cls(list(cps.astype("<u4").tobytes().decode("utf-32-le", "surrogatepass")))
+
+    def extended(self, chars: Iterable[str]) -> CharTokenizer:
+        """This vocabulary with the characters of ``chars`` it lacks appended, sorted by code
+        point: every id of this one means the same character in the new one."""
+        known = set(self.vocab)
+        return CharTokenizer(self.vocab + sorted(set(chars) - known))
+
+    def extends(self, base: CharTokenizer) -> bool:
+        """Whether ``base``'s vocabulary is the start of this one (same ids, maybe more)."""
+        return self.vocab[: base.vocab_size] == base.vocab
 
     def _lookup(self, cps: np.ndarray) -> np.ndarray:
         """Ids for code points, -1 where unknown."""
@@ -313,3 +328,29 @@ def tokenizer_from_json(s: str) -> CharTokenizer | BPETokenizer:
     raise GptpipeError(
         f"unknown tokenizer kind {kind!r} in JSON; expected one of: {', '.join(KINDS)}"
     )
+
+
+def vocabulary_mismatch(
+    base: CharTokenizer | BPETokenizer, new: CharTokenizer | BPETokenizer
+) -> str | None:
+    """Why a model whose tokens are ``base``'s cannot be trained on ``new``'s ids (a sentence
+    naming the first difference), or None when every id of ``base`` means the same in ``new``:
+    a char vocabulary that starts with base's, or the same BPE tokenizer."""
+    if base.kind != new.kind:
+        return f"it uses a {base.kind} tokenizer, tonight's is {new.kind}"
+    if isinstance(base, CharTokenizer) and isinstance(new, CharTokenizer):
+        if new.extends(base):
+            return None
+        n = min(base.vocab_size, new.vocab_size)
+        at = next((i for i in range(n) if base.vocab[i] != new.vocab[i]), n)
+        if at == n:  # new is shorter than base
+            return (
+                f"its vocabulary has {base.vocab_size} characters, tonight's only {new.vocab_size}"
+            )
+        return (
+            f"its vocabulary is not the start of tonight's: id {at} is {base.vocab[at]!r} there "
+            f"and {new.vocab[at]!r} tonight"
+        )
+    if base != new:
+        return "it uses another BPE tokenizer than tonight's"
+    return None

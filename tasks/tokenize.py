@@ -9,6 +9,10 @@ runner decides where they run (threads by default, a Dask or Ray cluster when as
 3. encode: each shard to its own Parquet token file (mapped);
 4. the dataset manifest (shard URIs, sha256, token counts, order), then `manifest.json` last.
 
+With a base tokenizer (a warm start's: the champion's), the vocabulary stays put: char keeps
+every id of the base and appends the characters it lacks, sorted; a BPE base is used as it is
+(byte-level BPE encodes any text). The base's sha256 is then part of the stage's key.
+
 An http(s) source may carry ``user:password@`` (sent as HTTP basic auth); the stage records and
 logs it without them, and the flows take it as a `SourceURL` so that Prefect does not store them.
 """
@@ -34,6 +38,7 @@ from model.corpus import (
 )
 from model.dataset import make_manifest, write_manifest, write_shard_tokens
 from model.tokenizer import CharTokenizer, tokenizer_from_json, train_tokenizer
+from storage.errors import GptpipeError
 from storage.tracking import redact
 from tasks.cache import cache_key, load_manifest, stage_dir
 from tasks.common import IO_RETRIES, claim_stage, stage_run
@@ -126,9 +131,15 @@ def tokenize(
     vocab_size: int | None = None,
     shard_bytes: int = DEFAULT_SHARD_BYTES,
     bpe_sample_bytes: int = BPE_SAMPLE_BYTES,
+    base_tokenizer: Artifact | str | None = None,
 ) -> TokenizeResult:
-    """Run the stage from a flow (see the module docstring): the dataset and its tokenizer."""
+    """Run the stage from a flow (see the module docstring): the dataset and its tokenizer.
+
+    base_tokenizer: a tokenizer JSON (its Artifact, or its URI) whose ids the new tokenizer
+    keeps (see the module docstring); None: a fresh vocabulary. Its kind must be `tokenizer`.
+    """
     logger = get_run_logger()
+    base = _base_tokenizer(base_tokenizer, tokenizer)
     # `shown` is what the stage records and logs; only the plan task, which downloads an http(s)
     # source, gets the URL with its credentials (Prefect does not store task parameters)
     url = reveal(source)
@@ -137,6 +148,8 @@ def tokenize(
         settings = {"tokenizer": tokenizer, "vocab_size": vocab_size}
         if tokenizer == "bpe":
             settings["bpe_sample_bytes"] = bpe_sample_bytes
+        if base is not None:  # only then: the keys of fresh vocabularies stay as they were
+            settings["base_tokenizer"] = base.sha256
         refresh = workspace.refreshes("tokenize")
         planned = plan(url, workspace.store, settings, shard_bytes, refresh)
         folder, manifest = planned["folder"], planned["manifest"]
@@ -145,7 +158,9 @@ def tokenize(
             with claim_stage(workspace, "tokenize", planned["key"], logger.info) as found:
                 manifest, cached = found.manifest, found.manifest is not None  # waited for it
                 if not cached:
-                    manifest = _tokenize_shards(planned, tokenizer, vocab_size, bpe_sample_bytes)
+                    manifest = _tokenize_shards(
+                        planned, tokenizer, vocab_size, bpe_sample_bytes, base
+                    )
                     manifest["source"] = shown
                     found.save(manifest)
         meta = manifest["metadata"]
@@ -182,6 +197,14 @@ def tokenize(
             n_files,
             folder,
         )
+    if base is not None:
+        added = meta["vocab_size"] - meta["base_vocab_size"]
+        logger.info(
+            "tokenize: kept the %d ids of the base tokenizer %s%s",
+            meta["base_vocab_size"],
+            base.uri,
+            f", appended {added} new character(s)" if added else "",
+        )
     return TokenizeResult.from_manifest(manifest, cached=cached, mlflow_run_id=run.run_id)
 
 
@@ -192,12 +215,41 @@ def _dataset_name(source: str) -> str:
     return PurePosixPath(urlsplit(source.rstrip("/*")).path).name or "corpus"
 
 
-def _tokenize_shards(planned: dict, kind: str, vocab_size: int | None, sample_bytes: int) -> dict:
+def _base_tokenizer(base: Artifact | str | None, kind: str) -> Artifact | None:
+    """The base tokenizer's Artifact (a URI is hashed now), checked to be of ``kind``."""
+    if base is None:
+        return None
+    if isinstance(base, str):
+        if not storage.exists(base):
+            raise GptpipeError(f"base tokenizer {base}: no such file")
+        base = Artifact.of(base)
+    tok = tokenizer_from_json(storage.get_bytes(base.uri).decode("utf-8"))
+    if tok.kind != kind:
+        raise GptpipeError(
+            f"the base tokenizer {base.uri} is {tok.kind} and this run's tokenizer is {kind}: "
+            f"set tokenizer={tok.kind} to keep its vocabulary, or use a fresh vocabulary"
+        )
+    return base
+
+
+def _tokenize_shards(
+    planned: dict,
+    kind: str,
+    vocab_size: int | None,
+    sample_bytes: int,
+    base: Artifact | None = None,
+) -> dict:
     folder, shards = planned["folder"], planned["shards"]
+    base_tok = tokenizer_from_json(storage.get_bytes(base.uri).decode()) if base else None
     if kind == "char":
         charsets = shard_chars.map(shards).result()  # map ...
-        tok = CharTokenizer(sorted(set().union(*charsets)))  # ... reduce
-        tokenizer_json = tok.to_json()
+        chars = set().union(*charsets)  # ... reduce
+        if isinstance(base_tok, CharTokenizer):
+            tokenizer_json = base_tok.extended(chars).to_json()  # the base's ids, then new ones
+        else:
+            tokenizer_json = CharTokenizer(sorted(chars)).to_json()
+    elif base_tok is not None:
+        tokenizer_json = base_tok.to_json()  # byte-level: it encodes any text as it is
     else:
         tokenizer_json = train_bpe(shards, vocab_size, sample_bytes)
     tokenizer_uri = storage.put_bytes(
@@ -214,6 +266,9 @@ def _tokenize_shards(planned: dict, kind: str, vocab_size: int | None, sample_by
         "n_shards": len(entries),
         "source_id": planned["source_id"],
     }
+    if base is not None:
+        metadata["base_tokenizer_sha256"] = base.sha256
+        metadata["base_vocab_size"] = base_tok.vocab_size
     dataset = make_manifest(
         entries, tokenizer=tok.kind, vocab_size=tok.vocab_size, files=planned["files"]
     )
