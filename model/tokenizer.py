@@ -10,9 +10,9 @@ Both share one small API so the rest of the pipeline does not care which is in u
 
 JSON formats (one line, ``ensure_ascii=False`` so characters stay readable):
 
-- char: ``{"kind": "char", "vocab": ["\\n", " ", "!", ...]}`` - the vocabulary in id order
-  (sorted for a fresh vocabulary; one that grew from a base keeps the base's order and has the
-  characters it added at the end, see `CharTokenizer.extended`);
+- char: ``{"kind": "char", "vocab": ["\\n", " ", "!", ...]}`` - the vocabulary in id order,
+  sorted; a vocabulary grown from a base (`CharTokenizer.extended`) adds ``"base_size": K``: its
+  first K ids are the base's, in the base's order, and only the characters after them are sorted;
 - bpe: ``{"kind": "bpe", "vocab_size": 512, "tokenizer": {...}}`` - ``tokenizer`` is the
   HuggingFace ``tokenizers`` JSON document, embedded as an object rather than as an escaped string
   so that it stays readable.
@@ -78,8 +78,8 @@ def _format_chars(chars: Sequence[str]) -> str:
 class CharTokenizer:
     """The lecture's tokenizer: one id per character, vocabulary = sorted characters of the corpus.
 
-    A vocabulary that grew from an older one (`extended`) keeps the older one's ids and has the
-    new characters after them, so it need not be sorted; it never holds a character twice.
+    A vocabulary that grew from an older one (`extended`) keeps the older one's ids, its first
+    ``base_size``, and has the new characters after them, sorted.
 
     Encoding and decoding are vectorised through NumPy: text is viewed as an array of UTF-32 code
     points and mapped through a lookup table, so there is no Python loop per character.
@@ -87,15 +87,24 @@ class CharTokenizer:
 
     kind = "char"
 
-    def __init__(self, vocab: Sequence[str]):
+    def __init__(self, vocab: Sequence[str], *, base_size: int = 0):
         vocab = list(vocab)
         if not vocab:
             raise GptpipeError("a character vocabulary cannot be empty")
         if any(not isinstance(c, str) or len(c) != 1 for c in vocab):
             raise GptpipeError("a character vocabulary must hold single characters only")
+        if isinstance(base_size, bool) or not isinstance(base_size, int):
+            raise GptpipeError(f"base_size must be an integer, got {base_size!r}")
+        if not 0 <= base_size <= len(vocab):
+            raise GptpipeError(f"base_size {base_size} is outside the vocabulary (0..{len(vocab)})")
         if len(set(vocab)) != len(vocab):
             raise GptpipeError("a character vocabulary must not hold a character twice")
+        if vocab[base_size:] != sorted(vocab[base_size:]):
+            raise GptpipeError(
+                "a character vocabulary must be sorted (after the ids kept from a base, if any)"
+            )
         self.vocab: list[str] = vocab
+        self.base_size = base_size
         self.vocab_size = len(vocab)
         cps = _codepoints("".join(vocab)).astype(np.int64)
         # Lookup table code point -> id, -1 for "unknown". Its last slot is a sentinel: code points
@@ -120,8 +129,10 @@ class CharTokenizer:
     def extended(self, chars: Iterable[str]) -> CharTokenizer:
         """This vocabulary with the characters of ``chars`` it lacks appended, sorted by code
         point: every id of this one means the same character in the new one."""
-        known = set(self.vocab)
-        return CharTokenizer(self.vocab + sorted(set(chars) - known))
+        added = sorted(set(chars) - set(self.vocab))
+        if not added:
+            return self
+        return CharTokenizer(self.vocab + added, base_size=self.vocab_size)
 
     def extends(self, base: CharTokenizer) -> bool:
         """Whether ``base``'s vocabulary is the start of this one (same ids, maybe more)."""
@@ -175,7 +186,10 @@ class CharTokenizer:
         return list(ordered.tobytes().decode("utf-32-le", "surrogatepass"))
 
     def to_json(self) -> str:
-        return json.dumps({"kind": self.kind, "vocab": self.vocab}, ensure_ascii=False)
+        doc: dict[str, Any] = {"kind": self.kind, "vocab": self.vocab}
+        if self.base_size:
+            doc["base_size"] = self.base_size
+        return json.dumps(doc, ensure_ascii=False)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, CharTokenizer) and self.vocab == other.vocab
@@ -311,7 +325,7 @@ def tokenizer_from_json(s: str) -> CharTokenizer | BPETokenizer:
     if kind == "char":
         if not isinstance(doc.get("vocab"), list):
             raise GptpipeError('char tokenizer JSON needs a "vocab" list of characters')
-        return CharTokenizer(doc["vocab"])
+        return CharTokenizer(doc["vocab"], base_size=doc.get("base_size", 0))
     if kind == "bpe":
         if not isinstance(doc.get("tokenizer"), dict):
             raise GptpipeError('bpe tokenizer JSON needs a "tokenizer" object')

@@ -4,6 +4,7 @@ on it only when given, and re-uses a BPE base as it is. Real text (Tiny Shakespe
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -50,13 +51,33 @@ def test_a_base_char_the_text_lacks_keeps_its_id(nights):
     assert grown.vocab == base.vocab + ["~"]
 
 
-def test_an_unsorted_vocabulary_round_trips_through_json_and_refuses_duplicates():
-    tok = CharTokenizer(["b", "a", "\n", "é"])
-    again = tokenizer_from_json(tok.to_json())
-    assert again == tok and again.vocab == ["b", "a", "\n", "é"]
+def test_a_grown_vocabulary_round_trips_through_json(nights):
+    one, two = nights
+    base = CharTokenizer.train(one)
+    grown = base.extended(two)
+    doc = json.loads(grown.to_json())
+    assert doc["base_size"] == base.vocab_size  # the ids kept; only the rest is sorted
+    again = tokenizer_from_json(grown.to_json())
+    assert again == grown and again.base_size == base.vocab_size
+    twice = again.extended("\u263a")  # grown again: night 2's ids all kept
+    assert twice.base_size == grown.vocab_size and twice.vocab[:-1] == grown.vocab
+    assert "base_size" not in json.loads(base.to_json())  # a fresh vocabulary's JSON as before
+    tok = CharTokenizer(["b", "a", "\n", "é"], base_size=2)
     assert tok.encode("abé\n").tolist() == [1, 0, 3, 2]
-    with pytest.raises(GptpipeError, match="twice"):
-        CharTokenizer(["a", "b", "a"])
+
+
+@pytest.mark.parametrize(
+    "vocab, base_size, message",
+    [
+        (["b", "a"], 0, "must be sorted"),
+        (["b", "a", "z", "c"], 2, "must be sorted"),  # the appended part is sorted
+        (["a", "b", "a"], 2, "twice"),
+        (["a"], 2, "outside the vocabulary"),
+    ],
+)
+def test_a_bad_grown_vocabulary_is_refused(vocab, base_size, message):
+    with pytest.raises(GptpipeError, match=message):
+        CharTokenizer(vocab, base_size=base_size)
 
 
 def test_vocabulary_mismatch_names_the_first_difference(nights):
