@@ -15,12 +15,15 @@ import shutil
 import sys
 import threading
 import zipfile
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 import storage
+from model.config import GPTConfig
+from model.tokenizer import tokenizer_from_json, vocabulary_mismatch
 from storage.errors import GptpipeError, first_line
 from storage.local import atomic_write
 
@@ -123,10 +126,80 @@ def latest_checkpoint(uri: str, map_location: str | torch.device = "cpu") -> dic
     return max(found, key=lambda c: int(c["step"]), default=None)
 
 
+@dataclass(frozen=True)
+class InitFrom:
+    """The checkpoint a warm start begins from: where it is (any store URI every rank can read),
+    its sha256 (checked when it is loaded: the weights are those that were resolved) and what
+    people call it, e.g. "models:/NAME/3" or the path they gave."""
+
+    uri: str
+    sha256: str
+    label: str
+
+    def to_dict(self) -> dict[str, str]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> InitFrom:
+        return cls(uri=data["uri"], sha256=data["sha256"], label=data["label"])
+
+
+def load_init_checkpoint(init: InitFrom, map_location: str | torch.device = "cpu") -> dict:
+    """The warm start's checkpoint, refused (one line) when its bytes are not those resolved."""
+    if not storage.exists(init.uri):
+        raise GptpipeError(
+            f"the checkpoint to start from ({init.label}) is gone: {init.uri} does not exist"
+        )
+    raw = storage.get_bytes(init.uri)
+    found = hashlib.sha256(raw).hexdigest()
+    if found != init.sha256:
+        raise GptpipeError(
+            f"the checkpoint to start from ({init.label}) changed: {init.uri} has sha256 "
+            f"{found[:12]}..., expected {init.sha256[:12]}...; resolve it again"
+        )
+    return checkpoint_from_bytes(raw, init.uri, map_location)
+
+
+# what a warm start's checkpoint must share with tonight's model (the --set names of the config)
+SHAPE_KEYS = ("n_embd", "n_layer", "n_head", "block_size", "bias")
+
+
+def check_warm_start(
+    ckpt: dict[str, Any], init: InitFrom, model_config: GPTConfig, tokenizer_json: str
+) -> int:
+    """Refuse (one line that says what to change) a checkpoint tonight's model cannot start
+    from: another shape, or a vocabulary whose ids tonight's tokenizer does not keep. Returns
+    how many token ids the two share (the rows of the embedding and lm_head to copy)."""
+    stored = ckpt.get("model_config") or {}
+    wanted = model_config.__dict__
+    differ = [k for k in SHAPE_KEYS if stored.get(k) != wanted[k]]
+    if differ:
+        theirs = " ".join(f"{k}={stored.get(k)}" for k in differ)
+        ours = ", ".join(f"{k} {wanted[k]}" for k in differ)
+        raise GptpipeError(
+            f"cannot start from {init.label}: its model has {theirs} where this config has "
+            f"{ours}; set {theirs} to start from it, or train without init_from"
+        )
+    base = tokenizer_from_json(ckpt["tokenizer"])
+    problem = vocabulary_mismatch(base, tokenizer_from_json(tokenizer_json))
+    if problem:
+        raise GptpipeError(
+            f"cannot start from {init.label}: {problem}; tokenize with its vocabulary kept "
+            "(vocab keep, its tokenizer as the base) or train without init_from"
+        )
+    return base.vocab_size
+
+
 def load_checkpoint(uri: str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """The checkpoint at uri; one that is not a gptpipe checkpoint, or whose format_version is
     newer than this gptpipe's FORMAT_VERSION, is a one-line GptpipeError."""
-    raw = storage.get_bytes(uri)
+    return checkpoint_from_bytes(storage.get_bytes(uri), uri, map_location)
+
+
+def checkpoint_from_bytes(
+    raw: bytes, uri: str, map_location: str | torch.device = "cpu"
+) -> dict[str, Any]:
+    """`load_checkpoint` of bytes already read from uri (named in its errors)."""
     if not raw.startswith(b"PK\x03\x04"):  # torch.save writes a zip archive
         raise GptpipeError(f"{uri} is not a readable checkpoint (corrupt or truncated)")
     try:

@@ -25,7 +25,13 @@ import torch
 
 import storage
 from model import dist
-from model.checkpoint import CHECKPOINT_NAME, latest_checkpoint
+from model.checkpoint import (
+    CHECKPOINT_NAME,
+    InitFrom,
+    check_warm_start,
+    latest_checkpoint,
+    load_init_checkpoint,
+)
 from model.config import GPTConfig, TrainConfig, build_config, config_from_dict
 from model.dataset import TokenDataset, open_dataset
 from model.exit import skip_last_collections
@@ -64,19 +70,27 @@ __all__ = [
 # How model.launch tells rank 0 to print its tracking calls for the launcher to send
 TRACK_STDOUT_ARG = "--track-stdout"
 MLFLOW_RUN_ID_ARG = "--mlflow-run-id"
+INIT_FROM_ARG = "--init-from"
 
 
 @dataclass(frozen=True)
 class TrainingData:
-    """What a training reads: the train and val datasets, and the tokenizer that made them."""
+    """What a training reads: the train and val datasets, and the tokenizer that made them; and
+    init_from, the checkpoint a warm start begins from (None: a fresh init from cfg.seed)."""
 
     train_uri: str
     val_uri: str
     tokenizer_uri: str
+    init_from: InitFrom | None = None
 
     def entry_args(self) -> list[str]:
         """As this module's command-line flags (`main`)."""
-        return ["--train", self.train_uri, "--val", self.val_uri, "--tokenizer", self.tokenizer_uri]
+        args = ["--train", self.train_uri, "--val", self.val_uri, "--tokenizer", self.tokenizer_uri]
+        if self.init_from is not None:
+            init = self.init_from
+            args += [INIT_FROM_ARG, init.uri, "--init-sha256", init.sha256]
+            args += ["--init-label", init.label]
+        return args
 
 
 # ----------------------------------------------------------------------------- the driver
@@ -112,11 +126,14 @@ def train(
     state = TrainingState.create(
         cfg, model_config, hardware.precision, info.device, tokenizer_json, inputs.tokenizer_uri
     )
-    if ckpt is not None:
+    if ckpt is not None:  # a warm-started training resumes from its own checkpoint too
         state.load_state_dict(ckpt)
         dist.print0(f"resumed from step {state.step} ({ckpt_uri})")
-    elif resume:  # a retry that failed before its first checkpoint lands here too: not an error
-        dist.print0(f"nothing to resume in {ckpt_uri}: training from step 0")
+    else:
+        if resume:  # a retry that failed before its first checkpoint lands here too: no error
+            dist.print0(f"nothing to resume in {ckpt_uri}: training from step 0")
+        if inputs.init_from is not None:
+            _warm_start(state, inputs.init_from, model_config, tokenizer_json, info)
     del ckpt  # the state holds what it needs: the checkpoint's copy of the weights can go
     trainer = Trainer(
         state, data, info, hardware, out_uri, track_stdout=track_stdout, mlflow_run_id=mlflow_run_id
@@ -156,6 +173,24 @@ def _open_inputs(
                 f"{ids.max_bytes:,} bytes: streaming the row groups each batch samples"
             )
     return tokenizer_json, max(tokenizer.vocab_size, cfg.vocab_size or 0), data
+
+
+def _warm_start(
+    state: TrainingState,
+    init: InitFrom,
+    model_config: GPTConfig,
+    tokenizer_json: str,
+    info: dist.DistInfo,
+) -> None:
+    """Every rank reads the checkpoint (checked against its sha256) and copies its weights."""
+    ckpt = load_init_checkpoint(init, map_location=info.device)
+    shared = check_warm_start(ckpt, init, model_config, tokenizer_json)
+    fresh = state.warm_start(ckpt, init, shared)
+    grew = f", {fresh} new token row(s) initialised fresh" if fresh else ""
+    dist.print0(
+        f"warm start from {init.label} (its step {int(ckpt['step'])}, sha256 "
+        f"{init.sha256[:12]}){grew}"
+    )
 
 
 def _resumable_checkpoint(
@@ -211,6 +246,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--config-json", help="a whole resolved config as JSON (used by tasks)")
     parser.add_argument("--resume", action="store_true", help="continue from out/ckpt.pt")
     parser.add_argument(
+        INIT_FROM_ARG,
+        metavar="URI",
+        help="warm start: begin from this checkpoint's weights, not a fresh init",
+    )
+    parser.add_argument(
+        "--init-sha256", metavar="SHA256", help="the --init-from file's sha256 (else hashed now)"
+    )
+    parser.add_argument(
+        "--init-label", metavar="NAME", help="what to call the --init-from checkpoint in logs"
+    )
+    parser.add_argument(
         TRACK_STDOUT_ARG,
         action="store_true",
         help="rank 0 prints its MLflow calls for the launcher to send (set by model.launch)",
@@ -234,11 +280,15 @@ def main(argv: list[str] | None = None) -> int:
             cfg = config_from_dict(json.loads(args.config_json))
         else:
             cfg = build_config(args.preset, args.config, args.set)
+        init = None
+        if args.init_from:
+            sha = args.init_sha256 or storage.sha256(args.init_from)
+            init = InitFrom(args.init_from, sha, args.init_label or args.init_from)
         info = dist.setup(cfg.device)
         train(
             cfg,
             args.out,
-            inputs=TrainingData(args.train, args.val, args.tokenizer),
+            inputs=TrainingData(args.train, args.val, args.tokenizer, init),
             info=info,
             resume=args.resume,
             track_stdout=args.track_stdout,

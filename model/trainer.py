@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import storage
 from model import dist
 from model.batching import BatchSampler, seed_for
-from model.checkpoint import CHECKPOINT_NAME, CheckpointWriter
+from model.checkpoint import CHECKPOINT_NAME, CheckpointWriter, InitFrom
 from model.config import GPTConfig, TrainConfig
 from model.dataset import TokenDataset
 from model.evaluate import estimate_loss
@@ -36,6 +36,8 @@ from model.precision import Precision, resolve_precision
 from model.progress import Progress, eval_line
 
 SUMMARY_NAME = "summary.json"
+# the parameters with a row per token id: a warm start copies the rows of the ids it shares
+VOCAB_ROWS = ("token_embedding_table.weight", "lm_head.weight", "lm_head.bias")
 
 
 # ----------------------------------------------------------------------------- the step's pieces
@@ -117,6 +119,7 @@ class TrainingState:
     tokenizer_uri: str
     step: int = 0  # optimizer steps taken
     history: list[dict[str, float]] = field(default_factory=list)  # {step, train_loss, val_loss}
+    init_from: InitFrom | None = None  # the checkpoint a warm start began from (None: fresh init)
 
     @classmethod
     def create(
@@ -149,6 +152,7 @@ class TrainingState:
             "tokenizer_uri": self.tokenizer_uri,
             "history": self.history,
             **({"scaler": self.scaler.state_dict()} if self.scaler.is_enabled() else {}),
+            **({"init_from": self.init_from.to_dict()} if self.init_from else {}),
         }
 
     def load_state_dict(self, checkpoint: dict[str, Any]) -> None:
@@ -163,6 +167,26 @@ class TrainingState:
         self.history = list(checkpoint.get("history", []))
         if self.scaler.is_enabled() and "scaler" in checkpoint:
             self.scaler.load_state_dict(checkpoint["scaler"])
+        if "init_from" in checkpoint:  # a warm-started training's own checkpoint: still is one
+            self.init_from = InitFrom.from_dict(checkpoint["init_from"])
+
+    def warm_start(self, checkpoint: dict[str, Any], init: InitFrom, shared_ids: int) -> int:
+        """Start from another training's weights (`model.checkpoint.check_warm_start` checked
+        that they fit): every parameter is the checkpoint's, except the rows of the token
+        embedding and lm_head for ids from shared_ids on (tokens the checkpoint's vocabulary
+        lacks, or padding), which keep this state's fresh init (`GPT._init_weights`). The
+        optimizer, the step and the history stay fresh. Returns how many rows stayed fresh."""
+        own = self.model.state_dict()
+        weights = checkpoint["model"]
+        with torch.no_grad():
+            for name, tensor in own.items():
+                theirs = weights[name]
+                if name in VOCAB_ROWS:
+                    tensor[:shared_ids].copy_(theirs[:shared_ids])
+                else:
+                    tensor.copy_(theirs)
+        self.init_from = init
+        return self.model.config.vocab_size - shared_ids
 
     def last_evaluation(self) -> dict[str, float] | None:
         """The evaluation of the current step if there is one already (made by this process,
@@ -488,6 +512,7 @@ class Trainer:
             "train_seconds": train_seconds,
             "checkpoint": self.ckpt_uri,
             "history": self.state.history,
+            **({"init_from": self.state.init_from.to_dict()} if self.state.init_from else {}),
         }
 
     def _write_artifacts(self, summary: dict[str, Any]) -> None:
