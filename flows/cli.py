@@ -137,26 +137,8 @@ def _add_tracking_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="gptpipe",
-        description="Train, track and ship small GPT language models as a Prefect pipeline.",
-        epilog="examples:\n  gptpipe run --input corpus.txt\n  gptpipe sample --checkpoint CKPT\n"
-        "  gptpipe inspect --preset lecture",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    def command(name: str, help_text: str) -> argparse.ArgumentParser:
-        return commands.add_parser(
-            name,
-            help=help_text,
-            description=help_text,
-            epilog=EXAMPLES[name],
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-        )
-
-    run = command("run", "run the pipeline: tokenize, split, train, evaluate, sample")
+def _run_options(run: argparse.ArgumentParser) -> None:
+    """`gptpipe run`'s options."""
     _add_data_args(run)
     run.add_argument(
         "--val-shards",
@@ -207,7 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="stop the training after this long, without retrying it (default: none)",
     )
 
-    smp = command("sample", "generate text from a checkpoint")
+
+def _sample_options(smp: argparse.ArgumentParser) -> None:
+    """`gptpipe sample`'s options."""
     which = smp.add_mutually_exclusive_group(required=True)
     which.add_argument("--checkpoint", metavar="URI", help="a ckpt.pt in a store")
     which.add_argument(
@@ -221,14 +205,16 @@ def build_parser() -> argparse.ArgumentParser:
     smp.add_argument("--seed", type=int, default=1337, help="same seed, same text")
     smp.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
 
-    tok = command("tokenize", "tokenize a corpus into a sharded dataset (the first stage alone)")
+
+def _tokenize_options(tok: argparse.ArgumentParser) -> None:
+    """`gptpipe tokenize`'s options."""
     _add_data_args(tok)
     _add_config_args(tok)
     tok.add_argument("--refresh", action="store_true", help="tokenize again even if cached")
 
-    swp = command(
-        "sweep", "search hyperparameters: trials of train + evaluate, the best registered"
-    )
+
+def _sweep_options(swp: argparse.ArgumentParser) -> None:
+    """`gptpipe sweep`'s options."""
     _add_data_args(swp)
     _add_config_args(swp)
     swp.add_argument(
@@ -249,6 +235,34 @@ def build_parser() -> argparse.ArgumentParser:
     swp.add_argument("--nproc", default="1", help="training ranks of each trial (default 1)")
     _add_tracking_args(swp)
 
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gptpipe",
+        description="Train, track and ship small GPT language models as a Prefect pipeline.",
+        epilog="examples:\n  gptpipe run --input corpus.txt\n  gptpipe sample --checkpoint CKPT\n"
+        "  gptpipe inspect --preset lecture",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        return commands.add_parser(
+            name,
+            help=help_text,
+            description=help_text,
+            epilog=EXAMPLES[name],
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+
+    _run_options(command("run", "run the pipeline: tokenize, split, train, evaluate, sample"))
+    _sample_options(command("sample", "generate text from a checkpoint"))
+    _tokenize_options(
+        command("tokenize", "tokenize a corpus into a sharded dataset (the first stage alone)")
+    )
+    _sweep_options(
+        command("sweep", "search hyperparameters: trials of train + evaluate, the best registered")
+    )
     insp = command("inspect", "print the parameter table of a config")
     _add_config_args(insp)
     return parser

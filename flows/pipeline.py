@@ -18,7 +18,7 @@ from storage.tracking import Tracker, end_status, redact
 from tasks.evaluate import evaluate
 from tasks.register import register_model
 from tasks.registry import warm_up_in_background
-from tasks.results import SamplingSettings, Tracking, Workspace
+from tasks.results import SamplingSettings, SplitResult, TokenizeResult, Tracking, Workspace
 from tasks.sample import sample
 from tasks.split import split
 from tasks.tokenize import SourceURL, reveal, tokenize
@@ -147,12 +147,10 @@ def train_task(limit_seconds: float | None):
     return train.with_options(timeout_seconds=limit_seconds)
 
 
-def _stages(cfg: TrainConfig, source: str, *, workspace: Workspace, plan: RunPlan) -> dict:
-    """Every stage in order; the run's summary (summary.json's shape)."""
-    run_id = plan.run_id
-    sampling = SamplingSettings(
-        prompt=plan.prompt, max_new_tokens=plan.sample_tokens, seed=cfg.seed
-    )
+def tokenize_and_split(
+    source: str, cfg: TrainConfig, plan: RunPlan, workspace: Workspace
+) -> tuple[TokenizeResult, SplitResult]:
+    """The data stages, as the pipeline and the sweep run them."""
     tokenized = tokenize(
         source,
         workspace,
@@ -160,7 +158,6 @@ def _stages(cfg: TrainConfig, source: str, *, workspace: Workspace, plan: RunPla
         vocab_size=cfg.vocab_size,
         shard_bytes=plan.shard_bytes,
     )
-    _check_prompt(sampling.prompt, tokenized.tokenizer.uri)  # before training, not after it
     splits = split(
         tokenized.tokens,
         workspace,
@@ -168,6 +165,17 @@ def _stages(cfg: TrainConfig, source: str, *, workspace: Workspace, plan: RunPla
         block_size=cfg.block_size,
         val_shards=plan.val_shards,
     )
+    return tokenized, splits
+
+
+def _stages(cfg: TrainConfig, source: str, *, workspace: Workspace, plan: RunPlan) -> dict:
+    """Every stage in order; the run's summary (summary.json's shape)."""
+    run_id = plan.run_id
+    sampling = SamplingSettings(
+        prompt=plan.prompt, max_new_tokens=plan.sample_tokens, seed=cfg.seed
+    )
+    tokenized, splits = tokenize_and_split(source, cfg, plan, workspace)
+    _check_prompt(sampling.prompt, tokenized.tokenizer.uri)  # before training, not after it
     trained = train_task(plan.train_timeout_seconds)(
         cfg.to_dict(),
         splits,

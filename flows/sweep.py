@@ -25,7 +25,7 @@ from prefect.futures import as_completed
 
 import storage
 from flows.engines import with_task_runner
-from flows.pipeline import mlflow_summary, publish_markdown
+from flows.pipeline import mlflow_summary, publish_markdown, tokenize_and_split
 from flows.request import (
     DEPLOYMENT,
     ComputeSettings,
@@ -45,9 +45,8 @@ from tasks.cache import lease_dir
 from tasks.register import register_model
 from tasks.results import EvaluateResult, Tracking, TrainResult, Workspace
 from tasks.space import SweepSpace, parse_space
-from tasks.split import split
 from tasks.study import StudyRef, study_storage
-from tasks.tokenize import SourceURL, reveal, tokenize
+from tasks.tokenize import SourceURL, reveal
 from tasks.trial import COMPLETE, FAILED, Evaluation, TrialOutcome, TrialSpec, record_outcome
 from tasks.trial import run_trial as trial_task
 
@@ -72,126 +71,122 @@ def sweep(source: str | SourceURL, plan: RunPlan, search: SearchSettings) -> dic
     sweeps/NAME/summary.json), its trials ranked by val loss."""
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     logger = get_run_logger()
-    space, parallel, store = search.space, search.parallel, plan.store
-    searched = parse_space(space, trials=search.trials)
     cfg = config_from_dict(plan.config)
-    visible = visible_gpus(cfg.device)
-    nproc = plan.nproc
-    slots = gpu_slots(parallel, nproc, visible)
-    base = _base_config(cfg.to_dict(), parallel=parallel, nproc=nproc, on_gpus=bool(visible))
     url = reveal(source)
-    name = search.name or sweep_name_for(url, space, cfg.to_dict(), nproc)
-    tracker = Tracker(plan.tracking_uri, plan.experiment)
+    name = search.name or sweep_name_for(url, search.space, cfg.to_dict(), plan.nproc)
+    searched = parse_space(search.space, trials=search.trials)
+    visible = visible_gpus(cfg.device)
+    slots = gpu_slots(search.parallel, plan.nproc, visible)
+    base = _base_config(
+        cfg.to_dict(), parallel=search.parallel, nproc=plan.nproc, on_gpus=bool(visible)
+    )
     # one process per study at a time: a second sweep of the same name waits, then resumes it
     lease = Lease(
-        lease_dir(store, "sweep", name),
+        lease_dir(plan.store, "sweep", name),
         owner=f"gptpipe sweep {name} (pid {os.getpid()})",
         what=f"sweep {name}",
         on_wait=logger.info,
     ).acquire()
     try:
-        study_ref = StudyRef(
-            name, study_storage(store, name, search.study_storage), searched.pruner
-        )
-        study = _open_study(study_ref, searched)
-        parent_id = _parent_run(tracker, study, name=name, searched=searched, base=base, url=url)
-        workspace = Workspace(
-            store=store,
-            tracking=Tracking(
-                uri=tracker.tracking_uri, experiment=plan.experiment, parent_id=parent_id
-            ),
-            owner=f"gptpipe sweep {name}",
-        )
-        logger.info(
-            "sweep %s: %d trial(s), %s sampler, %d at a time; study at %s",
-            name,
-            searched.trials,
-            searched.sampler,
-            parallel,
-            study_ref.shown(),
-        )
-        try:
-            tokenized = tokenize(
-                url,
-                workspace,
-                tokenizer=cfg.tokenizer,
-                vocab_size=cfg.vocab_size,
-                shard_bytes=plan.shard_bytes,
-            )
-            splits = split(
-                tokenized.tokens,
-                workspace,
-                val_fraction=cfg.val_fraction,
-                block_size=cfg.block_size,
-            )
-            # every trial's final model is measured on the same val batches: the base config's
-            evaluation = Evaluation(
-                eval_iters=cfg.eval_iters, batch_size=cfg.batch_size, seed=cfg.seed
-            )
-            runner = _TrialRunner(
-                study,
-                searched,
-                base=base,
-                tracker=tracker,
-                parent_id=parent_id,
-                slots=slots,
-                submit=lambda spec: trial_task.submit(
-                    spec,
-                    splits,
-                    workspace=workspace,
-                    tokenizer=tokenized.tokenizer,
-                    study=study_ref,
-                    evaluation=evaluation,
-                    nproc=nproc,
-                ),
-                study_ref=study_ref,
-            )
-            runner.run(parallel)
-            outcomes = _outcomes(study)
-            best = _best(outcomes, name)
-            registered = register_model(
-                workspace,
-                plan.model_name,
-                trained=TrainResult.from_dict(best.trained),
-                evaluated=EvaluateResult(**best.evaluated),
-                splits=splits,
-                tokenizer=tokenized.tokenizer,
-                run_id=f"{name}-trial-{best.number}",
-            )
-            parent = tracker.stage_handle(parent_id)
-            parent.log_metrics({"best_val_loss": best.val_loss, "trials_done": len(outcomes)})
-            parent.set_tags(
-                {"gptpipe.best_trial": best.number, "gptpipe.best_run_id": best.mlflow_run_id}
-            )
-            summary = {
-                "sweep": name,
-                "prefect_flow_run_id": _flow_run_id(),
-                "source": redact(url),
-                "study_storage": study_ref.shown(),
-                "space": searched.to_dict(),
-                "parallel": parallel,
-                "best": best.to_dict(),
-                "trials": [o.to_dict() for o in _ranked(outcomes)],
-                "model": registered.to_dict(),
-                "mlflow": mlflow_summary(tracker, plan.experiment, parent_id),
-                "outputs": {
-                    "tokens": tokenized.tokens.uri,
-                    "train": splits.train.uri,
-                    "val": splits.val.uri,
-                },
-            }
-            parent.log_dict(summary, "sweep.json")
-            tracker.client.set_terminated(parent_id, "FINISHED")
-            summary_uri = storage.join(store, "sweeps", name, "summary.json")
-            storage.put_bytes(summary_uri, json.dumps(summary, indent=2).encode("utf-8"))
-            summary["summary_uri"] = summary_uri
-            publish_markdown(sweep_report(summary), key="gptpipe-sweep", description="sweep trials")
-            return summary
-        except BaseException as exc:  # FAILED; KILLED when interrupted (Ctrl-C, SIGTERM)
-            tracker.client.set_terminated(parent_id, end_status(exc))
-            raise
+        return _search(url, cfg, plan, search, name=name, searched=searched, slots=slots, base=base)
     finally:
         lease.release()
+
+
+def _search(
+    url: str,
+    cfg,
+    plan: RunPlan,
+    search: SearchSettings,
+    *,
+    name: str,
+    searched: SweepSpace,
+    slots: list[str | None],
+    base: dict,
+) -> dict:
+    """The sweep's study, run to its number of trials under its lease; the summary."""
+    logger = get_run_logger()
+    tracker = Tracker(plan.tracking_uri, plan.experiment)
+    study_ref = StudyRef(
+        name, study_storage(plan.store, name, search.study_storage), searched.pruner
+    )
+    study = _open_study(study_ref, searched)
+    parent_id = _parent_run(tracker, study, name=name, searched=searched, base=base, url=url)
+    tracked = Tracking(uri=tracker.tracking_uri, experiment=plan.experiment, parent_id=parent_id)
+    workspace = Workspace(store=plan.store, tracking=tracked, owner=f"gptpipe sweep {name}")
+    how = f"{searched.trials} trial(s), {searched.sampler} sampler, {search.parallel} at a time"
+    logger.info("sweep %s: %s; study at %s", name, how, study_ref.shown())
+    try:
+        tokenized, splits = tokenize_and_split(url, cfg, plan, workspace)
+        # every trial's final model is measured on the same val batches: the base config's
+        evaluation = Evaluation(eval_iters=cfg.eval_iters, batch_size=cfg.batch_size, seed=cfg.seed)
+        _TrialRunner(
+            study,
+            searched,
+            base=base,
+            tracker=tracker,
+            parent_id=parent_id,
+            slots=slots,
+            submit=lambda spec: trial_task.submit(
+                spec,
+                splits,
+                workspace=workspace,
+                tokenizer=tokenized.tokenizer,
+                study=study_ref,
+                evaluation=evaluation,
+                nproc=plan.nproc,
+            ),
+            study_ref=study_ref,
+        ).run(search.parallel)
+        outcomes = _outcomes(study)
+        best = _best(outcomes, name)
+        registered = register_model(
+            workspace,
+            plan.model_name,
+            trained=TrainResult.from_dict(best.trained),
+            evaluated=EvaluateResult(**best.evaluated),
+            splits=splits,
+            tokenizer=tokenized.tokenizer,
+            run_id=f"{name}-trial-{best.number}",
+        )
+        summary = {
+            "sweep": name,
+            "prefect_flow_run_id": _flow_run_id(),
+            "source": redact(url),
+            "study_storage": study_ref.shown(),
+            "space": searched.to_dict(),
+            "parallel": search.parallel,
+            "best": best.to_dict(),
+            "trials": [o.to_dict() for o in _ranked(outcomes)],
+            "model": registered.to_dict(),
+            "mlflow": mlflow_summary(tracker, plan.experiment, parent_id),
+            "outputs": {
+                "tokens": tokenized.tokens.uri,
+                "train": splits.train.uri,
+                "val": splits.val.uri,
+            },
+        }
+        return _finish(summary, tracker, parent_id, store=plan.store, n_trials=len(outcomes))
+    except BaseException as exc:  # FAILED; KILLED when interrupted (Ctrl-C, SIGTERM)
+        tracker.client.set_terminated(parent_id, end_status(exc))
+        raise
+
+
+def _finish(summary: dict, tracker: Tracker, parent_id: str, *, store: str, n_trials: int) -> dict:
+    """The sweep's parent run, its stored summary and its Prefect report; the summary."""
+    best = summary["best"]
+    parent = tracker.stage_handle(parent_id)
+    parent.log_metrics({"best_val_loss": best["val_loss"], "trials_done": n_trials})
+    parent.set_tags(
+        {"gptpipe.best_trial": best["number"], "gptpipe.best_run_id": best["mlflow_run_id"]}
+    )
+    parent.log_dict(summary, "sweep.json")
+    tracker.client.set_terminated(parent_id, "FINISHED")
+    summary_uri = storage.join(store, "sweeps", summary["sweep"], "summary.json")
+    storage.put_bytes(summary_uri, json.dumps(summary, indent=2).encode("utf-8"))
+    summary["summary_uri"] = summary_uri
+    publish_markdown(sweep_report(summary), key="gptpipe-sweep", description="sweep trials")
+    return summary
 
 
 def _best(outcomes: list[TrialOutcome], name: str) -> TrialOutcome:
