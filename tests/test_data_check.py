@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import http.server
 import json
 import random
+import threading
+from contextlib import contextmanager
 
 import pytest
 
@@ -24,8 +27,10 @@ from model.corpus_check import (
 )
 from storage.errors import GptpipeError
 from tasks.common import retry_unless_user_error
+from tests.quiet_http import QuietHTTPServer
 
 LIMITS = DataChangeLimits()
+SECRET = "night-pass-5Jq2"
 GREEK = "Ἐν ἀρχῇ ἦν ὁ λόγος, καὶ ὁ λόγος ἦν πρὸς τὸν θεόν, καὶ θεὸς ἦν ὁ λόγος.\n"
 
 
@@ -220,10 +225,16 @@ def test_the_ends_of_the_limits_are_allowed():
 
 @pytest.fixture()
 def on_server(prefect_server):
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     with temporary_settings({PREFECT_API_URL: prefect_server}):
         yield
+        # send the queued logs and events while the server answers (after the session's server
+        # stopped, they would retry for a minute at exit; as in tests/test_alerts.py)
+        APILogWorker.drain_all(timeout=10)
+        EventsWorker.drain_all(timeout=10)
 
 
 def run_checks(store: str, nights: list[tuple[str, dict]]) -> list[tuple]:
@@ -259,6 +270,26 @@ def failure(outcome) -> str:
     return message
 
 
+@contextmanager
+def served(folder):
+    """The files of ``folder`` over http on loopback; the server's base URL."""
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=str(folder), **kwargs)
+
+        def log_message(self, *args):
+            pass
+
+    server = QuietHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def sha256_of(path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -273,19 +304,23 @@ def test_the_stage_on_a_local_store(on_server, tmp_path, shakespeare):
     binary = write(nights / "night5.gz", gzip.compress(shakespeare[:1000].encode()))
     champion = profile_uri(store, sha256_of(night1))
     lost = profile_uri(store, "f" * 64)
-    outcomes = run_checks(
-        store,
-        [
-            (str(night1), {"champion_profile": None}),
-            (str(grown), {"champion_profile": champion}),
-            (str(shrunk), {"champion_profile": champion}),
-            (str(shrunk), {"champion_profile": champion, "accept": True}),
-            (str(shrunk), {"champion_profile": champion, "limits": DataChangeLimits(0.8)}),
-            (str(empty), {"champion_profile": champion, "accept": True}),
-            (str(binary), {"champion_profile": None, "accept": True}),
-            (str(shrunk), {"champion_profile": lost}),
-        ],
-    )
+    with served(nights) as host:
+        # an http(s) corpus is staged into the store first; its user:password@ is never shown
+        url = f"http://night:{SECRET}@{host}/night3.txt"
+        outcomes = run_checks(
+            store,
+            [
+                (str(night1), {"champion_profile": None}),
+                (str(grown), {"champion_profile": champion}),
+                (str(shrunk), {"champion_profile": champion}),
+                (str(shrunk), {"champion_profile": champion, "accept": True}),
+                (str(shrunk), {"champion_profile": champion, "limits": DataChangeLimits(0.8)}),
+                (str(empty), {"champion_profile": champion, "accept": True}),
+                (str(binary), {"champion_profile": None, "accept": True}),
+                (str(shrunk), {"champion_profile": lost}),
+                (url, {"champion_profile": champion}),
+            ],
+        )
     first, second = outcomes[0][0], outcomes[1][0]
     assert first.passed and not first.accepted and first.champion_profile is None
     assert first.corpus_sha256 == sha256_of(night1)
@@ -306,6 +341,10 @@ def test_the_stage_on_a_local_store(on_server, tmp_path, shakespeare):
     assert "is not text (not UTF-8: invalid byte 0x8b at offset 1" in failure(outcomes[6])
     # a champion's profile that the store does not hold: a warning, and only the text checks
     assert outcomes[7][0].passed and outcomes[7][0].champion_profile is None
+    message = failure(outcomes[8])
+    assert message.startswith(f"data check of http://{host}/night3.txt failed: ")
+    assert SECRET not in message and "shrank by 75.0%" in message
+    assert load_profile(profile_uri(store, sha256_of(shrunk))).sha256 == sha256_of(shrunk)
 
 
 def test_the_stage_on_s3(on_server, s3_env, shakespeare):
