@@ -8,9 +8,12 @@ from prefect.runtime import task_run
 from prefect.states import Completed, State
 
 import storage
+from model.checkpoint import InitFrom, check_warm_start, load_init_checkpoint
 from model.config import config_from_dict
 from model.launch import TrainingStopped, launch_ray_training, launch_training
+from model.tokenizer import tokenizer_from_json
 from model.train import SUMMARY_NAME, TrainingData
+from storage.errors import GptpipeError
 from tasks.cache import cache_key
 from tasks.common import (
     claim_stage,
@@ -60,6 +63,7 @@ def train(
     gpus: str | None = None,
     engine: str = "torchrun",
     ray_address: str | None = None,
+    init_from: InitFrom | None = None,
 ) -> TrainResult:
     """Train on nproc ranks (rank 0 logs to MLflow), then log the weights as an MLflow model.
 
@@ -78,8 +82,15 @@ def train(
     stopped on purpose, not failed (call it with return_state=True). gpus: the GPUs the
     training may use (CUDA_VISIBLE_DEVICES, e.g. "2,3"): a sweep gives each of its parallel
     trials its own.
+
+    init_from: a warm start (`tasks.warm_start.resolve_warm_start` resolves one): the training
+    begins from that checkpoint's weights instead of a fresh init (rows of new tokens fresh), with
+    a fresh optimizer, from step 0. Its sha256 is part of the key; a checkpoint of another shape,
+    or whose vocabulary tonight's tokenizer does not keep, is refused before training starts.
+    A resumed warm start continues from its own checkpoint.
     """
     logger = get_run_logger()
+    warm = {"init_from": init_from.sha256} if init_from else {}  # none: the keys stay as they were
     key = cache_key(
         "train",
         train=splits.train.sha256,
@@ -87,7 +98,13 @@ def train(
         tokenizer=tokenizer.sha256,
         config=config,
         nproc=nproc,
+        **warm,
     )  # not the engine: the same results either way (see the docstring)
+    if init_from is not None and engine == "ray":
+        raise GptpipeError(
+            "a warm start (init_from) trains with the torchrun engine only for now: "
+            "use engine torchrun, or train without init_from"
+        )
     resume = resume or task_run.run_count > 1
     tracking = workspace.tracking
     with stage_run(tracking, "train") as run:
@@ -103,11 +120,16 @@ def train(
             else:
                 if found.took_over is not None:
                     logger.info("train: continuing from the last checkpoint in %s", folder)
+                if init_from is not None:
+                    _check_init(init_from, config, tokenizer)
+                    logger.info("train: warm start from %s", init_from.label)
                 with run.system_metrics():
                     summary = _launcher(engine, ray_address)(
                         config_from_dict(config),
                         folder,
-                        inputs=TrainingData(splits.train.uri, splits.val.uri, tokenizer.uri),
+                        inputs=TrainingData(
+                            splits.train.uri, splits.val.uri, tokenizer.uri, init_from
+                        ),
                         nproc=nproc,
                         resume=resume or found.took_over is not None,
                         on_line=logger.info,
@@ -118,7 +140,17 @@ def train(
                 run.log_params({"cached": False, "cache_key": key})
             checkpoint = Artifact.of(summary["checkpoint"])  # hashes it: once
             if not cached:
-                found.save({"checkpoint": checkpoint.to_dict(), "config": config, "nproc": nproc})
+                found.save(
+                    {
+                        "checkpoint": checkpoint.to_dict(),
+                        "config": config,
+                        "nproc": nproc,
+                        **({"init_from": init_from.to_dict()} if init_from else {}),
+                    }
+                )
+        if init_from is not None:
+            run.log_params({"init_from": init_from.label, "init_from_sha256": init_from.sha256})
+            run.set_tags({"init_from": init_from.label})
         inputs = {"train": splits.train, "val": splits.val, "tokenizer": tokenizer}
         run.record_io(artifact_dicts(inputs), {"checkpoint": checkpoint.to_dict()})
         # a re-used training's model is already logged (the register stage finds its version)
@@ -137,6 +169,15 @@ def train(
         mlflow_run_id=run.run_id,
         summary=summary,
     )
+
+
+def _check_init(init: InitFrom, config: dict, tokenizer: Artifact) -> None:
+    """Refuse a warm start that cannot work before its training starts (one line): the ranks
+    check it again, but only after torchrun and the machine's probes have started."""
+    cfg = config_from_dict(config)
+    tokenizer_json = storage.get_bytes(tokenizer.uri).decode("utf-8")
+    vocab_size = max(tokenizer_from_json(tokenizer_json).vocab_size, cfg.vocab_size or 0)
+    check_warm_start(load_init_checkpoint(init), init, cfg.model_config(vocab_size), tokenizer_json)
 
 
 def _launcher(engine: str, ray_address: str | None):

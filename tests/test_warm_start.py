@@ -4,6 +4,7 @@ from its own checkpoint, and refuses a checkpoint it cannot start from with one 
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -93,8 +94,6 @@ def train(data: dict[str, str], out: Path, *extra: str, nproc: int = 1, ok: bool
 
 
 def init_args(ckpt: Path, label: str = "night 1") -> list[str]:
-    import hashlib
-
     sha = hashlib.sha256(ckpt.read_bytes()).hexdigest()
     return ["--init-from", str(ckpt), "--init-sha256", sha, "--init-label", label]
 
@@ -229,3 +228,152 @@ def test_a_bad_start_is_one_error_line(nights, night1, tmp_path):
     assert len(errors) == 1 and "cannot start from night 1: its vocabulary is not" in errors[0]
     result = train(nights["two"], tmp_path / "wide", *init_args(night1), ok=False, n_embd=64)
     assert result.returncode == 2 and "set n_embd=32 to start from it" in result.stderr
+
+
+# --- the task layer: resolving init_from against a real MLflow registry, the train stage -------
+
+MODEL = "warm-start-test"
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory):
+    """A sqlite MLflow of its own (artifacts in a temporary folder), its store, no versions."""
+    from storage.tracking import Tracker
+    from tasks.results import Tracking, Workspace
+
+    root = tmp_path_factory.mktemp("registry")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    tracker = Tracker(uri, "warm-start")
+    tracker.client.create_experiment("warm-start", artifact_location=str(root / "artifacts"))
+    run_id = tracker.start_run("pipeline")
+    return {
+        "tracker": tracker,
+        "run_id": run_id,
+        "workspace": Workspace(str(root / "store"), Tracking(uri, "warm-start", run_id)),
+    }
+
+
+def register_checkpoint(registry, ckpt: Path, alias: str | None = None) -> str:
+    from tasks.registry import CHECKPOINT_TAG, log_model, register
+
+    tracker = registry["tracker"]
+    run_id = tracker.start_run("train")
+    model_uri = log_model(tracker, run_id, ckpt, step=int(load_checkpoint(str(ckpt))["step"]))
+    sha = hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    version = register(tracker, MODEL, model_uri, tags={CHECKPOINT_TAG: sha})
+    if alias:
+        tracker.client.set_registered_model_alias(MODEL, alias, version)
+    return version
+
+
+@pytest.mark.slow
+def test_resolve_warm_start(registry, nights, night1, tmp_path):
+    import storage
+    from tasks.warm_start import resolve_warm_start
+
+    ws = registry["workspace"]
+    said: list[str] = []
+
+    def resolve(init_from, vocab="keep", **kw):
+        return resolve_warm_start(
+            ws, MODEL, init_from=init_from, vocab=vocab, log=said.append, **kw
+        )
+
+    # no champion yet: a cold start, said so, not an error
+    for init_from, vocab in (("champion", "keep"), (None, "keep"), (None, "fresh")):
+        cold = resolve(init_from, vocab)
+        assert cold.init_from is None and cold.base_tokenizer is None, (init_from, vocab)
+    assert any("has no champion yet: a cold start" in line for line in said)
+
+    version = register_checkpoint(registry, night1, alias="champion")
+    sha = hashlib.sha256(night1.read_bytes()).hexdigest()
+    champion = resolve("champion")
+    assert champion.init_from.label == f"models:/{MODEL}/{version}"
+    assert champion.init_from.sha256 == sha
+    assert champion.init_from.uri.startswith(ws.store)  # in the store, for every rank
+    assert storage.get_bytes(champion.init_from.uri) == night1.read_bytes()
+    base = storage.get_bytes(champion.base_tokenizer.uri).decode()
+    assert json.loads(base)["vocab"] == nights["tok1"].vocab
+    assert resolve(f"models:/{MODEL}/{version}") == champion  # the same, named by version
+    assert resolve(f"models:/{MODEL}@champion").init_from == champion.init_from
+    assert resolve("champion", "fresh").base_tokenizer is None
+    kept = resolve(None)  # a cold start that keeps the champion's vocabulary
+    assert kept.init_from is None and kept.base_tokenizer == champion.base_tokenizer
+    assert resolve(None, tokenizer="bpe").base_tokenizer is None  # not a bpe run's base
+
+    by_path = resolve(str(night1))
+    assert by_path.init_from.uri == by_path.init_from.label == str(night1)
+    assert by_path.init_from.sha256 == sha and by_path.base_tokenizer == champion.base_tokenizer
+
+    bad = {
+        f"models:/{MODEL}/99": f"model {MODEL} has no version 99",
+        f"models:/{MODEL}@nightly": "has no version @nightly",
+        "models:/nope": "not a model version",
+        str(tmp_path / "missing.pt"): "no such checkpoint file",
+    }
+    for init_from, message in bad.items():
+        with pytest.raises(GptpipeError, match=message) as err:
+            resolve(init_from)
+        assert "\n" not in str(err.value)
+    with pytest.raises(GptpipeError, match="vocab must be one of keep, fresh"):
+        resolve("champion", "grow")
+    with pytest.raises(GptpipeError, match="char tokenizer and this run's is bpe"):
+        resolve("champion", tokenizer="bpe")
+
+
+@pytest.mark.slow
+def test_the_train_stage_warm_starts_and_keys_on_it(
+    registry, nights, night1, prefect_server, tmp_path
+):
+    """tokenize (the champion's vocabulary kept) -> split -> train from the champion, in a real
+    Prefect flow: the stage records what it started from, and keys on it."""
+    from prefect import flow
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from tasks.cache import cache_key
+    from tasks.split import split
+    from tasks.tokenize import tokenize
+    from tasks.train import train as train_stage
+    from tasks.warm_start import resolve_warm_start
+
+    tok2 = nights["tok2"]
+    ws = registry["workspace"]
+    if not registry["tracker"].client.search_model_versions(f"name = '{MODEL}'"):
+        register_checkpoint(registry, night1, alias="champion")
+    config = config_from_dict({**BASE, "max_iters": 4}).to_dict()
+
+    @flow(name="warm-start-test")
+    def night(source: str, init: str | None):
+        warm = resolve_warm_start(ws, MODEL, init_from=init, vocab="keep", tokenizer="char")
+        tokens = tokenize(source, ws, base_tokenizer=warm.base_tokenizer)
+        splits = split(tokens.tokens, ws, val_fraction=0.1, block_size=32)
+        result = train_stage(
+            config, splits, workspace=ws, tokenizer=tokens.tokenizer, init_from=warm.init_from
+        )
+        return warm, tokens, splits, result
+
+    source = tmp_path / "night2.txt"
+    from model.dataset import open_dataset
+
+    source.write_text(tok2.decode(open_dataset(nights["two"]["train.parquet"]).ids()), "utf-8")
+    with temporary_settings({PREFECT_API_URL: prefect_server}):
+        warm, tokens, splits, result = night(str(source), "champion")
+        _, _, _, cold = night(str(source), None)
+    assert tokens.metadata["base_vocab_size"] == nights["tok1"].vocab_size
+    assert result.to_dict()["init_from"] == warm.init_from.to_dict()
+    assert result.summary["init_from"]["label"] == f"models:/{MODEL}/1"
+    assert "init_from" not in cold.to_dict()
+    key = cache_key(
+        "train",
+        train=splits.train.sha256,
+        val=splits.val.sha256,
+        tokenizer=tokens.tokenizer.sha256,
+        config=config,
+        nproc=1,
+    )
+    assert f"train-{key}" in cold.checkpoint.uri  # no init_from: the key as before
+    assert f"train-{key}" not in result.checkpoint.uri
+    run = registry["tracker"].client.get_run(result.mlflow_run_id)
+    assert run.data.tags["init_from"] == f"models:/{MODEL}/1"
+    assert run.data.params["init_from_sha256"] == warm.init_from.sha256
+    assert load_checkpoint(result.checkpoint.uri)["init_from"]["sha256"] == warm.init_from.sha256
