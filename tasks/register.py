@@ -2,21 +2,31 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import math
+from dataclasses import dataclass
 
+import numpy as np
 from prefect import get_run_logger, task
+from prefect.exceptions import MissingContextError
 
 import storage
-from model.checkpoint import load_checkpoint
+from model.bits import NOISE_STDERRS, Paired, compare
 from model.dist import pick_device
-from model.evaluate import evaluate_checkpoint
+from model.evaluate import checkpoint_bits, checkpoint_segment_nats, val_segments
+from model.tokenizer import tokenizer_from_json
+from storage.errors import GptpipeError
 from storage.lease import Lease
 from tasks.cache import lease_dir
 from tasks.common import IO_RETRIES, run_owner, tracker_for
+from tasks.evaluate import bpb_evaluation, load_scores, save_scores, scores_uri
 from tasks.registry import (
     CHALLENGER,
     CHAMPION,
     CHECKPOINT_TAG,
+    VAL_BPB,
     FetchedCheckpoint,
+    link_metric,
     link_val_loss,
     log_checkpoint_model,
     register,
@@ -43,18 +53,22 @@ def register_model(
     splits: SplitResult,
     tokenizer: Artifact,
     run_id: str,
+    min_improvement: float | None = None,
 ) -> RegisterResult:
-    """Register a new version; `champion` moves to it only if it beats the champion's val loss,
-    else `challenger` does (the latest version that lost to the champion).
+    """Register a new version; `champion` moves to it only if it beats the champion by more than
+    the comparison's noise, else `challenger` does (the latest version that lost to it).
 
-    Both losses are measured on this run's val split with the evaluate stage's batches: the
-    champion's recorded loss when it was measured so (the same val data, tokenizer, batches and
-    device: the `evaluation` tag), or else the champion evaluated afresh, whatever data it saw.
+    Both are scored on the same segments of this run's val text in bits per byte, each with its
+    own tokenizer (`_versus_champion`): the champion's recorded per-segment scores when the
+    store holds them for this evaluation (same val data, tokenizer, segments and device), else
+    the champion scored afresh. ``min_improvement`` is the margin in bits per byte the new
+    version must win by (None: `model.bits.NOISE_STDERRS` standard errors of the difference).
 
     One registration per model name at a time (a lease in the store): two runs that trained the
     same checkpoint register it once, and champion decisions do not interleave.
     """
-    logger = get_run_logger()
+    check_min_improvement(min_improvement)
+    logger = _logger()
     with _one_registration_at_a_time(workspace, name, logger.info):
         tracker = tracker_for(workspace.tracking)
         val_loss = evaluated.val_loss
@@ -82,6 +96,10 @@ def register_model(
                 "gptpipe.run_id": run_id,
                 CHECKPOINT_TAG: checkpoint_sha256,
             }
+            if evaluated.val_bpb is not None:
+                tags["val_bpb"] = f"{evaluated.val_bpb:.6f}"
+            if evaluated.bpb_evaluation:
+                tags["bpb_evaluation"] = evaluated.bpb_evaluation
             model_uri = trained.model_uri
             if model_uri is None:
                 # a training re-used from the cache logged no model: log it now, into its own run,
@@ -92,6 +110,9 @@ def register_model(
                 loss_run = evaluated.mlflow_run_id or trained.mlflow_run_id
                 if loss_run:
                     link_val_loss(tracker, model_uri, loss_run, val_loss)
+            metric_run = evaluated.mlflow_run_id or trained.mlflow_run_id
+            if evaluated.val_bpb is not None and metric_run:  # the logged model's val_bpb
+                link_metric(tracker, model_uri, metric_run, VAL_BPB, evaluated.val_bpb)
             version = register(tracker, name, model_uri, tags=tags)
         if trained.mlflow_run_id:  # the train run links the version, new or re-used
             tracker.client.set_tag(
@@ -100,18 +121,24 @@ def register_model(
             tracker.client.set_tag(
                 trained.mlflow_run_id, "gptpipe.model_version_reused", str(reused)
             )
-        champion, champion_loss, promote, reason = _versus_champion(
+        verdict = _versus_champion(
             tracker,
             name,
             version,
-            val_loss,
+            workspace=workspace,
             evaluation=evaluation,
+            trained=trained,
             evaluated=evaluated,
             splits=splits,
             tokenizer=tokenizer,
+            min_improvement=min_improvement,
         )
+        promote, champion, paired = verdict.promote, verdict.champion, verdict.paired
+        if paired is not None:  # how it fared, on the version itself
+            for key, value in _comparison_tags(verdict).items():
+                tracker.client.set_model_version_tag(name, version, key, value)
         # the loser of a comparison on the same val data becomes the challenger
-        alias = CHAMPION if promote else CHALLENGER if champion_loss is not None else None
+        alias = CHAMPION if promote else CHALLENGER if verdict.compared else None
         if alias:
             tracker.client.set_registered_model_alias(name, alias, version)
         challenger = version_by_alias(tracker, name, CHALLENGER) if promote else None
@@ -119,58 +146,171 @@ def register_model(
             tracker.client.delete_registered_model_alias(name, CHALLENGER)
         moved = f" -> {alias}" if alias else ""
         said = "re-used" if reused else "registered"
-        logger.info("%s %s version %s; %s%s", said, name, version, reason, moved)
+        logger.info("%s %s version %s; %s%s", said, name, version, verdict.reason, moved)
         return RegisterResult(
             name=name,
             version=version,
             champion=promote,
-            champion_version=version if promote else (champion.version if champion else None),
-            previous_champion_val_loss=champion_loss,
-            reason=reason,
+            champion_version=version if promote else (str(champion.version) if champion else None),
+            previous_champion_val_loss=verdict.champion_loss,
+            reason=verdict.reason,
             reused=reused,
+            val_bpb=evaluated.val_bpb,
+            champion_val_bpb=paired.old_bpb if paired else None,
+            bpb_improvement=paired.improvement if paired else None,
+            bpb_stderr=paired.stderr if paired else None,
+            min_improvement=verdict.margin,
+            significant=verdict.significant,
+            bpb_left_out=paired.left_out if paired else None,
+            bpb_segments=paired.segments if paired else None,
         )
+
+
+def check_min_improvement(min_improvement: float | None) -> None:
+    """None (derived from the noise), or a finite number of bits per byte >= 0."""
+    if min_improvement is None:
+        return
+    if (
+        isinstance(min_improvement, bool)
+        or not isinstance(min_improvement, int | float)
+        or not math.isfinite(min_improvement)
+        or min_improvement < 0
+    ):
+        raise GptpipeError(
+            "min_improvement must be a number of bits per byte >= 0 (or unset: "
+            f"{NOISE_STDERRS:g} standard errors of the paired difference), got {min_improvement!r}"
+        )
+
+
+def _comparison_tags(verdict: _Verdict) -> dict[str, str]:
+    """The version's tags for its comparison with the champion (all strings)."""
+    paired = verdict.paired
+    return {
+        "bpb_vs_champion": f"v{verdict.champion.version}",
+        "champion_val_bpb": f"{paired.old_bpb:.6f}",
+        "bpb_improvement": f"{paired.improvement:+.6f}",
+        "bpb_stderr": f"{paired.stderr:.6f}",
+        "bpb_margin": f"{verdict.margin:.6f}",
+        "bpb_significant": str(verdict.significant).lower(),
+        "bpb_left_out": f"{paired.left_out:.6f}",
+        "bpb_segments": str(paired.segments),
+    }
+
+
+def _logger():
+    """The Prefect run's logger; a plain one outside a Prefect run (register_model.fn)."""
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger("gptpipe.register")
+
+
+@dataclass(frozen=True)
+class _Verdict:
+    """What the comparison with the champion decided, and on what."""
+
+    champion: object | None  # the champion's ModelVersion, if there is one
+    promote: bool
+    reason: str
+    paired: Paired | None = None  # the paired bits-per-byte comparison, if one was made
+    margin: float | None = None  # what the improvement had to exceed
+    champion_loss: float | None = None  # its val loss as recorded, when measured the same way
+
+    @property
+    def compared(self) -> bool:
+        return self.paired is not None
+
+    @property
+    def significant(self) -> bool | None:
+        """Whether the difference counted: a win or a loss by more than the margin."""
+        if self.paired is None or self.margin is None:
+            return None
+        return abs(self.paired.improvement) > self.margin
 
 
 def _versus_champion(
     tracker,
     name: str,
     version: str,
-    val_loss: float,
     *,
+    workspace: Workspace,
     evaluation: str,
+    trained: TrainResult,
     evaluated: EvaluateResult,
     splits: SplitResult,
     tokenizer: Artifact,
-):
-    """(champion, its val loss or None, whether ``version`` replaces it, why)."""
+    min_improvement: float | None = None,
+) -> _Verdict:
+    """Whether ``version`` replaces the champion: paired, in bits per byte on this run's val text.
+
+    Both models score the same segments of this run's val text, each with its own tokenizer
+    (`model.bits`); segments the champion's tokenizer cannot encode are left out for both. The
+    new version wins if it saves more than ``min_improvement`` bits per byte (default:
+    `model.bits.NOISE_STDERRS` standard errors of the paired difference).
+    """
     champion = version_by_alias(tracker, name)
-    champion_loss = None
     if champion is None:
-        promote, reason = True, "no champion yet"
-    elif str(champion.version) == version:
-        promote, reason = False, f"v{version} is the champion already"
-    else:
-        champion_loss, recorded = _champion_val_loss(
-            tracker,
-            name,
+        return _Verdict(None, True, "no champion yet")
+    if str(champion.version) == version:
+        return _Verdict(champion, False, f"v{version} is the champion already")
+    bpb_evaluation, new_nats, n_bytes = _own_scores(
+        workspace, trained=trained, evaluated=evaluated, splits=splits
+    )
+    old_nats, recorded = _champion_scores(
+        tracker,
+        name,
+        champion,
+        workspace=workspace,
+        bpb_evaluation=bpb_evaluation,
+        val_uri=splits.val.uri,
+        tokenizer_uri=tokenizer.uri,
+        batch_size=evaluated.batch_size,
+    )
+    champion_loss = None
+    if champion.tags.get("evaluation") == evaluation and "val_loss" in champion.tags:
+        champion_loss = float(champion.tags["val_loss"])
+    paired = compare(new_nats, old_nats, n_bytes)
+    if paired is None:
+        return _Verdict(
             champion,
-            evaluation=evaluation,
-            evaluated=evaluated,
-            val_uri=splits.val.uri,
-            tokenizer_uri=tokenizer.uri,
+            False,
+            f"champion v{champion.version}'s tokenizer cannot encode this run's val text (not "
+            "two segments of it): not comparable",
+            champion_loss=champion_loss,
         )
-        if champion_loss is None:
-            promote = False
-            reason = f"champion v{champion.version} uses another tokenizer: not comparable"
-        else:
-            # a recorded loss has the tag's 6 decimals: ours is compared at that precision too
-            promote = (round(val_loss, 6) if recorded else val_loss) < champion_loss
-            reason = (
-                f"val loss {val_loss:.4f} {'beats' if promote else 'does not beat'} champion "
-                f"v{champion.version}'s {champion_loss:.4f}{', as recorded' if recorded else ''} "
-                "on the same val data"
-            )
-    return champion, champion_loss, promote, reason
+    margin = paired.margin(min_improvement)
+    promote = paired.promotes(min_improvement)
+    return _Verdict(
+        champion,
+        promote,
+        _reason(champion.version, paired, margin, promote, recorded=recorded),
+        paired=paired,
+        margin=margin,
+        champion_loss=champion_loss,
+    )
+
+
+def _reason(champion_version, paired: Paired, margin: float, promote: bool, *, recorded: bool):
+    """The comparison in one line."""
+    gain = paired.improvement
+    how = f"{'better' if gain > 0 else 'worse'} by {abs(gain):.4f} ± {paired.stderr:.4f}"
+    if promote:
+        verdict = "beats it"
+    elif gain > margin or -gain > margin:
+        verdict = "loses to it"
+    else:
+        verdict = "within the margin: does not count"
+    left_out = (
+        f", {paired.left_out:.1%} of its bytes left out (characters the champion's tokenizer "
+        "cannot encode)"
+        if paired.left_out > 0
+        else ""
+    )
+    return (
+        f"val {paired.new_bpb:.4f} bits/byte vs champion v{champion_version}'s "
+        f"{paired.old_bpb:.4f}{', as recorded' if recorded else ''} on the same val data"
+        f"{left_out}: {how} (margin {margin:.4f}): {verdict}"
+    )
 
 
 def _one_registration_at_a_time(workspace: Workspace, name: str, log) -> Lease:
@@ -184,25 +324,67 @@ def _one_registration_at_a_time(workspace: Workspace, name: str, log) -> Lease:
     )
 
 
-def _champion_val_loss(
+def _own_scores(
+    workspace: Workspace, *, trained: TrainResult, evaluated: EvaluateResult, splits: SplitResult
+) -> tuple[str, np.ndarray, np.ndarray]:
+    """This version's bits-per-byte evaluation and per-segment (nats, bytes): the evaluate
+    stage's, or, where it kept none (a result from before bits per byte), measured now."""
+    found = load_scores(evaluated.bpb_scores_uri)
+    if found is not None and evaluated.bpb_evaluation:
+        return evaluated.bpb_evaluation, *found
+    bits = checkpoint_bits(
+        trained.checkpoint.uri,
+        splits.val.uri,
+        n_segments=evaluated.eval_iters * evaluated.batch_size,
+        batch_size=evaluated.batch_size,
+    )
+    evaluation = bpb_evaluation(
+        splits.val.sha256, bits["tokenizer"], bits["segment_tokens"], bits["n_segments"]
+    )
+    save_scores(
+        scores_uri(workspace.store, evaluation, trained.checkpoint.sha256),
+        bits["nats"],
+        bits["bytes"],
+        evaluation=evaluation,
+        checkpoint_sha256=trained.checkpoint.sha256,
+    )
+    return evaluation, bits["nats"], bits["bytes"]
+
+
+def _champion_scores(
     tracker,
     name: str,
     champion,
     *,
-    evaluation: str,
-    evaluated: EvaluateResult,
+    workspace: Workspace,
+    bpb_evaluation: str,
     val_uri: str,
     tokenizer_uri: str,
-) -> tuple[float | None, bool]:
-    """The champion's loss on this run's val batches, and whether it is its recorded one (it was
-    measured the same way: what evaluating it again would give); None if the champion uses
-    another tokenizer."""
-    if champion.tags.get("evaluation") == evaluation and "val_loss" in champion.tags:
-        return float(champion.tags["val_loss"]), True
+    batch_size: int,
+) -> tuple[np.ndarray, bool]:
+    """The champion's per-segment nats on this run's segments, and whether they are recorded
+    ones (the store holds its scores under the same evaluation: what scoring it again would
+    give). Else it is fetched and scored now, with its own tokenizer, and its scores kept."""
+    sha = champion.tags.get(CHECKPOINT_TAG)
+    if sha:
+        found = load_scores(scores_uri(workspace.store, bpb_evaluation, sha))
+        if found is not None:
+            return found[0], True
+    spec = json.loads(bpb_evaluation)
+    segments = val_segments(
+        val_uri,
+        tokenizer_from_json(storage.get_bytes(tokenizer_uri).decode("utf-8")),
+        segment_tokens=spec["segment_tokens"],
+        n_segments=spec["n_segments"],
+    )
     with FetchedCheckpoint(tracker, f"models:/{name}/{champion.version}") as path:
-        if load_checkpoint(path)["tokenizer"] != storage.get_bytes(tokenizer_uri).decode("utf-8"):
-            return None, False
-        losses = evaluate_checkpoint(
-            path, {"val": val_uri}, evaluated.eval_iters, evaluated.batch_size, evaluated.seed
-        )
-    return losses["val"], False
+        nats = checkpoint_segment_nats(path, segments, batch_size=batch_size)
+        sha = sha or storage.sha256(path)
+    save_scores(
+        scores_uri(workspace.store, bpb_evaluation, sha),
+        nats,
+        np.array([s.n_bytes for s in segments], dtype=np.int64),
+        evaluation=bpb_evaluation,
+        checkpoint_sha256=sha,
+    )
+    return nats, False

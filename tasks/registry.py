@@ -35,6 +35,7 @@ CHAMPION = "champion"
 CHALLENGER = "challenger"  # the latest version that lost to the champion
 CHECKPOINT_TAG = "checkpoint_sha256"
 VAL_LOSS = "val_loss"  # the metric each logged model carries: search_logged_models ranks by it
+VAL_BPB = "val_bpb"  # the val text's bits per byte (the evaluate stage's), on the logged model too
 
 URI_VARIABLES = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
 
@@ -172,9 +173,14 @@ def link_val_loss(tracker: Tracker, model_uri: str, run_id: str, val_loss: float
     holds none (see log_model), so that it too is ranked by `mlflow.search_logged_models(
     order_by=[{"field_name": "metrics.val_loss"}])`. (A model version does not keep its
     model_id in MLflow's own registry: the id comes from the model's MLmodel.)"""
+    link_metric(tracker, model_uri, run_id, VAL_LOSS, val_loss)
+
+
+def link_metric(tracker: Tracker, model_uri: str, run_id: str, key: str, value: float) -> None:
+    """A metric of the logged model at ``model_uri``, logged into ``run_id`` (see link_val_loss)."""
     with _pointed_at(tracker):
         model_id = mlflow.models.get_model_info(model_uri).model_id
-    tracker.client.log_metric(run_id, VAL_LOSS, val_loss, model_id=model_id)
+    tracker.client.log_metric(run_id, key, value, model_id=model_id)
 
 
 def version_by_alias(tracker: Tracker, name: str, alias: str = CHAMPION):

@@ -187,7 +187,14 @@ class Pruned:
 
 @dataclass(frozen=True)
 class EvaluateResult:
-    """The final model's eval-mode losses, and the batches they were measured on."""
+    """The final model's eval-mode losses, and the batches they were measured on.
+
+    ``val_bpb`` is the val text's bits per byte (`model.bits`): nats summed over the tokens of
+    ``bpb_segments`` segments of the val text, over their ``bpb_bytes`` UTF-8 bytes, over ln 2;
+    ``bpb_evaluation`` says how the segments were cut (JSON: val data, tokenizer, segment length,
+    how many, device) and ``bpb_scores_uri`` is the store file of the per-segment nats, which
+    the register stage pairs with the champion's on the same segments.
+    """
 
     train_loss: float
     val_loss: float
@@ -195,6 +202,11 @@ class EvaluateResult:
     batch_size: int
     seed: int
     mlflow_run_id: str | None = None
+    val_bpb: float | None = None
+    bpb_segments: int = 0
+    bpb_bytes: int = 0
+    bpb_evaluation: str | None = None
+    bpb_scores_uri: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -223,7 +235,16 @@ class SampleResult:
 
 @dataclass(frozen=True)
 class RegisterResult:
-    """The model version this run registered, and whether `champion` moved to it (and why)."""
+    """The model version this run registered, and whether `champion` moved to it (and why).
+
+    The comparison with the champion is paired, in bits per byte on this run's val text
+    (`model.bits.compare`): ``val_bpb`` is this version's and ``champion_val_bpb`` the
+    champion's on the segments both could encode (``bpb_left_out``: the share of the text's
+    bytes left out because one tokenizer cannot encode it); ``bpb_improvement`` is the champion's
+    minus this version's (positive: this one is better), ``bpb_stderr`` its standard error,
+    ``min_improvement`` the margin it had to beat, ``significant`` whether it beat it (a win)
+    or lost by more than it (a loss that counted). All None without a comparison.
+    """
 
     name: str
     version: str
@@ -232,6 +253,14 @@ class RegisterResult:
     previous_champion_val_loss: float | None
     reason: str
     reused: bool = False  # the checkpoint was a version already: no new one was registered
+    val_bpb: float | None = None
+    champion_val_bpb: float | None = None
+    bpb_improvement: float | None = None
+    bpb_stderr: float | None = None
+    min_improvement: float | None = None
+    significant: bool | None = None
+    bpb_left_out: float | None = None
+    bpb_segments: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
