@@ -375,11 +375,11 @@ def test_the_stage_on_s3(on_server, s3_env, shakespeare):
 # Which corpus the champion was trained on
 
 
-def test_the_champions_corpus_is_found_from_its_version(on_server, tmp_path):
+def test_the_champions_corpus_is_found_from_its_version(on_server, tmp_path, shakespeare):
     from prefect import flow
 
     from storage.tracking import Tracker
-    from tasks.data_check import CORPUS_TAG, RUN_TAG, champion_profile_uri
+    from tasks.data_check import CORPUS_TAG, RUN_TAG, champion_profile_uri, check_data
     from tasks.registry import CHAMPION
     from tasks.results import Tracking, Workspace
 
@@ -398,6 +398,8 @@ def test_the_champions_corpus_is_found_from_its_version(on_server, tmp_path):
     summary = {"stages": {"data_check": {"corpus_sha256": "b" * 64}}}
     write(tmp_path / "store" / "runs" / "night-2" / "summary.json", json.dumps(summary))
     write(tmp_path / "store" / "runs" / "night-0" / "summary.json", json.dumps({"stages": {}}))
+    night1 = write(tmp_path / "in" / "night1.txt", shakespeare[:200_000])
+    night2 = write(tmp_path / "in" / "night2.txt", shakespeare[:20_000])
 
     @flow(name="champion-corpus-test")
     def lookups():
@@ -408,6 +410,27 @@ def test_the_champions_corpus_is_found_from_its_version(on_server, tmp_path):
         found.append(champion_profile_uri(workspace, name))
         champion({RUN_TAG: "night-0"})  # a champion from before the data check
         found.append(champion_profile_uri(workspace, name))
+        # as the nights will be wired: check, register with the corpus tag, check the next night
+        checked = check_data(str(night1), workspace, champion_profile=found[-1])
+        champion({CORPUS_TAG: checked.corpus_sha256, RUN_TAG: "night-3"})
+        found.append(champion_profile_uri(workspace, name))
+        state = check_data(str(night2), workspace, champion_profile=found[-1], return_state=True)
+        found.append(state.is_failed() and "shrank by 90.0%" in str(state.message))
         return found
 
-    assert lookups() == [None, profile_uri(store, "a" * 64), profile_uri(store, "b" * 64), None]
+    assert lookups() == [
+        None,
+        profile_uri(store, "a" * 64),
+        profile_uri(store, "b" * 64),
+        None,
+        profile_uri(store, sha256_of(night1)),
+        True,
+    ]
+    # each check is a stage run in MLflow: FINISHED, then FAILED
+    runs = client.search_runs(
+        [Tracker(tracking_uri).experiment_id], "attributes.run_name = 'data_check'"
+    )
+    assert sorted((r.data.params["bytes"], r.info.status) for r in runs) == [
+        ("20000", "FAILED"),
+        ("200000", "FINISHED"),
+    ]
