@@ -11,7 +11,7 @@ from prefect import get_run_logger, task
 from prefect.exceptions import MissingContextError
 
 import storage
-from model.bits import NOISE_STDERRS, Paired, compare
+from model.bits import MIN_RELATIVE_IMPROVEMENT, NOISE_STDERRS, Paired, compare
 from model.dist import pick_device
 from model.evaluate import checkpoint_bits, checkpoint_segment_nats, val_segments
 from model.tokenizer import tokenizer_from_json
@@ -62,7 +62,8 @@ def register_model(
     own tokenizer (`_versus_champion`): the champion's recorded per-segment scores when the
     store holds them for this evaluation (same val data, tokenizer, segments and device), else
     the champion scored afresh. ``min_improvement`` is the margin in bits per byte the new
-    version must win by (None: `model.bits.NOISE_STDERRS` standard errors of the difference).
+    version must win by (None: `model.bits.Paired.margin`'s default, the larger of 2 standard
+    errors of the paired difference and 2% of the champion's bits per byte).
 
     One registration per model name at a time (a lease in the store): two runs that trained the
     same checkpoint register it once, and champion decisions do not interleave.
@@ -177,8 +178,10 @@ def check_min_improvement(min_improvement: float | None) -> None:
         or min_improvement < 0
     ):
         raise GptpipeError(
-            "min_improvement must be a number of bits per byte >= 0 (or unset: "
-            f"{NOISE_STDERRS:g} standard errors of the paired difference), got {min_improvement!r}"
+            "min_improvement must be a number of bits per byte >= 0 (or unset: the larger of "
+            f"{NOISE_STDERRS:g} standard errors of the paired difference and "
+            f"{MIN_RELATIVE_IMPROVEMENT:.0%} of the champion's bits per byte), got "
+            f"{min_improvement!r}"
         )
 
 
@@ -246,7 +249,7 @@ def _versus_champion(
     Both models score the same segments of this run's val text, each with its own tokenizer
     (`model.bits`); segments the champion's tokenizer cannot encode are left out for both. The
     new version wins if it saves more than ``min_improvement`` bits per byte (default:
-    `model.bits.NOISE_STDERRS` standard errors of the paired difference).
+    `model.bits.Paired.margin`).
     """
     champion = version_by_alias(tracker, name)
     if champion is None:

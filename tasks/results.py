@@ -238,10 +238,11 @@ class RegisterResult:
     """The model version this run registered, and whether `champion` moved to it (and why).
 
     The comparison with the champion is paired, in bits per byte on this run's val text
-    (`model.bits.compare`): ``val_bpb`` is this version's and ``champion_val_bpb`` the
-    champion's on the segments both could encode (``bpb_left_out``: the share of the text's
-    bytes left out because one tokenizer cannot encode it); ``bpb_improvement`` is the champion's
-    minus this version's (positive: this one is better), ``bpb_stderr`` its standard error,
+    (`model.bits.compare`): ``val_bpb`` is this version's on all the segments (the evaluate
+    stage's) and ``champion_val_bpb`` the champion's on the ``bpb_segments`` segments both could
+    encode (``bpb_left_out``: the share of the segments' bytes left out because one tokenizer
+    cannot encode them); ``bpb_improvement`` is the champion's minus this version's on those
+    (positive: this one is better), ``bpb_stderr`` its standard error,
     ``min_improvement`` the margin it had to beat, ``significant`` whether it beat it (a win)
     or lost by more than it (a loss that counted). All None without a comparison.
     """
