@@ -115,13 +115,19 @@ def evaluate_checkpoint_bits(
     batch_size: int,
     seed: int,
     device: str = "auto",
+    *,
+    known: Callable[[dict], tuple[np.ndarray, np.ndarray] | None] | None = None,
 ) -> tuple[dict[str, float], dict]:
-    """`evaluate_checkpoint`'s losses, and `checkpoint_bits` of the "val" split, from one load."""
+    """`evaluate_checkpoint`'s losses, and `checkpoint_bits` of the "val" split, from one load.
+
+    ``known(settings)`` may return the per-segment (nats, bytes) recorded before for these
+    segment settings (``segment_tokens``, ``n_segments``, ``tokenizer``): then the segments are
+    not scored again, and the bits say ``"recorded": True``."""
     from model.sample import load_model
 
     loaded = load_model(checkpoint_uri, device)
     losses = _losses(loaded, data_uris, eval_iters, batch_size, seed)
-    return losses, _bits(loaded, data_uris["val"], eval_iters * batch_size, batch_size)
+    return losses, _bits(loaded, data_uris["val"], eval_iters * batch_size, batch_size, known)
 
 
 def checkpoint_bits(
@@ -136,20 +142,30 @@ def checkpoint_bits(
     return _bits(load_model(checkpoint_uri, device), val_uri, n_segments, batch_size)
 
 
-def _bits(loaded, val_uri: str, n_segments: int, batch_size: int) -> dict:
+def _bits(loaded, val_uri: str, n_segments: int, batch_size: int, known=None) -> dict:
     from model.bits import bits_per_byte, segment_nats
 
-    segment_tokens = loaded.model.config.block_size + 1
-    segments = val_segments(
-        val_uri, loaded.tokenizer, segment_tokens=segment_tokens, n_segments=n_segments
-    )
-    nats = segment_nats(loaded.model, loaded.tokenizer, segments, batch_size=batch_size)
-    n_bytes = np.array([s.n_bytes for s in segments], dtype=np.int64)
-    return {
-        "val_bpb": bits_per_byte(nats, n_bytes),
-        "segment_tokens": segment_tokens,
+    settings = {
+        "segment_tokens": loaded.model.config.block_size + 1,
         "n_segments": n_segments,
         "tokenizer": loaded.tokenizer.to_json(),
+    }
+    found = known(settings) if known is not None else None
+    if found is not None:
+        nats, n_bytes = found
+    else:
+        segments = val_segments(
+            val_uri,
+            loaded.tokenizer,
+            segment_tokens=settings["segment_tokens"],
+            n_segments=n_segments,
+        )
+        nats = segment_nats(loaded.model, loaded.tokenizer, segments, batch_size=batch_size)
+        n_bytes = np.array([s.n_bytes for s in segments], dtype=np.int64)
+    return {
+        **settings,
+        "val_bpb": bits_per_byte(nats, n_bytes),
         "nats": nats,
         "bytes": n_bytes,
+        "recorded": found is not None,
     }

@@ -32,23 +32,37 @@ def evaluate(
     """Eval-mode loss of the final model on train and val, and the val text's bits per byte."""
     with stage_run(workspace.tracking, "evaluate") as run:
         log_split_inputs(run, splits, {"train": "evaluation", "val": "evaluation"})
+
+        def evaluation_of(settings: dict) -> str:
+            return bpb_evaluation(
+                splits.val.sha256,
+                settings["tokenizer"],
+                settings["segment_tokens"],
+                settings["n_segments"],
+            )
+
+        def known(settings: dict):  # an unchanged night: the scores are in the store already
+            uri = scores_uri(workspace.store, evaluation_of(settings), checkpoint.sha256)
+            return load_scores(uri)
+
         losses, bits = evaluate_checkpoint_bits(
             checkpoint.uri,
             {"train": splits.train.uri, "val": splits.val.uri},
             eval_iters,
             batch_size,
             seed,
+            known=known,
         )
-        evaluation = bpb_evaluation(
-            splits.val.sha256, bits["tokenizer"], bits["segment_tokens"], bits["n_segments"]
-        )
-        scores = save_scores(
-            scores_uri(workspace.store, evaluation, checkpoint.sha256),
-            bits["nats"],
-            bits["bytes"],
-            evaluation=evaluation,
-            checkpoint_sha256=checkpoint.sha256,
-        )
+        evaluation = evaluation_of(bits)
+        scores = scores_uri(workspace.store, evaluation, checkpoint.sha256)
+        if not bits["recorded"]:
+            save_scores(
+                scores,
+                bits["nats"],
+                bits["bytes"],
+                evaluation=evaluation,
+                checkpoint_sha256=checkpoint.sha256,
+            )
         val_bpb = bits["val_bpb"]
         n_segments, n_bytes = len(bits["bytes"]), int(np.sum(bits["bytes"]))
         metrics = {"train_loss": losses["train"], "val_loss": losses["val"]}
@@ -63,6 +77,7 @@ def evaluate(
                 "bpb_segments": n_segments,
                 "bpb_bytes": n_bytes,
                 "bpb_segment_tokens": bits["segment_tokens"],
+                "bpb_recorded": bits["recorded"],
             }
         )
         inputs = {"checkpoint": checkpoint, "train": splits.train, "val": splits.val}

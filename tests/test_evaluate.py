@@ -130,3 +130,37 @@ def test_the_autocast_context_wraps_every_forward(model, batches):
 
     estimate_loss(model, batch_fn(batches), ("train", "val"), EVAL_ITERS, INFO, autocast=autocast)
     assert entered == [False] * (2 * EVAL_ITERS)
+
+
+def test_evaluate_checkpoint_bits_scores_the_val_text_once(small_corpus, tmp_path):
+    """The evaluate stage's measure: the losses and the val text's bits per byte from one load,
+    equal to checkpoint_bits'; scores recorded before (`known`) are used, not measured again."""
+    import numpy as np
+
+    from model.data import write_tokens
+    from model.evaluate import checkpoint_bits, evaluate_checkpoint, evaluate_checkpoint_bits
+    from model.tokenizer import train_tokenizer
+    from tests.test_bits_per_byte import save_checkpoint, train_tiny
+
+    text = small_corpus.read_text(encoding="utf-8")[:30_000]
+    tok = train_tokenizer("char", text)
+    uris = {}
+    for split, part in (("train", text[:27_000]), ("val", text[27_000:])):
+        ids = tok.encode(part)
+        with open(tmp_path / f"{split}.parquet", "wb") as f:
+            write_tokens(ids, f, {"vocab_size": tok.vocab_size, "n_tokens": len(ids)})
+        uris[split] = str(tmp_path / f"{split}.parquet")
+    path = save_checkpoint(train_tiny(tok, text[:27_000], seed=1, steps=20), tok, tmp_path / "c.pt")
+    asked = []
+    losses, bits = evaluate_checkpoint_bits(
+        path, uris, 4, 8, 1337, known=lambda settings: asked.append(settings)
+    )
+    assert losses == evaluate_checkpoint(path, uris, 4, 8, 1337)
+    assert asked == [{"segment_tokens": 17, "n_segments": 32, "tokenizer": tok.to_json()}]
+    assert not bits["recorded"] and len(bits["bytes"]) == 32  # 3000 val tokens hold 176 of 17
+    alone = checkpoint_bits(path, uris["val"], n_segments=32, batch_size=8)
+    assert bits["val_bpb"] == pytest.approx(alone["val_bpb"]) and 2 < bits["val_bpb"] < 7
+    assert bits["val_bpb"] == pytest.approx(bits["nats"].sum() / bits["bytes"].sum() / np.log(2))
+    recorded = (np.full(3, 7.0), np.array([2, 2, 3]))
+    _, again = evaluate_checkpoint_bits(path, uris, 4, 8, 1337, known=lambda s: recorded)
+    assert again["recorded"] and again["val_bpb"] == pytest.approx(21 / 7 / np.log(2))
