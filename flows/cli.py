@@ -171,6 +171,7 @@ def _run_options(run: argparse.ArgumentParser) -> None:
         action="store_true",
         help="continue an interrupted training (same data and config) from its last checkpoint",
     )
+    _nightly_options(run)
     run.add_argument("--prompt", default="", help="prompt for the sample at the end")
     run.add_argument("--sample-tokens", type=int, default=500, help="tokens to sample (500)")
     run.add_argument(
@@ -187,6 +188,58 @@ def _run_options(run: argparse.ArgumentParser) -> None:
         "--train-timeout",
         metavar="SECONDS",
         help="stop the training after this long, without retrying it (default: none)",
+    )
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction between 0 and 1, got {text}")
+    return value
+
+
+def _nightly_options(run: argparse.ArgumentParser) -> None:
+    """What a run does on a corpus that changed: warm starts, data checks, the champion's gate
+    (docs/deploy.md, "When the corpus changes")."""
+    run.add_argument(
+        "--init-from",
+        metavar="FROM",
+        help="start training from these weights: champion, models:/NAME/VERSION or a ckpt.pt "
+        "(default: a fresh model)",
+    )
+    run.add_argument(
+        "--vocab",
+        default="keep",
+        choices=("keep", "fresh"),
+        help="with --init-from: keep its character ids and append new ones (keep, default), or "
+        "build a fresh vocabulary",
+    )
+    run.add_argument(
+        "--accept-data-change",
+        action="store_true",
+        help="train on a corpus that changed beyond the limits below since the champion's",
+    )
+    run.add_argument(
+        "--max-corpus-shrink",
+        type=_fraction,
+        default=0.5,
+        metavar="FRACTION",
+        help="stop before tokenizing if the corpus shrank by more than this (default 0.5)",
+    )
+    run.add_argument(
+        "--max-new-char-share",
+        type=_fraction,
+        default=0.1,
+        metavar="FRACTION",
+        help="stop before tokenizing if more of the corpus is characters the champion's lacked "
+        "(default 0.1)",
+    )
+    run.add_argument(
+        "--min-improvement",
+        type=float,
+        metavar="BPB",
+        help="bits per byte a new model must win by to become champion (default: from the "
+        "evaluation's noise)",
     )
 
 
@@ -303,6 +356,9 @@ def run_request(args: argparse.Namespace):
             "shard_size": args.shard_size,
             "val_shards": getattr(args, "val_shards", 0),
             "refresh": ["tokenize"] if refresh is True else (refresh or []),
+            "accept_data_change": getattr(args, "accept_data_change", False),
+            "max_corpus_shrink": getattr(args, "max_corpus_shrink", 0.5),
+            "max_new_char_share": getattr(args, "max_new_char_share", 0.1),
         },
         compute={
             "nproc": getattr(args, "nproc", "1"),
@@ -317,11 +373,14 @@ def run_request(args: argparse.Namespace):
             "config_file": args.config,
             "overrides": args.set,
             "resume": getattr(args, "resume", False),
+            "init_from": getattr(args, "init_from", None),
+            "vocab": getattr(args, "vocab", "keep"),
         },
         tracking={
             "tracking_uri": getattr(args, "tracking_uri", None),
             "experiment": getattr(args, "experiment", "gptpipe"),
             "model_name": getattr(args, "model_name", None),
+            "min_improvement": getattr(args, "min_improvement", None),
         },
         sampling={
             "prompt": getattr(args, "prompt", ""),
@@ -571,7 +630,8 @@ def print_summary(summary: dict) -> None:
         f"run {summary['run_id']}: {summary['n_params']:,} parameters trained on "
         f"{summary['world_size']} rank(s)",
         f"  final loss (eval mode): train {summary['train_loss']:.4f}, "
-        f"val {summary['val_loss']:.4f}",
+        f"val {summary['val_loss']:.4f}"
+        + (f" ({summary['val_bpb']:.4f} bits per byte)" if summary.get("val_bpb") else ""),
         f"  run folder: {summary['run_uri']}",
     ]
     lines += [f"  {name:<10} {uri}" for name, uri in out.items()]

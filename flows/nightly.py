@@ -32,6 +32,7 @@ from flows.request import (
     SampleSettings,
     TrackingSettings,
     TrainingSettings,
+    check_in_flow,
     new_run_id,
 )
 
@@ -66,7 +67,7 @@ def nightly_retrain(
         alerts=alerts,
         run_id=run_id or f"nightly-{new_run_id()}",
     )
-    checked = request.check(DEPLOYMENT)  # the alert hooks read `alerts.notify` themselves
+    checked = check_in_flow(request)  # the alert hooks read `alerts.notify` themselves
     run_pipeline = with_task_runner(
         pipeline.with_options(timeout_seconds=checked.timeout_seconds),
         *checked.task_runner,

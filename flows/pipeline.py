@@ -14,15 +14,25 @@ import storage
 from flows.alerts import label_flow_run, mlflow_link
 from flows.request import RunPlan
 from model.config import TrainConfig, config_from_dict
+from model.corpus_check import DataChangeLimits
 from storage.tracking import Tracker, end_status, redact
+from tasks.data_check import DataCheckResult, champion_profile_uri, check_data
 from tasks.evaluate import evaluate
 from tasks.register import register_model
 from tasks.registry import warm_up_in_background
-from tasks.results import SamplingSettings, SplitResult, TokenizeResult, Tracking, Workspace
+from tasks.results import (
+    Artifact,
+    SamplingSettings,
+    SplitResult,
+    TokenizeResult,
+    Tracking,
+    Workspace,
+)
 from tasks.sample import sample
 from tasks.split import split
 from tasks.tokenize import SourceURL, reveal, tokenize
 from tasks.train import train
+from tasks.warm_start import WarmStart, resolve_warm_start
 
 
 @flow(name="gptpipe-pipeline")
@@ -69,7 +79,10 @@ def pipeline(source: str | SourceURL, plan: RunPlan) -> dict:
         tracker.client.set_terminated(parent_id, end_status(exc))
         raise
     summary["mlflow"] = mlflow_summary(tracker, plan.experiment, parent_id)
-    parent.log_metrics({"train_loss": summary["train_loss"], "val_loss": summary["val_loss"]})
+    losses = {
+        k: summary[k] for k in ("train_loss", "val_loss", "val_bpb") if summary[k] is not None
+    }
+    parent.log_metrics(losses)
     parent.log_params({"n_params": summary["n_params"], "world_size": summary["world_size"]})
     parent.log_dict(summary, "summary.json")
     tracker.client.set_terminated(parent_id, "FINISHED")
@@ -110,6 +123,7 @@ def publish_report(summary: dict) -> None:
         "|---|---|",
         f"| final train loss (eval mode) | {summary['train_loss']:.4f} |",
         f"| final val loss (eval mode) | {summary['val_loss']:.4f} |",
+        f"| val bits per byte | {_bpb(summary['val_bpb'])} |",
         f"| parameters | {summary['n_params']:,} |",
         f"| ranks | {summary['world_size']} |",
         f"| MLflow run | {run_link} |",
@@ -127,6 +141,10 @@ def publish_report(summary: dict) -> None:
         fence,
     ]
     publish_markdown("\n".join(lines), key="gptpipe-run", description="pipeline run")
+
+
+def _bpb(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
 
 
 def _check_prompt(prompt: str, tokenizer_uri: str) -> None:
@@ -148,15 +166,22 @@ def train_task(limit_seconds: float | None):
 
 
 def tokenize_and_split(
-    source: str, cfg: TrainConfig, plan: RunPlan, workspace: Workspace
+    source: str,
+    cfg: TrainConfig,
+    plan: RunPlan,
+    workspace: Workspace,
+    *,
+    base_tokenizer: Artifact | None = None,
 ) -> tuple[TokenizeResult, SplitResult]:
-    """The data stages, as the pipeline and the sweep run them."""
+    """The data stages, as the pipeline and the sweep run them (``base_tokenizer``: a warm
+    start's, whose character ids the new tokenizer keeps)."""
     tokenized = tokenize(
         source,
         workspace,
         tokenizer=cfg.tokenizer,
         vocab_size=cfg.vocab_size,
         shard_bytes=plan.shard_bytes,
+        base_tokenizer=base_tokenizer,
     )
     splits = split(
         tokenized.tokens,
@@ -168,13 +193,45 @@ def tokenize_and_split(
     return tokenized, splits
 
 
+def check_tonights_data(source: str, plan: RunPlan, workspace: Workspace) -> DataCheckResult:
+    """Tonight's corpus against the one the champion was trained on, before tokenizing: a corpus
+    that shrank, is empty, is not text or is mostly new characters stops the run (one line)."""
+    limits = DataChangeLimits(
+        max_corpus_shrink=plan.max_corpus_shrink, max_new_char_share=plan.max_new_char_share
+    )
+    return check_data(
+        source,
+        workspace,
+        champion_profile=champion_profile_uri(workspace, plan.model_name),
+        limits=limits,
+        accept=plan.accept_data_change,
+    )
+
+
+def warm_start(plan: RunPlan, cfg: TrainConfig, workspace: Workspace) -> WarmStart | None:
+    """The weights (and tokenizer) tonight's training starts from; None: a fresh model."""
+    if plan.init_from is None:
+        return None
+    return resolve_warm_start(
+        workspace,
+        plan.model_name,
+        init_from=plan.init_from,
+        vocab=plan.vocab,
+        tokenizer=cfg.tokenizer,
+    )
+
+
 def _stages(cfg: TrainConfig, source: str, *, workspace: Workspace, plan: RunPlan) -> dict:
     """Every stage in order; the run's summary (summary.json's shape)."""
     run_id = plan.run_id
     sampling = SamplingSettings(
         prompt=plan.prompt, max_new_tokens=plan.sample_tokens, seed=cfg.seed
     )
-    tokenized, splits = tokenize_and_split(source, cfg, plan, workspace)
+    checked = check_tonights_data(source, plan, workspace)
+    warm = warm_start(plan, cfg, workspace)
+    tokenized, splits = tokenize_and_split(
+        source, cfg, plan, workspace, base_tokenizer=warm.base_tokenizer if warm else None
+    )
     _check_prompt(sampling.prompt, tokenized.tokenizer.uri)  # before training, not after it
     trained = train_task(plan.train_timeout_seconds)(
         cfg.to_dict(),
@@ -185,6 +242,7 @@ def _stages(cfg: TrainConfig, source: str, *, workspace: Workspace, plan: RunPla
         resume=plan.resume,
         engine=plan.train_engine,
         ray_address=plan.ray_address,
+        init_from=warm.init_from if warm else None,
     )
     evaluated = evaluate(
         trained.checkpoint,
@@ -204,6 +262,7 @@ def _stages(cfg: TrainConfig, source: str, *, workspace: Workspace, plan: RunPla
         splits=splits,
         tokenizer=tokenized.tokenizer,
         run_id=run_id,
+        min_improvement=plan.min_improvement,
     )
     return {
         "run_id": run_id,
@@ -214,6 +273,7 @@ def _stages(cfg: TrainConfig, source: str, *, workspace: Workspace, plan: RunPla
         "n_params": trained.n_params,
         "train_loss": evaluated.train_loss,
         "val_loss": evaluated.val_loss,
+        "val_bpb": evaluated.val_bpb,  # bits per byte: comparable across tokenizers
         "outputs": {
             "tokenizer": tokenized.tokenizer.uri,
             "tokens": tokenized.tokens.uri,
@@ -228,7 +288,9 @@ def _stages(cfg: TrainConfig, source: str, *, workspace: Workspace, plan: RunPla
             **registered.to_dict(),
             "uri": trained.model_uri or f"models:/{registered.name}/{registered.version}",
         },
+        "warm_start": warm.to_dict() if warm else None,
         "stages": {
+            "data_check": checked.to_dict(),
             "tokenize": tokenized.to_dict(),
             "split": splits.to_dict(),
             "train": trained.to_dict(history=False),

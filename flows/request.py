@@ -20,6 +20,7 @@ default must be right where a section is given in part. The command line passes 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import re
 from collections.abc import Iterator
@@ -32,8 +33,8 @@ from flows.defaults import DEFAULT_STORE, TINY_SHAKESPEARE_URL
 from storage.errors import GptpipeError
 
 # long enough for the lecture preset on one GPU or the cpu preset on a CPU, short of a day
-DEFAULT_TIMEOUT_S = 6 * 3600
-DEFAULT_TRAIN_TIMEOUT_S = 5 * 3600
+DEFAULT_TIMEOUT_S = 6 * 3600.0
+DEFAULT_TRAIN_TIMEOUT_S = 5 * 3600.0
 DEFAULT_SHARD_BYTES = 32 * 1024 * 1024  # model.corpus.DEFAULT_SHARD_BYTES, without importing it
 
 # Each setting's flag on the command line, by its path in the request. Messages from the layers
@@ -45,6 +46,9 @@ FLAGS: dict[str, str] = {
     "data.shard_size": "--shard-size",
     "data.val_shards": "--val-shards",
     "data.refresh": "--refresh",
+    "data.accept_data_change": "--accept-data-change",
+    "data.max_corpus_shrink": "--max-corpus-shrink",
+    "data.max_new_char_share": "--max-new-char-share",
     "compute.nproc": "--nproc",
     "compute.train_engine": "--train-engine",
     "compute.task_runner": "--task-runner",
@@ -55,9 +59,12 @@ FLAGS: dict[str, str] = {
     "training.config_file": "--config",
     "training.overrides": "--set",
     "training.resume": "--resume",
+    "training.init_from": "--init-from",
+    "training.vocab": "--vocab",
     "tracking.tracking_uri": "--tracking-uri",
     "tracking.experiment": "--experiment",
     "tracking.model_name": "--model-name",
+    "tracking.min_improvement": "--min-improvement",
     "sampling.prompt": "--prompt",
     "sampling.sample_tokens": "--sample-tokens",
     "alerts.notify": "--notify",
@@ -122,6 +129,16 @@ class DataSettings(Section):
     refresh: list[str] = Field(
         default_factory=list, description="cached stages to run again: tokenize, split, train, all"
     )
+    # tonight's corpus against the champion's, before tokenizing (tasks/data_check.py)
+    accept_data_change: bool = Field(
+        False, description="train on a corpus that changed beyond the limits below"
+    )
+    max_corpus_shrink: float = Field(
+        0.5, description="stop a night whose corpus is smaller than the champion's by more"
+    )
+    max_new_char_share: float = Field(
+        0.1, description="stop a night whose corpus has more characters the champion's lacked"
+    )
 
 
 class ComputeSettings(Section):
@@ -142,12 +159,27 @@ class TrainingSettings(Section):
     config_file: str | None = None
     overrides: list[str] = Field(default_factory=list, description='e.g. ["max_iters=500"]')
     resume: bool = False
+    init_from: str | None = Field(
+        None,
+        description="start from these weights: champion, models:/NAME/VERSION or a checkpoint "
+        "(null: a fresh model)",
+    )
+    vocab: Literal["keep", "fresh"] = Field(
+        "keep",
+        description="with init_from: keep its character ids, new ones appended (keep), or a "
+        "fresh vocabulary (fresh)",
+    )
 
 
 class TrackingSettings(Section):
     tracking_uri: str | None = Field(None, description="null: $MLFLOW_TRACKING_URI, else sqlite")
     experiment: str = "gptpipe"
     model_name: str | None = Field(None, description="null: gptpipe-<corpus>-<tokenizer>")
+    min_improvement: float | None = Field(
+        None,
+        description="bits per byte a new model must win by to become champion (null: from the "
+        "evaluation's noise)",
+    )
 
 
 class SampleSettings(Section):
@@ -176,7 +208,13 @@ class RunPlan(Section):
     shard_bytes: int
     val_shards: int = 0
     refresh: list[str] = Field(default_factory=list)
+    accept_data_change: bool = False
+    max_corpus_shrink: float = 0.5
+    max_new_char_share: float = 0.1
     resume: bool = False
+    init_from: str | None = None
+    vocab: str = "keep"
+    min_improvement: float | None = None
     nproc: int = 1
     train_engine: str = "torchrun"
     ray_address: str | None = None  # the training's cluster, with train_engine ray
@@ -257,6 +295,7 @@ class SettledSettings:
     train_timeout_seconds: float | None
     refresh: list[str]
     notify: Any  # NotifyTarget | None
+    data_limits: Any = None  # model.corpus_check.DataChangeLimits
 
 
 def validation_line(exc: ValidationError, naming: Naming) -> str:
@@ -294,6 +333,16 @@ def _settle(request: RunRequest, naming: Naming) -> SettledSettings:
         raise GptpipeError(
             f"--sample-tokens must not be negative, got {request.sampling.sample_tokens}"
         )
+    gate = request.tracking.min_improvement
+    if gate is not None and not (gate >= 0 and math.isfinite(gate)):
+        raise GptpipeError(f"--min-improvement must be a number of bits per byte >= 0, got {gate}")
+    if training.init_from is not None and not training.init_from.strip():
+        raise GptpipeError("--init-from is empty: give champion, models:/NAME/VERSION or a path")
+    if training.init_from and compute.train_engine == "ray":
+        raise GptpipeError(
+            "--init-from trains with --train-engine torchrun only for now: use torchrun, or "
+            "train without --init-from"
+        )
     if data.val_shards < 0:
         raise GptpipeError(f"--val-shards must be a whole number >= 0, got {data.val_shards}")
     shard_bytes = data.shard_size if data.shard_size is not None else DEFAULT_SHARD_BYTES
@@ -304,6 +353,11 @@ def _settle(request: RunRequest, naming: Naming) -> SettledSettings:
             raise GptpipeError(f"--shard-size: {exc}") from None
     if shard_bytes < 1:
         raise GptpipeError(f"--shard-size must be a positive number of bytes, got {shard_bytes}")
+    from model.corpus_check import DataChangeLimits
+
+    limits = DataChangeLimits(
+        max_corpus_shrink=data.max_corpus_shrink, max_new_char_share=data.max_new_char_share
+    )
     source = data.source or os.environ.get("GPTPIPE_INPUT") or TINY_SHAKESPEARE_URL
     store = data.store or os.environ.get("GPTPIPE_STORE") or DEFAULT_STORE
     return SettledSettings(
@@ -317,6 +371,7 @@ def _settle(request: RunRequest, naming: Naming) -> SettledSettings:
         train_timeout_seconds=train_timeout,
         refresh=refresh,
         notify=target,
+        data_limits=limits,
     )
 
 
@@ -348,6 +403,7 @@ def _check_world(request: RunRequest, settled: SettledSettings, naming: Naming) 
                 f"--run-id {run_id}: the store already has a finished run of that name "
                 f"({finished}); choose another --run-id so that its outputs are kept"
             )
+    _check_init_from(request.training.init_from)
     tracking = request.tracking
     tracker = Tracker(tracking.tracking_uri, tracking.experiment)
     tracker.check()
@@ -359,7 +415,13 @@ def _check_world(request: RunRequest, settled: SettledSettings, naming: Naming) 
         shard_bytes=settled.shard_bytes,
         val_shards=request.data.val_shards,
         refresh=settled.refresh,
+        accept_data_change=request.data.accept_data_change,
+        max_corpus_shrink=settled.data_limits.max_corpus_shrink,
+        max_new_char_share=settled.data_limits.max_new_char_share,
         resume=request.training.resume,
+        init_from=request.training.init_from,
+        vocab=request.training.vocab,
+        min_improvement=request.tracking.min_improvement,
         nproc=settled.nproc,
         train_engine=compute.train_engine,
         ray_address=compute.ray_address if compute.train_engine == "ray" else None,
@@ -379,6 +441,20 @@ def _check_world(request: RunRequest, settled: SettledSettings, naming: Naming) 
         timeout_seconds=settled.timeout_seconds,
         notify=settled.notify,
     )
+
+
+def _check_init_from(init_from: str | None) -> None:
+    """A checkpoint to start from exists (a registered version is looked up by the run, first)."""
+    if not init_from or init_from == "champion" or init_from.startswith("models:/"):
+        return
+    import storage
+
+    path = init_from if "://" in init_from else os.path.abspath(init_from)
+    if not storage.exists(path):
+        raise GptpipeError(
+            f"--init-from {init_from}: no such checkpoint; give champion, "
+            "models:/NAME/VERSION or the path of a ckpt.pt"
+        )
 
 
 def check_val_shards(source: str, val_shards: int, shard_bytes: int) -> None:
@@ -462,3 +538,16 @@ class SweepRequest(RunRequest):
             # a local cluster of one worker per parallel trial
             checked = replace(checked, workers=self.search.parallel)
         return checked
+
+
+def check_in_flow(request: RunRequest):
+    """`request.check(DEPLOYMENT)` as a Prefect task of the calling flow, named `check-request`:
+    a deployment's bad setting fails that task, so the run's alert names it as the stage that
+    failed (as it names `train` for a training that failed)."""
+    from prefect import task
+    from prefect.cache_policies import NO_CACHE
+
+    checking = task(name="check-request", retries=0, persist_result=False, cache_policy=NO_CACHE)(
+        lambda: request.check(DEPLOYMENT)
+    )
+    return checking()

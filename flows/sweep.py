@@ -35,6 +35,7 @@ from flows.request import (
     SweepRequest,
     TrackingSettings,
     TrainingSettings,
+    check_in_flow,
 )
 from model.config import config_from_dict
 from model.machine import usable_cores
@@ -250,7 +251,7 @@ def deployed_sweep(
         training=training,
         tracking=tracking,
     )
-    checked = request.check(DEPLOYMENT)
+    checked = check_in_flow(request)
     return with_task_runner(sweep, *checked.task_runner, checked.workers)(
         source=checked.source, plan=checked.plan, search=request.search
     )

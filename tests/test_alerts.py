@@ -100,13 +100,17 @@ def drain_prefect_workers() -> None:
     EventsWorker.drain_all(timeout=10)
 
 
-def assert_links(message: dict, env: dict[str, str]) -> None:
+def assert_links(message: dict, env: dict[str, str], *, mlflow: bool = True) -> None:
     """The flow run's page in the Prefect UI (the server's address less /api), the MLflow run
-    (sqlite: its id and the database); and every fact in the text as well."""
+    (sqlite: its id and the database; none for a run stopped by its checks, before any work);
+    and every fact in the text as well."""
     alert = message["alert"]
     ui = env["PREFECT_API_URL"].removesuffix("/api")
     assert alert["prefect_url"] == f"{ui}/runs/flow-run/{alert['flow_run_id']}"
-    assert re.fullmatch(r"run [0-9a-f]{32} at sqlite:///.*/mlflow\.db", alert["mlflow_run"])
+    if not mlflow:
+        assert alert["mlflow_run"] is None
+    else:
+        assert re.fullmatch(r"run [0-9a-f]{32} at sqlite:///.*/mlflow\.db", alert["mlflow_run"])
     for fact in ("error", "prefect_url", "mlflow_run", "flow_run", "flow_run_id"):
         assert alert[fact] is None or alert[fact] in message["text"], fact
 
@@ -150,12 +154,12 @@ from flows.nightly import nightly_retrain
 
 params = json.loads(sys.argv[1])
 store = params.pop("store")
-try:
-    nightly_retrain(**params, data={"source": sys.argv[2], "store": store},
-                    run_id="nightly-broken")
-except Exception as exc:
-    print("first run failed:", type(exc).__name__)
-nightly_retrain(**params, data={"source": sys.argv[3], "store": store}, run_id="nightly-good")
+for source, run_id in ((sys.argv[2], "nightly-broken"), (sys.argv[3], "nightly-binary")):
+    try:
+        nightly_retrain(**params, data={"source": source, "store": store}, run_id=run_id)
+    except Exception as exc:
+        print(run_id, "failed:", type(exc).__name__)
+nightly_retrain(**params, data={"source": sys.argv[4], "store": store}, run_id="nightly-good")
 """
 
 
@@ -166,6 +170,8 @@ def test_the_nightly_flow_reports_a_failed_subflow_once_and_a_new_champion(
     """Its pipeline runs as a subflow: the nightly run's hooks find the stage inside it."""
     empty = tmp_path / "empty.txt"
     empty.write_text("")
+    binary = tmp_path / "corpus.bin"  # not empty: past the request's check, into the pipeline
+    binary.write_bytes(bytes(range(256)) * 64)
     params = {
         "training": {
             "preset": "seed",
@@ -181,7 +187,13 @@ def test_the_nightly_flow_reports_a_failed_subflow_once_and_a_new_champion(
         "alerts": {"timeout_seconds": 600, "train_timeout_seconds": 300},
     }
     done = subprocess.run(
-        [sys.executable, "-c", NIGHTLY, json.dumps(params), str(empty), str(small_corpus)],
+        [
+            sys.executable,
+            "-c",
+            NIGHTLY,
+            json.dumps(params),
+            *map(str, (empty, binary, small_corpus)),
+        ],
         env={**env, "GPTPIPE_NOTIFY_URL": receiver.hook("nightly")},
         cwd=REPO,
         capture_output=True,
@@ -190,16 +202,23 @@ def test_the_nightly_flow_reports_a_failed_subflow_once_and_a_new_champion(
     )
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-6000:]
-    assert "first run failed: GptpipeError" in done.stdout
+    assert "nightly-broken failed: GptpipeError" in done.stdout
+    assert "nightly-binary failed: GptpipeError" in done.stdout
 
-    # one message per run: the failure (sent by the outermost flow only), then the champion
-    failed, champion = receiver.messages("/hooks/nightly")
-    assert len(receiver.posts) == 2
+    # one message per run: each failure (sent by the outermost flow only), then the champion
+    failed, not_text, champion = receiver.messages("/hooks/nightly")
+    assert len(receiver.posts) == 3
+    # a corpus that is not text stops the pipeline subflow before tokenizing (issue 26)
+    assert not_text["title"] == "gptpipe run nightly-binary failed at stage check-data"
+    assert not_text["alert"]["flow"] == "nightly-retrain"
+    assert "not text" in not_text["alert"]["error"], not_text["alert"]["error"]
+    assert len(list((tmp_path / "store").glob("datasets/tokenize-*"))) == 1  # the good night's
     alert = failed["alert"]
-    assert failed["title"] == "gptpipe run nightly-broken failed at stage plan-shards"
+    # the empty input is found by the run request's check, before any work (issue 27)
+    assert failed["title"] == "gptpipe run nightly-broken failed at stage check-request"
     assert (alert["run_id"], alert["stage"], alert["event"]) == (
         "nightly-broken",
-        "plan-shards",
+        "check-request",
         "failed",
     )
     assert alert["flow"] == "nightly-retrain"
@@ -209,8 +228,10 @@ def test_the_nightly_flow_reports_a_failed_subflow_once_and_a_new_champion(
     )
     assert "val loss" in champion["alert"]["model"]
     assert "no champion yet" in champion["alert"]["model"]
-    for message in (failed, champion):
-        assert_links(message, env)
+    assert_links(failed, env, mlflow=False)  # nothing was created for a run that never started
+    assert_links(not_text, env)
+    assert_links(champion, env)
+    for message in (failed, not_text, champion):
         assert_safe(message)
 
 

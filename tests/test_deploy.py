@@ -230,7 +230,7 @@ def test_gpu_deployment_runs_one_at_a_time_and_both_have_time_limits():
     gpu = deployments["nightly-retrain-gpu"]
     assert gpu["concurrency_limit"] == {"limit": 1, "collision_strategy": "ENQUEUE"}
     for deployment in deployments.values():
-        parameters = deployment["parameters"]
+        parameters = deployment["parameters"]["alerts"]
         for name in ("timeout_seconds", "train_timeout_seconds"):
             assert check_timeout(parameters[name], name=name) >= 3600, deployment["name"]
         assert parameters["train_timeout_seconds"] < parameters["timeout_seconds"]
