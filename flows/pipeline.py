@@ -32,7 +32,12 @@ from tasks.sample import sample
 from tasks.split import split
 from tasks.tokenize import SourceURL, reveal, tokenize
 from tasks.train import train
-from tasks.warm_start import WarmStart, resolve_warm_start
+from tasks.warm_start import (
+    CHAMPION_SOURCE,
+    WarmStart,
+    as_the_champion_started,
+    resolve_warm_start,
+)
 
 
 @flow(name="gptpipe-pipeline")
@@ -208,10 +213,20 @@ def check_tonights_data(source: str, plan: RunPlan, workspace: Workspace) -> Dat
     )
 
 
-def warm_start(plan: RunPlan, cfg: TrainConfig, workspace: Workspace) -> WarmStart | None:
-    """The weights (and tokenizer) tonight's training starts from; None: a fresh model."""
+def warm_start(
+    plan: RunPlan, cfg: TrainConfig, workspace: Workspace, data: DataCheckResult
+) -> WarmStart | None:
+    """The weights (and tokenizer) tonight's training starts from; None: a fresh model. From
+    the champion on the champion's own corpus: as the champion started (its results re-used)."""
     if plan.init_from is None:
         return None
+    if plan.init_from == CHAMPION_SOURCE and data.unchanged_since_champion:
+        same = as_the_champion_started(
+            workspace, plan.model_name, config=cfg.to_dict(), nproc=plan.nproc
+        )
+        if same is not None:
+            get_run_logger().info("warm start: %s", same.note)
+            return same
     return resolve_warm_start(
         workspace,
         plan.model_name,
@@ -228,7 +243,7 @@ def _stages(cfg: TrainConfig, source: str, *, workspace: Workspace, plan: RunPla
         prompt=plan.prompt, max_new_tokens=plan.sample_tokens, seed=cfg.seed
     )
     checked = check_tonights_data(source, plan, workspace)
-    warm = warm_start(plan, cfg, workspace)
+    warm = warm_start(plan, cfg, workspace, checked)
     tokenized, splits = tokenize_and_split(
         source, cfg, plan, workspace, base_tokenizer=warm.base_tokenizer if warm else None
     )

@@ -64,6 +64,11 @@ class DataCheckResult:
     def passed(self) -> bool:
         return not self.problems
 
+    @property
+    def unchanged_since_champion(self) -> bool:
+        """Tonight's corpus is byte for byte the one the champion was trained on."""
+        return self.champion_profile is not None and self.champion_profile == self.profile
+
     def to_dict(self) -> dict:
         return {**asdict(self), "problems": list(self.problems)}
 
@@ -183,11 +188,21 @@ def champion_profile_uri(workspace: Workspace, model_name: str) -> str | None:
 
 def _sha256_from_run(store: str, tags: dict) -> str | None:
     """``stages.data_check.corpus_sha256`` of the summary of the run that registered a version."""
+    try:
+        return run_summary(store, tags)["stages"]["data_check"]["corpus_sha256"]
+    except (KeyError, TypeError):  # no summary, or a run from before the data check
+        return None
+
+
+def run_summary(store: str, tags: dict) -> dict | None:
+    """The summary.json of the pipeline run that registered a version (its ``gptpipe.run_id``
+    tag), or None: a version a sweep registered, or a run whose summary is not in this store."""
     run_id = tags.get(RUN_TAG)
     uri = storage.join(store, "runs", run_id, "summary.json") if run_id else None
     if uri is None or not storage.exists(uri):
         return None
     try:
-        return json.loads(storage.get_bytes(uri))["stages"]["data_check"]["corpus_sha256"]
-    except (ValueError, KeyError, TypeError):  # not JSON, or a run from before the data check
+        summary = json.loads(storage.get_bytes(uri))
+    except ValueError:
         return None
+    return summary if isinstance(summary, dict) else None

@@ -230,3 +230,31 @@ def _tokenizer_beside(folder: str, ckpt: dict) -> Artifact:
     if not (storage.exists(uri) and storage.get_bytes(uri) == text):
         storage.put_bytes(uri, text)
     return Artifact.of(uri)
+
+
+def as_the_champion_started(
+    workspace: Workspace, model_name: str, *, config: dict, nproc: int
+) -> WarmStart | None:
+    """On a night whose corpus is the champion's own, "start from the champion" means "start as
+    the champion started": the same base tokenizer and starting weights (none, for a champion
+    trained from scratch), so that with the same config and ranks every stage's key is the
+    champion's and its results are re-used: the night costs seconds, no training and no new
+    version. None when the champion's run does not say how it started (a sweep's version, a run
+    of another store) or it was trained with other settings: then warm start as usual."""
+    from tasks.common import tracker_for
+    from tasks.data_check import run_summary
+    from tasks.registry import version_by_alias
+
+    tracker = tracker_for(workspace.tracking)
+    champion = version_by_alias(tracker, model_name) if tracker is not None else None
+    summary = run_summary(workspace.store, champion.tags) if champion is not None else None
+    if summary is None or summary.get("config") != config or summary.get("world_size") != nproc:
+        return None
+    started = summary.get("warm_start") or {}
+    init, base = started.get("init_from"), started.get("base_tokenizer")
+    return WarmStart(
+        init_from=InitFrom.from_dict(init) if init else None,
+        base_tokenizer=Artifact.from_dict(base) if base else None,
+        note=f"the corpus is the one champion v{champion.version} was trained on: starting as "
+        "it started, so its results are re-used",
+    )

@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 from tests.conftest import MLFLOW_SERVER_SECRET, run_cli, seed_preset
 
 TINY = seed_preset(max_iters=60, eval_interval=30, eval_iters=5, batch_size=16, log_interval=20)
-STAGES = {"tokenize", "split", "train", "evaluate", "sample"}
+STAGES = {"data_check", "tokenize", "split", "train", "evaluate", "sample"}
 
 
 def _env(cli_env: dict[str, str]) -> dict[str, str]:
