@@ -101,6 +101,10 @@ def register_model(
                 tags["val_bpb"] = f"{evaluated.val_bpb:.6f}"
             if evaluated.bpb_evaluation:
                 tags["bpb_evaluation"] = evaluated.bpb_evaluation
+            started = trained.summary.get("init_from")  # a warm start's checkpoint, else none
+            tags["init_from"] = started["label"] if started else "none (a fresh model)"
+            if started:
+                tags["init_from_sha256"] = started["sha256"]
             model_uri = trained.model_uri
             if model_uri is None:
                 # a training re-used from the cache logged no model: log it now, into its own run,

@@ -161,10 +161,13 @@ def test_a_week_of_nights_on_a_changing_corpus(corpus_path, cli_env, receiver, t
 
     # the champion's history and what each version carries
     client = MlflowClient(tracking_uri)
-    versions = {v.version: v for v in client.search_model_versions("name='gptpipe-week'")}
+    versions = {str(v.version): v for v in client.search_model_versions("name='gptpipe-week'")}
     assert len(versions) == 4  # n1, n2, n3, n6: the truncated night and the unchanged one add none
     for version in versions.values():
         assert float(version.tags["val_bpb"]) > 0
+    assert versions["1"].tags["init_from"] == "none (a fresh model)"
+    assert versions["2"].tags["init_from"].endswith("/1")
+    assert versions["2"].tags["init_from_sha256"] == first_checkpoint
     assert champion_version(tracking_uri) in {"2", "3"}
 
     # the alerts: a new champion, each time it moved, and one for the truncated night
