@@ -21,7 +21,7 @@ from pathlib import Path
 from bench.common import alternate, median, prepared, timed_run_sets
 from bench.vs_nanogpt import ours_tokens_per_sec, prepare_ours
 from model.config import build_config
-from model.launch import launch_ray_training, launch_training
+from model.launch import Listeners, launch_ray_training, launch_training
 from model.launch.ray import connect, import_ray
 from model.machine import cpu_description, usable_cores
 
@@ -44,7 +44,7 @@ def main() -> None:
     def side(name: str, launch):
         def run() -> None:
             lines: list[str] = []
-            launch(cfg, str(work / name), inputs=data, nproc=2, on_line=lines.append)
+            launch(cfg, str(work / name), inputs=data, nproc=2, listeners=Listeners(lines.append))
             rates[name].append(ours_tokens_per_sec("\n".join(lines)))
 
         return run

@@ -31,7 +31,7 @@ from tasks.results import (
 from tasks.sample import sample
 from tasks.split import split
 from tasks.tokenize import SourceURL, reveal, tokenize
-from tasks.train import train
+from tasks.train import Placement, train
 from tasks.warm_start import (
     CHAMPION_SOURCE,
     WarmStart,
@@ -253,10 +253,10 @@ def _stages(cfg: TrainConfig, source: str, *, workspace: Workspace, plan: RunPla
         splits,
         workspace=workspace,
         tokenizer=tokenized.tokenizer,
-        nproc=plan.nproc,
+        placement=Placement(
+            nproc=plan.nproc, engine=plan.train_engine, ray_address=plan.ray_address
+        ),
         resume=plan.resume,
-        engine=plan.train_engine,
-        ray_address=plan.ray_address,
         init_from=warm.init_from if warm else None,
     )
     evaluated = evaluate(

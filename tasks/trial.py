@@ -20,7 +20,7 @@ from tasks.common import tracker_for
 from tasks.evaluate import evaluate
 from tasks.results import Artifact, Pruned, SplitResult, Workspace
 from tasks.study import StudyRef, TrialRef
-from tasks.train import train
+from tasks.train import Placement, train
 
 COMPLETE, PRUNED, FAILED = "complete", "pruned", "failed"
 # the trial's MLflow run ends so: a pruned trial was stopped on purpose
@@ -92,9 +92,8 @@ def run_trial(
             splits,
             workspace=workspace,
             tokenizer=tokenizer,
-            nproc=nproc,
+            placement=Placement(nproc=nproc, gpus=spec.gpus),
             pruning=TrialRef(study, spec.number, spec.trial_id),
-            gpus=spec.gpus,
             return_state=True,
         ).result()
         if isinstance(trained, Pruned):

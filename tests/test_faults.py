@@ -11,7 +11,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from bench.common import train_cli
-from model.launch import RUN_ID_ENV
+from model.launch import RUN_ID_ENV, Listeners
 from storage.tracking import Tracker
 from tests.conftest import launch_on
 from tests.fixtures_s3 import FaultyProxy
@@ -114,8 +114,7 @@ def test_forwarded_tracking_goes_on_while_mlflow_is_away(
             char_dataset,
             tmp_path / "out",
             CONFIG,
-            on_line=on_line,
-            mlflow_run=(proxy.url, run_id),
+            listeners=Listeners(on_line=on_line, mlflow_run=(proxy.url, run_id)),
         )
         seconds = time.monotonic() - start
         assert proxy.failed, "the outage must have hit some requests"

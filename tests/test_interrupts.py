@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from model.launch import Listeners
 from tests.conftest import descendants, launch_on, seed_preset
 
 # 600 steps of the tiny model: the signal comes at the first checkpoint (step 100), the
@@ -308,11 +309,17 @@ def test_resume_with_nothing_to_resume_says_so_and_done_counts_this_process_step
     }
     out = tmp_path / "train"
     lines: list[str] = []
-    launch_on(char_dataset, out, config, resume=True, on_line=lines.append)
+    launch_on(char_dataset, out, config, resume=True, listeners=Listeners(on_line=lines.append))
     assert f"nothing to resume in {out / 'ckpt.pt'}: training from step 0" in lines, lines
     assert any(line.startswith("done: 20 steps in ") for line in lines), lines
 
     lines.clear()
-    launch_on(char_dataset, out, {**config, "max_iters": 30}, resume=True, on_line=lines.append)
+    launch_on(
+        char_dataset,
+        out,
+        {**config, "max_iters": 30},
+        resume=True,
+        listeners=Listeners(on_line=lines.append),
+    )
     assert f"resumed from step 20 ({out / 'ckpt.pt'})" in lines, lines
     assert any(line.startswith("done: 10 steps (from step 20 to 30) in ") for line in lines), lines

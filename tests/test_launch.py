@@ -9,6 +9,7 @@ import pytest
 
 from model.launch import (
     Evaluation,
+    Listeners,
     RankOutput,
     TrainingStopped,
     evaluation_line,
@@ -73,8 +74,7 @@ def test_on_eval_gets_every_evaluation_of_the_summary_as_it_is(char_dataset, tmp
         char_dataset,
         tmp_path / "out",
         CONFIG,
-        on_line=lines.append,
-        on_eval=lambda e: seen.append(e) or False,
+        listeners=Listeners(on_line=lines.append, on_eval=lambda e: seen.append(e) or False),
     )
     history = [Evaluation(h["step"], h["train_loss"], h["val_loss"]) for h in summary["history"]]
     assert [e.step for e in history] == [0, 10, 20, 30]
@@ -112,8 +112,10 @@ def test_the_pruner_stops_a_training_whose_log_line_says_no_loss(char_dataset, t
             char_dataset,
             tmp_path / "out",
             CONFIG,
-            on_line=lines.append,
-            on_eval=TrialRef(ref, trial.number, trial._trial_id).reporter(),
+            listeners=Listeners(
+                on_line=lines.append,
+                on_eval=TrialRef(ref, trial.number, trial._trial_id).reporter(),
+            ),
             extra_env={"PYTHONPATH": path},
         )
     assert "evaluated at step 0" in lines and not [x for x in lines if "val loss" in x], lines

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from model.checkpoint import load_checkpoint
-from model.launch import ONE_NODE, Rendezvous, train_command
+from model.launch import ONE_NODE, Listeners, Rendezvous, train_command
 from storage.errors import GptpipeError
 from tests.conftest import free_port, launch_on
 from tests.test_ddp import BASE  # the same tiny config
@@ -39,7 +39,14 @@ def launch(
     rendezvous: Rendezvous = ONE_NODE,
 ):
     config = {**BASE, "batch_size": batch_size}
-    return launch_on(data, out, config, on_line=lines.append, extra_env=ENV, rendezvous=rendezvous)
+    return launch_on(
+        data,
+        out,
+        config,
+        listeners=Listeners(on_line=lines.append),
+        extra_env=ENV,
+        rendezvous=rendezvous,
+    )
 
 
 def run_two_nodes(data: dict[str, str], outs: tuple[Path, Path], backend: str) -> list[dict]:

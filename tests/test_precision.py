@@ -12,6 +12,7 @@ import torch
 
 import model.precision as precision
 from model.config import build_config
+from model.launch import Listeners
 from model.machine import MachineCache, Peak, cpu_bf16_units
 from model.precision import ProbeResult, plan_probe, probe_speeds, resolve_precision
 from storage.errors import GptpipeError
@@ -259,8 +260,7 @@ def test_the_resolved_precision_and_the_mfu_peak_reach_mlflow(char_dataset, tmp_
         char_dataset,
         tmp_path / "out",
         SHORT,
-        on_line=lines.append,
-        mlflow_run=(uri, run_id),
+        listeners=Listeners(on_line=lines.append, mlflow_run=(uri, run_id)),
     )
     params = MlflowClient(uri).get_run(run_id).data.params
     # 3 steps never pay for a probe: float32 on every CPU, with the reason why

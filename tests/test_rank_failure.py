@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from bench.common import train_cli
+from model.launch import Listeners
 from tests.conftest import launch_on
 from tests.test_ddp import BASE
 
@@ -102,7 +103,7 @@ def test_launcher_stops_the_training_when_reading_its_output_fails(char_dataset,
             char_dataset,
             tmp_path / "out",
             config,
-            on_line=on_line,
+            listeners=Listeners(on_line=on_line),
         )
     assert time.monotonic() - start < 60
     assert _training_children() == []

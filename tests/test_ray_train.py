@@ -21,6 +21,7 @@ import pytest
 from bench.common import prepared
 from model.checkpoint import load_checkpoint
 from model.config import config_from_dict
+from model.launch import Listeners
 from storage.errors import GptpipeError
 from tests.conftest import free_port, run_cli, seed_preset
 from tests.test_cli_errors import assert_clean_error
@@ -133,8 +134,7 @@ def uninterrupted(ray_cluster, char_dataset, tmp_path_factory) -> dict:
         char_dataset,
         tmp / "ray",
         ray_cluster["address"],
-        on_line=lines.append,
-        mlflow_run=mlflow_run,
+        listeners=Listeners(on_line=lines.append, mlflow_run=mlflow_run),
     )
     torchrun = torchrun_train(char_dataset, tmp / "torchrun", nproc=2, **CONFIG)
     return {"ray": ray, "torchrun": torchrun, "lines": lines, "mlflow_run": mlflow_run}
@@ -204,8 +204,7 @@ def test_a_killed_worker_is_restarted_from_the_checkpoint(
         char_dataset,
         tmp_path / "out",
         ray_cluster["address"],
-        on_line=on_line,
-        mlflow_run=mlflow_run,
+        listeners=Listeners(on_line=on_line, mlflow_run=mlflow_run),
     )
     assert killed, "no worker was killed"
     resumed = [line for line in lines if line.startswith("resumed from step")]

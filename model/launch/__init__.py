@@ -2,7 +2,8 @@
 other, and the lifeline that ends a training with the process that started it.
 
 - torchrun: `launch_training` (`python -m model.train` for one rank, torchrun for more),
-  `Rendezvous` (several nodes), `train_command`, `resolve_nproc`, `check_nproc`
+  `Rendezvous` (several nodes), `Listeners` (who hears rank 0, for either launcher),
+  `train_command`, `resolve_nproc`, `check_nproc`
 - ray: `launch_ray_training` (Ray Train workers on a cluster), `check_train_engine`
 - protocol: the lines rank 0 prints for its launcher: tracking calls (`LineRun`, `parse_line`)
   and evaluations (`Evaluation`, `evaluation_line`, `parse_evaluation`)
@@ -19,8 +20,10 @@ The names below are imported from their modules on first use: a training process
 from __future__ import annotations
 
 _TORCHRUN = (
+    "Listeners",
     "ONE_NODE",
     "Rendezvous",
+    "TO_STDOUT",
     "check_nproc",
     "launch_training",
     "resolve_nproc",

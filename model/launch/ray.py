@@ -26,7 +26,6 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -34,9 +33,9 @@ import torch
 import storage
 from model import dist
 from model.config import TrainConfig, config_from_dict
-from model.launch.protocol import LINE_MARK, Evaluation, parse_line
+from model.launch.protocol import LINE_MARK, parse_line
 from model.launch.reader import RankOutput
-from model.launch.sender import TrainingRun
+from model.launch.torchrun import TO_STDOUT, Listeners
 from model.machine import usable_cores
 from model.train import SUMMARY_NAME, TrainingData, train
 from storage.errors import GptpipeError, first_line
@@ -230,9 +229,7 @@ def launch_ray_training(
     nproc: int = 1,
     address: str | None = None,
     resume: bool = False,
-    on_line: Callable[[str], None] = print,
-    mlflow_run: tuple[str, str] | None = None,
-    on_eval: Callable[[Evaluation], bool] | None = None,
+    listeners: Listeners = TO_STDOUT,
     max_failures: int = MAX_FAILURES,
 ) -> dict:
     """Run training in nproc Ray Train workers to the end; return its summary (as
@@ -240,10 +237,10 @@ def launch_ray_training(
 
     address: a running cluster (HOST:PORT, ray://HOST:PORT), or None for a local cluster of
     this machine, started here for this training and stopped after it (which also stops a
-    training that on_line or on_eval ended early; on a cluster this process did not connect to
-    itself, e.g. prefect-ray's, such a training runs on to its end). The workers need
-    gptpipe installed (the same version); the store's credentials (`FORWARDED_ENV_PREFIXES`)
-    are passed on in their runtime environment.
+    training that ``listeners.on_line`` or ``on_eval`` ended early; on a cluster this process
+    did not connect to itself, e.g. prefect-ray's, such a training runs on to its end). The
+    workers need gptpipe installed (the same version); the store's credentials
+    (`FORWARDED_ENV_PREFIXES`) are passed on in their runtime environment.
     """
     ray = import_ray()
     from ray.train import FailureConfig, RunConfig, ScalingConfig
@@ -256,7 +253,7 @@ def launch_ray_training(
         where = f"the Ray cluster at {address}" if address else "the local Ray cluster"
         use_gpu = plan_workers(nproc, cfg.device, ray.cluster_resources(), where)
         relay = ray.remote(num_cpus=0)(_Relay).remote()
-        run = TrainingRun(*mlflow_run) if mlflow_run else None
+        run = listeners.training_run()
         spec = {
             "config": cfg.to_dict(),
             "out": out_uri,
@@ -278,7 +275,7 @@ def launch_ray_training(
             ),
         )
         try:
-            _fit_relaying(trainer, relay, RankOutput(run, on_line, on_eval))
+            _fit_relaying(trainer, relay, listeners.output(run))
         finally:
             if run is not None:
                 run.close()  # what is still queued, and metrics that failed, are sent now

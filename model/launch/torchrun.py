@@ -120,6 +120,29 @@ def train_command(nproc: int, rendezvous: Rendezvous = ONE_NODE) -> list[str]:
     return [*torchrun, "--standalone", *entry]
 
 
+@dataclass(frozen=True)
+class Listeners:
+    """Who hears a training's rank 0, for either launcher: each output line (``on_line``), the
+    MLflow run its tracking calls go to (``mlflow_run``: tracking URI, run id; None: not
+    tracked) and its evaluations (``on_eval``: True stops the training). They travel together
+    from the train stage to `model.launch.reader.RankOutput`."""
+
+    on_line: Callable[[str], None] = print
+    mlflow_run: tuple[str, str] | None = None
+    on_eval: Callable[[Evaluation], bool] | None = None
+
+    def training_run(self) -> TrainingRun | None:
+        """The background sender of rank 0's tracking calls to ``mlflow_run``, if there is one."""
+        return TrainingRun(*self.mlflow_run) if self.mlflow_run else None
+
+    def output(self, run: TrainingRun | None) -> RankOutput:
+        """The reader of rank 0's output that hands it to these listeners (and to ``run``)."""
+        return RankOutput(run, self.on_line, self.on_eval)
+
+
+TO_STDOUT = Listeners()
+
+
 def launch_training(
     cfg: TrainConfig,
     out_uri: str,
@@ -127,32 +150,31 @@ def launch_training(
     inputs: TrainingData,
     nproc: int = 1,
     resume: bool = False,
-    on_line: Callable[[str], None] = print,
+    listeners: Listeners = TO_STDOUT,
     extra_env: dict[str, str] | None = None,
     rendezvous: Rendezvous = ONE_NODE,
-    mlflow_run: tuple[str, str] | None = None,
-    on_eval: Callable[[Evaluation], bool] | None = None,
 ) -> dict:
-    """Run training to the end, passing each output line to on_line; return its summary.
+    """Run training to the end, passing each output line to ``listeners.on_line``; return its
+    summary.
 
-    on_eval(evaluation) is called at each of the training's evaluations (rank 0's
+    ``listeners.on_eval(evaluation)`` is called at each of the training's evaluations (rank 0's
     `model.launch.protocol.Evaluation` messages); when it returns True the training is stopped
     and `TrainingStopped` raised (a sweep prunes a trial so).
 
-    mlflow_run: (tracking URI, run id) of the MLflow run to log training into. Rank 0 is then
-    told (`--track-stdout`) to print its tracking calls (`model.launch.protocol.LineRun`) and
-    this process sends them, from a thread (training never waits on MLflow), so the training
-    processes need not load MLflow. After the training this waits on MLflow
-    `model.launch.sender.CLOSE_TIMEOUT_S` (60 s) at most.
+    ``listeners.mlflow_run``: (tracking URI, run id) of the MLflow run to log training into.
+    Rank 0 is then told (`--track-stdout`) to print its tracking calls
+    (`model.launch.protocol.LineRun`) and this process sends them, from a thread (training never
+    waits on MLflow), so the training processes need not load MLflow. After the training this
+    waits on MLflow `model.launch.sender.CLOSE_TIMEOUT_S` (60 s) at most.
 
-    If reading the training's output fails (on_line raises, Ctrl-C, SIGTERM), the training is
-    stopped rather than waited for; its last checkpoint stays. If this process is killed, the
+    If reading the training's output fails (``on_line`` raises, Ctrl-C, SIGTERM), the training
+    is stopped rather than waited for; its last checkpoint stays. If this process is killed, the
     training gets SIGTERM (on Linux: `model.launch.lifeline`) instead of going on orphaned.
 
     With several nodes (`Rendezvous`), call this on every node (same arguments but the node_rank);
-    out_uri should be a
-    store every node reaches (s3://, a shared filesystem): global rank 0 writes the checkpoint and
-    the summary there. A node that cannot see them returns {"node_rank": R} only.
+    out_uri should be a store every node reaches (s3://, a shared filesystem): global rank 0
+    writes the checkpoint and the summary there. A node that cannot see them returns
+    {"node_rank": R} only.
     """
     check_nproc(nproc, cfg.device)
     cmd = [
@@ -164,10 +186,10 @@ def launch_training(
     if resume:
         cmd.append("--resume")
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(extra_env or {})}
-    run = TrainingRun(*mlflow_run) if mlflow_run else None
+    run = listeners.training_run()
     if run is not None:
         cmd.append(TRACK_STDOUT_ARG)  # rank 0 prints its calls; output hands them to run
-    output = RankOutput(run, on_line, on_eval)
+    output = listeners.output(run)
     try:
         with subprocess.Popen(
             cmd,
