@@ -107,6 +107,7 @@ def test_deployments_point_at_a_real_flow_and_take_its_parameters():
         request = RunRequest.of(DEPLOYMENT, **deployment["parameters"])
         request.check_settings(DEPLOYMENT)
         assert request.alerts.timeout_seconds == 6 * 3600, name
+        assert request.training.init_from == "champion", name  # nightly warm starts
         schedule = deployment["schedules"][0]
         assert (schedule["cron"], schedule["timezone"]) == ("0 2 * * *", "UTC")
     assert deployments["nightly-retrain"]["work_pool"]["name"] == "local"

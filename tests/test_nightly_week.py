@@ -109,6 +109,10 @@ def test_a_week_of_nights_on_a_changing_corpus(corpus_path, cli_env, receiver, t
     }
     assert list(results) == [night["name"] for night in nights], output[-4000:]
     summary = {name: r.get("summary") for name, r in results.items()}
+    for name, r in results.items():  # shown with -s: what each night cost and decided
+        s = r.get("summary") or {}
+        decided = s.get("model", {}).get("reason") or r.get("error", "")[:100]
+        print(f"{name:<18} {r['seconds']:6.1f} s  cached {s.get('cached')}  {decided}")
     model = {name: s["model"] for name, s in summary.items() if s is not None}
 
     # night 1: nothing to start from (a cold start), the first champion
