@@ -344,56 +344,27 @@ def _quiet_user_errors() -> None:
         logging.getLogger(name).addFilter(DropTraceback())
 
 
-def run_request(args: argparse.Namespace):
-    """The command line as a run request (flows.request): argv -> request -> check -> flow."""
-    from flows.request import RunRequest
+def run_request(args: argparse.Namespace, request_type=None, **given):
+    """The command line as a run request (flows.request): argv -> request -> check -> flow.
 
-    refresh = getattr(args, "refresh", [])
-    return RunRequest.of(
-        data={
-            "source": args.input,
-            "store": args.store,
-            "shard_size": args.shard_size,
-            "val_shards": getattr(args, "val_shards", 0),
-            "refresh": ["tokenize"] if refresh is True else (refresh or []),
-            "accept_data_change": getattr(args, "accept_data_change", False),
-            "max_corpus_shrink": getattr(args, "max_corpus_shrink", 0.5),
-            "max_new_char_share": getattr(args, "max_new_char_share", 0.1),
-        },
-        compute={
-            "nproc": getattr(args, "nproc", "1"),
-            "train_engine": getattr(args, "train_engine", "torchrun"),
-            "task_runner": args.task_runner,
-            "workers": args.workers,
-            "dask_address": args.dask_address,
-            "ray_address": args.ray_address,
-        },
-        training={
-            "preset": args.preset,
-            "config_file": args.config,
-            "overrides": args.set,
-            "resume": getattr(args, "resume", False),
-            "init_from": getattr(args, "init_from", None),
-            "vocab": getattr(args, "vocab", "keep"),
-        },
-        tracking={
-            "tracking_uri": getattr(args, "tracking_uri", None),
-            "experiment": getattr(args, "experiment", "gptpipe"),
-            "model_name": getattr(args, "model_name", None),
-            "min_improvement": getattr(args, "min_improvement", None),
-        },
-        sampling={
-            "prompt": getattr(args, "prompt", ""),
-            "sample_tokens": getattr(args, "sample_tokens", 500),
-        },
-        # the command line has no limits unless given
-        alerts={
-            "notify": getattr(args, "notify", None),
-            "timeout_seconds": getattr(args, "timeout", None),
-            "train_timeout_seconds": getattr(args, "train_timeout", None),
-        },
-        run_id=getattr(args, "run_id", None),
-    )
+    Every setting whose flag (`flows.request.FLAGS`) this command has is taken from it, by the
+    flag's name; ``given`` holds sections (or values) the command sets itself. A setting the
+    command has no flag for keeps the request's default."""
+    from flows.request import FLAGS, RunRequest
+
+    values: dict = {}
+    for path, flag in FLAGS.items():
+        dest = flag.removeprefix("--").replace("-", "_")
+        if path == "search.space" or not hasattr(args, dest):
+            continue  # the space is a file: the sweep command reads it
+        section, _, name = path.rpartition(".")
+        (values.setdefault(section, {}) if section else values)[name] = getattr(args, dest)
+    refresh = values.get("data", {}).get("refresh")
+    if isinstance(refresh, bool):  # `gptpipe tokenize --refresh`: its one stage
+        values["data"]["refresh"] = ["tokenize"] if refresh else []
+    for key, value in given.items():
+        values[key] = {**values.get(key, {}), **value} if isinstance(value, dict) else value
+    return (request_type or RunRequest).of(**values)
 
 
 def _settle_and_boot(request):
@@ -533,7 +504,7 @@ def _timed_out(exc: TimeoutError, args: argparse.Namespace) -> str:
 
 
 def cmd_tokenize(args: argparse.Namespace) -> int:
-    request = run_request(args)
+    request = run_request(args, alerts={"notify": ""})  # tokenizing alone sends no alerts
     settled, prefect_server = _settle_and_boot(request)
     request.check_data(settled=settled)
     from flows.tokenize_corpus import tokenize_corpus
@@ -567,17 +538,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from flows.request import SweepRequest
     from model.config import read_yaml_mapping
 
-    request = SweepRequest.of(
-        **run_request(args).model_dump(exclude={"alerts", "sampling", "run_id"}),
-        alerts={"timeout_seconds": None, "train_timeout_seconds": None},
-        search={
-            "space": read_yaml_mapping(Path(args.space), "--space"),
-            "space_file": args.space,
-            "trials": args.trials,
-            "parallel": args.parallel,
-            "name": args.name,
-            "study_storage": args.study_storage,
-        },
+    request = run_request(
+        args,
+        SweepRequest,
+        search={"space": read_yaml_mapping(Path(args.space), "--space"), "space_file": args.space},
     )
     settled, prefect_server = _settle_and_boot(request)
     checked = request.check(settled=settled)
