@@ -122,12 +122,12 @@ def _cut_shard(shard: dict, at: int, folder: str) -> tuple[dict, dict]:
 
 
 def _split_by_shards(shards, val_shards, block_size):
-    if isinstance(val_shards, bool) or not isinstance(val_shards, int) or val_shards < 0:
-        raise GptpipeError(f"--val-shards must be a whole number >= 0, got {val_shards!r}")
+    # the run request checked the value, and the count for a file, folder or s3:// source
+    # (flows.request.check_val_shards); an http(s) source's shards are known only now
     if val_shards >= len(shards):
         raise GptpipeError(
-            f"--val-shards {val_shards}: the dataset has {len(shards)} shard(s) and training "
-            "needs at least one; use fewer val shards, a smaller --shard-size, or val_fraction"
+            f"val_shards {val_shards}: the dataset has {len(shards)} shard(s) and training "
+            "needs at least one; use fewer val shards, a smaller shard size, or val_fraction"
         )
     train, val = shards[:-val_shards], shards[-val_shards:]
     for side, entries in (("train", train), ("validation", val)):
