@@ -403,10 +403,10 @@ def _check_world(request: RunRequest, settled: SettledSettings, naming: Naming) 
                 f"--run-id {run_id}: the store already has a finished run of that name "
                 f"({finished}); choose another --run-id so that its outputs are kept"
             )
-    _check_init_from(request.training.init_from)
     tracking = request.tracking
     tracker = Tracker(tracking.tracking_uri, tracking.experiment)
     tracker.check()
+    _check_init_from(request.training.init_from, tracker)
     cfg, compute = settled.config, request.compute
     plan = RunPlan(
         source=redact(settled.source),
@@ -443,9 +443,14 @@ def _check_world(request: RunRequest, settled: SettledSettings, naming: Naming) 
     )
 
 
-def _check_init_from(init_from: str | None) -> None:
-    """A checkpoint to start from exists (a registered version is looked up by the run, first)."""
-    if not init_from or init_from == "champion" or init_from.startswith("models:/"):
+def _check_init_from(init_from: str | None, tracker) -> None:
+    """What a warm start begins from exists: a registered version, or a checkpoint file."""
+    if not init_from or init_from == "champion":  # no champion yet: a cold start, said so
+        return
+    if init_from.startswith("models:/"):
+        from tasks.warm_start import registered_version
+
+        registered_version(tracker, init_from)
         return
     import storage
 

@@ -29,6 +29,7 @@ import storage
 from model.checkpoint import CHECKPOINT_NAME, InitFrom, checkpoint_from_bytes
 from model.tokenizer import tokenizer_from_json
 from storage.errors import GptpipeError, first_line
+from storage.tracking import redact
 from tasks.results import Artifact, Workspace
 
 __all__ = ["CHAMPION_SOURCE", "VOCAB_CHOICES", "InitFrom", "WarmStart", "resolve_warm_start"]
@@ -152,32 +153,38 @@ def _champion(
 
 def _registered(workspace: Workspace, uri: str) -> tuple[InitFrom, Artifact]:
     """models:/NAME/VERSION or models:/NAME@ALIAS: that version's checkpoint and tokenizer."""
+    tracker = _tracker(workspace)
+    if tracker is None:
+        raise GptpipeError(f"init_from {uri} needs MLflow tracking (a tracking URI)")
+    version = registered_version(tracker, uri)
+    return _fetch_version(workspace, tracker, version.name, version)
+
+
+def registered_version(tracker, uri: str):
+    """The registered version ``uri`` (models:/NAME/VERSION or models:/NAME@ALIAS) names; one
+    line when it is not one or does not exist (the run request checks this before any work)."""
+    import mlflow
+
+    from tasks.registry import version_by_alias
+
     match = _VERSION_URI.match(uri)
     if match is None:
         raise GptpipeError(
             f"init_from {uri}: not a model version; use models:/NAME/VERSION or models:/NAME@ALIAS"
         )
-    tracker = _tracker(workspace)
-    if tracker is None:
-        raise GptpipeError(f"init_from {uri} needs MLflow tracking (a tracking URI)")
-    import mlflow
-
-    from tasks.registry import version_by_alias
-
     name = match["name"]
     if match["alias"]:
         version = version_by_alias(tracker, name, match["alias"])
         if version is None:
             raise GptpipeError(f"init_from {uri}: model {name} has no version @{match['alias']}")
-    else:
-        try:
-            version = tracker.client.get_model_version(name, match["version"])
-        except mlflow.exceptions.MlflowException:
-            raise GptpipeError(
-                f"init_from {uri}: model {name} has no version {match['version']} "
-                f"in {workspace.tracking.uri}"
-            ) from None
-    return _fetch_version(workspace, tracker, name, version)
+        return version
+    try:
+        return tracker.client.get_model_version(name, match["version"])
+    except mlflow.exceptions.MlflowException:
+        raise GptpipeError(
+            f"init_from {uri}: model {name} has no version {match['version']} "
+            f"in {redact(tracker.tracking_uri)}"
+        ) from None
 
 
 def _fetch_version(workspace: Workspace, tracker, name: str, version) -> tuple[InitFrom, Artifact]:

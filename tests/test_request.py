@@ -176,3 +176,32 @@ def test_a_sweep_request_checks_its_search_before_any_work(tmp_path, monkeypatch
     )
     assert error_of(wrong_space.check_settings).startswith("--space s.yaml")
     assert not list(Path(tmp_path).iterdir())
+
+
+def test_what_a_warm_start_begins_from_is_checked_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("hello world\n" * 100)
+    tracking = {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+
+    def check(init_from: str, naming=COMMAND_LINE):
+        return request(
+            data={"source": str(corpus), "store": "out"},
+            training={"preset": "seed", "init_from": init_from},
+            tracking=tracking,
+        ).check(naming)
+
+    missing = error_of(lambda: check("nowhere/ckpt.pt"))
+    assert missing.startswith("--init-from nowhere/ckpt.pt: no such checkpoint"), missing
+    deployed = error_of(lambda: check("nowhere/ckpt.pt", DEPLOYMENT))
+    assert deployed.startswith("training.init_from nowhere/ckpt.pt: no such checkpoint")
+    assert "has no version 7" in error_of(lambda: check("models:/gptpipe-corpus-char/7"))
+    assert "not a model version" in error_of(lambda: check("models:/just-a-name"))
+    out = tmp_path / "out"  # the store: checked writable, nothing left in it
+    assert not out.exists() or not list(out.iterdir())
+    assert check("champion").plan.init_from == "champion"  # none yet: a cold start, said so
+    bad = {"data": {"source": str(corpus)}, "training": {"init_from": "champion"}}
+    ray = error_of(lambda: request(**bad, compute={"train_engine": "ray"}).check_settings())
+    assert ray.startswith("--init-from trains with --train-engine torchrun only"), ray
+    gate = error_of(lambda: request(tracking={"min_improvement": -1}).check_settings(DEPLOYMENT))
+    assert gate.startswith("tracking.min_improvement must be"), gate
