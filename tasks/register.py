@@ -72,7 +72,50 @@ def register_model(
     logger = _logger()
     with _one_registration_at_a_time(workspace, name, logger.info):
         tracker = tracker_for(workspace.tracking)
-        val_loss = evaluated.val_loss
+        new = _Candidate.of(trained, evaluated, splits, tokenizer)
+        version = version_of_checkpoint(tracker, name, trained.checkpoint.sha256)
+        reused = version is not None
+        if reused:
+            logger.info("%s version %s is this checkpoint already: re-using it", name, version)
+        else:
+            version = _register_new_version(tracker, name, new, run_id)
+        if trained.mlflow_run_id:  # the train run links the version, new or re-used
+            tracker.client.set_tag(
+                trained.mlflow_run_id, "gptpipe.model_version", f"{name}/{version}"
+            )
+            tracker.client.set_tag(
+                trained.mlflow_run_id, "gptpipe.model_version_reused", str(reused)
+            )
+        verdict = _versus_champion(
+            tracker, name, version, workspace=workspace, new=new, min_improvement=min_improvement
+        )
+        alias = _record_verdict(tracker, name, version, verdict)
+        moved = f" -> {alias}" if alias else ""
+        said = "re-used" if reused else "registered"
+        logger.info("%s %s version %s; %s%s", said, name, version, verdict.reason, moved)
+        return _result(name, version, verdict, reused=reused, val_bpb=evaluated.val_bpb)
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    """This run's model, up for registration, and what it was measured on: the stage results
+    the registration and the comparison with the champion read. ``evaluation`` describes how its
+    val loss was measured (a version tag: the champion's val loss counts only if it matches)."""
+
+    trained: TrainResult
+    evaluated: EvaluateResult
+    splits: SplitResult
+    tokenizer: Artifact
+    evaluation: str
+
+    @classmethod
+    def of(
+        cls,
+        trained: TrainResult,
+        evaluated: EvaluateResult,
+        splits: SplitResult,
+        tokenizer: Artifact,
+    ) -> _Candidate:
         evaluation = json.dumps(
             {
                 "val_sha256": splits.val.sha256,
@@ -84,91 +127,88 @@ def register_model(
             },
             sort_keys=True,
         )
-        checkpoint_sha256 = trained.checkpoint.sha256
-        version = version_of_checkpoint(tracker, name, checkpoint_sha256)
-        reused = version is not None
-        if reused:
-            logger.info("%s version %s is this checkpoint already: re-using it", name, version)
-        else:
-            tags = {
-                "val_loss": f"{val_loss:.6f}",
-                "val_sha256": splits.val.sha256,
-                "evaluation": evaluation,
-                "gptpipe.run_id": run_id,
-                CHECKPOINT_TAG: checkpoint_sha256,
-            }
-            if evaluated.val_bpb is not None:
-                tags["val_bpb"] = f"{evaluated.val_bpb:.6f}"
-            if evaluated.bpb_evaluation:
-                tags["bpb_evaluation"] = evaluated.bpb_evaluation
-            started = trained.summary.get("init_from")  # a warm start's checkpoint, else none
-            tags["init_from"] = started["label"] if started else "none (a fresh model)"
-            if started:
-                tags["init_from_sha256"] = started["sha256"]
-            model_uri = trained.model_uri
-            if model_uri is None:
-                # a training re-used from the cache logged no model: log it now, into its own run,
-                # which trained nothing and so gives the model no val_loss: it gets this one
-                model_uri = log_checkpoint_model(
-                    tracker, trained.mlflow_run_id, trained.checkpoint.uri, step=trained.step
-                )
-                loss_run = evaluated.mlflow_run_id or trained.mlflow_run_id
-                if loss_run:
-                    link_val_loss(tracker, model_uri, loss_run, val_loss)
-            metric_run = evaluated.mlflow_run_id or trained.mlflow_run_id
-            if evaluated.val_bpb is not None and metric_run:  # the logged model's val_bpb
-                link_metric(tracker, model_uri, metric_run, VAL_BPB, evaluated.val_bpb)
-            version = register(tracker, name, model_uri, tags=tags)
-        if trained.mlflow_run_id:  # the train run links the version, new or re-used
-            tracker.client.set_tag(
-                trained.mlflow_run_id, "gptpipe.model_version", f"{name}/{version}"
-            )
-            tracker.client.set_tag(
-                trained.mlflow_run_id, "gptpipe.model_version_reused", str(reused)
-            )
-        verdict = _versus_champion(
-            tracker,
-            name,
-            version,
-            workspace=workspace,
-            evaluation=evaluation,
-            trained=trained,
-            evaluated=evaluated,
-            splits=splits,
-            tokenizer=tokenizer,
-            min_improvement=min_improvement,
+        return cls(trained, evaluated, splits, tokenizer, evaluation)
+
+
+def _register_new_version(tracker, name: str, new: _Candidate, run_id: str) -> str:
+    """A new version of ``name`` for this run's checkpoint, tagged with how it was measured and
+    what it started from; its number."""
+    trained, evaluated = new.trained, new.evaluated
+    model_uri = trained.model_uri
+    if model_uri is None:
+        # a training re-used from the cache logged no model: log it now, into its own run,
+        # which trained nothing and so gives the model no val_loss: it gets this one
+        model_uri = log_checkpoint_model(
+            tracker, trained.mlflow_run_id, trained.checkpoint.uri, step=trained.step
         )
-        promote, champion, paired = verdict.promote, verdict.champion, verdict.paired
-        if paired is not None:  # how it fared, on the version itself
-            for key, value in _comparison_tags(verdict).items():
-                tracker.client.set_model_version_tag(name, version, key, value)
-        # the loser of a comparison on the same val data becomes the challenger
-        alias = CHAMPION if promote else CHALLENGER if verdict.compared else None
-        if alias:
-            tracker.client.set_registered_model_alias(name, alias, version)
-        challenger = version_by_alias(tracker, name, CHALLENGER) if promote else None
-        if challenger is not None and str(challenger.version) == version:  # it had lost before
-            tracker.client.delete_registered_model_alias(name, CHALLENGER)
-        moved = f" -> {alias}" if alias else ""
-        said = "re-used" if reused else "registered"
-        logger.info("%s %s version %s; %s%s", said, name, version, verdict.reason, moved)
-        return RegisterResult(
-            name=name,
-            version=version,
-            champion=promote,
-            champion_version=version if promote else (str(champion.version) if champion else None),
-            previous_champion_val_loss=verdict.champion_loss,
-            reason=verdict.reason,
-            reused=reused,
-            val_bpb=evaluated.val_bpb,
-            champion_val_bpb=paired.old_bpb if paired else None,
-            bpb_improvement=paired.improvement if paired else None,
-            bpb_stderr=paired.stderr if paired else None,
-            min_improvement=verdict.margin,
-            significant=verdict.significant,
-            bpb_left_out=paired.left_out if paired else None,
-            bpb_segments=paired.segments if paired else None,
-        )
+        loss_run = evaluated.mlflow_run_id or trained.mlflow_run_id
+        if loss_run:
+            link_val_loss(tracker, model_uri, loss_run, evaluated.val_loss)
+    metric_run = evaluated.mlflow_run_id or trained.mlflow_run_id
+    if evaluated.val_bpb is not None and metric_run:  # the logged model's val_bpb
+        link_metric(tracker, model_uri, metric_run, VAL_BPB, evaluated.val_bpb)
+    return register(tracker, name, model_uri, tags=_version_tags(new, run_id))
+
+
+def _version_tags(new: _Candidate, run_id: str) -> dict[str, str]:
+    """A new version's tags: its val loss and bits per byte and how they were measured, the run
+    and checkpoint it comes from, and the warm start it began from (or none)."""
+    trained, evaluated = new.trained, new.evaluated
+    tags = {
+        "val_loss": f"{evaluated.val_loss:.6f}",
+        "val_sha256": new.splits.val.sha256,
+        "evaluation": new.evaluation,
+        "gptpipe.run_id": run_id,
+        CHECKPOINT_TAG: trained.checkpoint.sha256,
+    }
+    if evaluated.val_bpb is not None:
+        tags["val_bpb"] = f"{evaluated.val_bpb:.6f}"
+    if evaluated.bpb_evaluation:
+        tags["bpb_evaluation"] = evaluated.bpb_evaluation
+    started = trained.summary.get("init_from")  # a warm start's checkpoint, else none
+    tags["init_from"] = started["label"] if started else "none (a fresh model)"
+    if started:
+        tags["init_from_sha256"] = started["sha256"]
+    return tags
+
+
+def _record_verdict(tracker, name: str, version: str, verdict: _Verdict) -> str | None:
+    """The champion decision, in the registry: how the version fared (its tags) and the alias
+    it takes, if any (returned). The loser of a comparison on the same val data becomes the
+    challenger; a new champion that had lost before stops being the challenger."""
+    if verdict.paired is not None:  # how it fared, on the version itself
+        for key, value in _comparison_tags(verdict).items():
+            tracker.client.set_model_version_tag(name, version, key, value)
+    alias = CHAMPION if verdict.promote else CHALLENGER if verdict.compared else None
+    if alias:
+        tracker.client.set_registered_model_alias(name, alias, version)
+    challenger = version_by_alias(tracker, name, CHALLENGER) if verdict.promote else None
+    if challenger is not None and str(challenger.version) == version:  # it had lost before
+        tracker.client.delete_registered_model_alias(name, CHALLENGER)
+    return alias
+
+
+def _result(
+    name: str, version: str, verdict: _Verdict, *, reused: bool, val_bpb: float | None
+) -> RegisterResult:
+    promote, champion, paired = verdict.promote, verdict.champion, verdict.paired
+    return RegisterResult(
+        name=name,
+        version=version,
+        champion=promote,
+        champion_version=version if promote else (str(champion.version) if champion else None),
+        previous_champion_val_loss=verdict.champion_loss,
+        reason=verdict.reason,
+        reused=reused,
+        val_bpb=val_bpb,
+        champion_val_bpb=paired.old_bpb if paired else None,
+        bpb_improvement=paired.improvement if paired else None,
+        bpb_stderr=paired.stderr if paired else None,
+        min_improvement=verdict.margin,
+        significant=verdict.significant,
+        bpb_left_out=paired.left_out if paired else None,
+        bpb_segments=paired.segments if paired else None,
+    )
 
 
 def check_min_improvement(min_improvement: float | None) -> None:
@@ -241,14 +281,11 @@ def _versus_champion(
     version: str,
     *,
     workspace: Workspace,
-    evaluation: str,
-    trained: TrainResult,
-    evaluated: EvaluateResult,
-    splits: SplitResult,
-    tokenizer: Artifact,
+    new: _Candidate,
     min_improvement: float | None = None,
 ) -> _Verdict:
-    """Whether ``version`` replaces the champion: paired, in bits per byte on this run's val text.
+    """Whether ``version`` (``new``) replaces the champion: paired, in bits per byte on this
+    run's val text.
 
     Both models score the same segments of this run's val text, each with its own tokenizer
     (`model.bits`); segments the champion's tokenizer cannot encode are left out for both. The
@@ -261,7 +298,7 @@ def _versus_champion(
     if str(champion.version) == version:
         return _Verdict(champion, False, f"v{version} is the champion already")
     bpb_evaluation, new_nats, n_bytes = _own_scores(
-        workspace, trained=trained, evaluated=evaluated, splits=splits
+        workspace, trained=new.trained, evaluated=new.evaluated, splits=new.splits
     )
     old_nats, recorded = _champion_scores(
         tracker,
@@ -269,12 +306,12 @@ def _versus_champion(
         champion,
         workspace=workspace,
         bpb_evaluation=bpb_evaluation,
-        val_uri=splits.val.uri,
-        tokenizer_uri=tokenizer.uri,
-        batch_size=evaluated.batch_size,
+        val_uri=new.splits.val.uri,
+        tokenizer_uri=new.tokenizer.uri,
+        batch_size=new.evaluated.batch_size,
     )
     champion_loss = None
-    if champion.tags.get("evaluation") == evaluation and "val_loss" in champion.tags:
+    if champion.tags.get("evaluation") == new.evaluation and "val_loss" in champion.tags:
         champion_loss = float(champion.tags["val_loss"])
     paired = compare(new_nats, old_nats, n_bytes)
     if paired is None:
