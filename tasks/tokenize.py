@@ -145,11 +145,7 @@ def tokenize(
     url = reveal(source)
     shown = redact(url)
     with stage_run(workspace.tracking, "tokenize") as run:
-        settings = {"tokenizer": tokenizer, "vocab_size": vocab_size}
-        if tokenizer == "bpe":
-            settings["bpe_sample_bytes"] = bpe_sample_bytes
-        if base is not None:  # only then: the keys of fresh vocabularies stay as they were
-            settings["base_tokenizer"] = base.sha256
+        settings = _key_settings(tokenizer, vocab_size, bpe_sample_bytes, base)
         refresh = workspace.refreshes("tokenize")
         planned = plan(url, workspace.store, settings, shard_bytes, refresh)
         folder, manifest = planned["folder"], planned["manifest"]
@@ -163,27 +159,9 @@ def tokenize(
                     )
                     manifest["source"] = shown
                     found.save(manifest)
-        meta = manifest["metadata"]
-        n_files = len(planned["files"])
-        run.log_params(
-            {
-                **meta,
-                "source": shown,
-                "cached": cached,
-                "cache_key": planned["key"],
-                "n_files": n_files,
-            }
-        )
-        source_ref = {
-            "uri": shown,
-            "content_sha256": planned["source_id"],
-            "bytes": sum(f["bytes"] for f in planned["files"]),
-        }
-        run.record_io({"source": source_ref}, manifest["outputs"])
-        tokenizer_json = storage.get_bytes(manifest["outputs"]["tokenizer"]["uri"]).decode()
-        run.log_text(tokenizer_json, "tokenizer.json")
-        run.log_dict(manifest, "dataset_manifest.json")
-        run.log_dataset(shown, _dataset_name(shown), planned["source_id"], context="tokenize")
+        _record(run, planned, manifest, shown=shown, cached=cached)
+    meta = manifest["metadata"]
+    n_files = len(planned["files"])
     if cached:
         logger.info("tokenize: re-using %s (cached: same source and settings)", folder)
     else:
@@ -206,6 +184,42 @@ def tokenize(
             f", appended {added} new character(s)" if added else "",
         )
     return TokenizeResult.from_manifest(manifest, cached=cached, mlflow_run_id=run.run_id)
+
+
+def _key_settings(
+    kind: str, vocab_size: int | None, bpe_sample_bytes: int, base: Artifact | None
+) -> dict:
+    """The tokenizer settings the stage's key holds (with the input's content and shard size)."""
+    settings = {"tokenizer": kind, "vocab_size": vocab_size}
+    if kind == "bpe":
+        settings["bpe_sample_bytes"] = bpe_sample_bytes
+    if base is not None:  # only then: the keys of fresh vocabularies stay as they were
+        settings["base_tokenizer"] = base.sha256
+    return settings
+
+
+def _record(run, planned: dict, manifest: dict, *, shown: str, cached: bool) -> None:
+    """The stage's MLflow run: its params, the source (``shown``: without credentials) and the
+    dataset it became, the tokenizer and the dataset manifest."""
+    run.log_params(
+        {
+            **manifest["metadata"],
+            "source": shown,
+            "cached": cached,
+            "cache_key": planned["key"],
+            "n_files": len(planned["files"]),
+        }
+    )
+    source_ref = {
+        "uri": shown,
+        "content_sha256": planned["source_id"],
+        "bytes": sum(f["bytes"] for f in planned["files"]),
+    }
+    run.record_io({"source": source_ref}, manifest["outputs"])
+    tokenizer_json = storage.get_bytes(manifest["outputs"]["tokenizer"]["uri"]).decode()
+    run.log_text(tokenizer_json, "tokenizer.json")
+    run.log_dict(manifest, "dataset_manifest.json")
+    run.log_dataset(shown, _dataset_name(shown), planned["source_id"], context="tokenize")
 
 
 def _dataset_name(source: str) -> str:
