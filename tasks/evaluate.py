@@ -65,21 +65,7 @@ def evaluate(
             )
         val_bpb = bits["val_bpb"]
         n_segments, n_bytes = len(bits["bytes"]), int(np.sum(bits["bytes"]))
-        metrics = {"train_loss": losses["train"], "val_loss": losses["val"]}
-        if math.isfinite(val_bpb):
-            metrics["val_bpb"] = val_bpb
-        run.log_metrics(metrics)
-        run.log_params(
-            {
-                "eval_iters": eval_iters,
-                "batch_size": batch_size,
-                "seed": seed,
-                "bpb_segments": n_segments,
-                "bpb_bytes": n_bytes,
-                "bpb_segment_tokens": bits["segment_tokens"],
-                "bpb_recorded": bits["recorded"],
-            }
-        )
+        _log_evaluation(run, losses, bits, eval_iters=eval_iters, batch_size=batch_size, seed=seed)
         inputs = {"checkpoint": checkpoint, "train": splits.train, "val": splits.val}
         run.record_io(artifact_dicts(inputs), {})
     get_run_logger().info(
@@ -102,6 +88,23 @@ def evaluate(
         bpb_bytes=n_bytes,
         bpb_evaluation=evaluation,
         bpb_scores_uri=scores,
+    )
+
+
+def _log_evaluation(run, losses: dict, bits: dict, **settings: int) -> None:
+    """The evaluate stage's MLflow metrics (losses, bits per byte when finite) and params."""
+    metrics = {"train_loss": losses["train"], "val_loss": losses["val"]}
+    if math.isfinite(bits["val_bpb"]):
+        metrics["val_bpb"] = bits["val_bpb"]
+    run.log_metrics(metrics)
+    run.log_params(
+        {
+            **settings,
+            "bpb_segments": len(bits["bytes"]),
+            "bpb_bytes": int(np.sum(bits["bytes"])),
+            "bpb_segment_tokens": bits["segment_tokens"],
+            "bpb_recorded": bits["recorded"],
+        }
     )
 
 
