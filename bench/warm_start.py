@@ -54,6 +54,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -235,6 +236,16 @@ def load_average() -> str:
 
 
 def main() -> None:
+    args = parse_args()
+    if not args.corpus.is_file():
+        print(f"skipped: the corpus {args.corpus} is absent (--corpus PATH)", file=sys.stderr)
+        return
+    load_before = load_average()
+    nights = run_nights(args)
+    report(args, nights, load_before, load_average())
+
+
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3, help="runs of each side (alternating)")
     parser.add_argument("--steps", type=int, default=1000, help="night 2's steps, both sides")
@@ -246,17 +257,28 @@ def main() -> None:
     parser.add_argument("--corpus", type=Path, default=CORPUS)
     parser.add_argument("--segments", type=int, default=2000, help="model.bits segments, at most")
     parser.add_argument("--json", type=Path, help="write the figures here too")
-    args = parser.parse_args()
-    if not args.corpus.is_file():
-        print(f"skipped: the corpus {args.corpus} is absent (--corpus PATH)", file=sys.stderr)
-        return
+    return parser.parse_args()
 
-    from model.config import build_config
-    from model.evaluate import val_segments
-    from model.sample import load_model
-    from model.tokenizer import CharTokenizer
 
-    cfg = build_config(args.preset, overrides=args.set)
+@dataclass
+class Nights:
+    """What the two nights measured: the texts and vocabularies, the champion's figures, and
+    every night-2 run of each side."""
+
+    night1_text: str
+    night2_text: str
+    tok1: Any
+    tok2: Any
+    night1_seconds: float
+    champion_bpb: float
+    n_segments: int
+    champ_cache: dict[int, dict[int, float]]
+    tokens_per_byte: float
+    runs: list[Side]
+
+
+def night_settings(args: argparse.Namespace) -> tuple[list[str], list[str]]:
+    """The --set values of night 1's champion and of night 2's runs (both sides)."""
     common = ["dtype=float32", "checkpoint_interval=0", *args.set]
     night1_sets = [
         *common,
@@ -272,7 +294,39 @@ def main() -> None:
         f"eval_iters={args.eval_iters}",
         f"log_interval={args.eval_interval}",  # a log line just before each evaluation
     ]
-    load_before = load_average()
+    return night1_sets, night2_sets
+
+
+class ChampionLosses:
+    """The champion's val loss on the batches a night-2 run drew at each evaluation, by seed
+    and step (computed once, shared by both sides)."""
+
+    def __init__(self, champion, val_uri: str, *, batch_size: int, eval_iters: int) -> None:
+        self.champion, self.val_uri = champion, val_uri
+        self.batch_size, self.eval_iters = batch_size, eval_iters
+        self.known: dict[int, dict[int, float]] = {}  # seed -> step -> champion's val loss
+
+    def __call__(self, seed: int, steps: list[int]) -> dict[int, float]:
+        known = self.known.setdefault(seed, {})
+        missing = [step for step in steps if step not in known]
+        if missing:
+            known.update(
+                champion_losses(
+                    self.champion, self.val_uri, missing, seed, self.batch_size, self.eval_iters
+                )
+            )
+        return known
+
+
+def run_nights(args: argparse.Namespace) -> Nights:
+    """Night 1's champion, then night 2's warm and cold runs, alternating."""
+    from model.config import build_config
+    from model.evaluate import val_segments
+    from model.sample import load_model
+    from model.tokenizer import CharTokenizer
+
+    cfg = build_config(args.preset, overrides=args.set)
+    night1_sets, night2_sets = night_settings(args)
     text = args.corpus.read_text(encoding="utf-8")
     night1_text, night2_text = split_nights(text)
     tok1 = CharTokenizer.train(night1_text)
@@ -301,24 +355,10 @@ def main() -> None:
         n_bytes = np.array([s.n_bytes for s in segments], dtype=np.int64)
         champion_nats, champion_bpb = segment_bpb(champion_ckpt, segments, n_bytes)
 
-        champ_cache: dict[int, dict[int, float]] = {}  # seed -> step -> champion's val loss
-
-        def champion_at(seed: int, steps: list[int]) -> dict[int, float]:
-            known = champ_cache.setdefault(seed, {})
-            missing = [step for step in steps if step not in known]
-            if missing:
-                known.update(
-                    champion_losses(
-                        champion,
-                        data2["val.parquet"],
-                        missing,
-                        seed,
-                        cfg.batch_size,
-                        args.eval_iters,
-                    )
-                )
-            return known
-
+        champion_at = ChampionLosses(
+            champion, data2["val.parquet"], batch_size=cfg.batch_size, eval_iters=args.eval_iters
+        )
+        champ_cache = champion_at.known
         runs: list[Side] = []
         for rep in range(args.repeats):
             seed = BASE_SEED + rep
@@ -338,8 +378,34 @@ def main() -> None:
                     f"{side.final_val_bpb:.4f} bits per byte; {total:.1f} s in all",
                     flush=True,
                 )
-    load_after = load_average()
+    return Nights(
+        night1_text=night1_text,
+        night2_text=night2_text,
+        tok1=tok1,
+        tok2=tok2,
+        night1_seconds=night1_seconds,
+        champion_bpb=champion_bpb,
+        n_segments=len(segments),
+        champ_cache=champ_cache,
+        tokens_per_byte=tokens_per_byte,
+        runs=runs,
+    )
 
+
+def report(args: argparse.Namespace, nights: Nights, load_before, load_after) -> None:
+    """The figures, medians per side and the cold / warm ratios (and --json)."""
+    night1_text, night2_text, tok1, tok2 = (
+        nights.night1_text,
+        nights.night2_text,
+        nights.tok1,
+        nights.tok2,
+    )
+    night1_seconds, champion_bpb, champ_cache = (
+        nights.night1_seconds,
+        nights.champion_bpb,
+        nights.champ_cache,
+    )
+    tokens_per_byte, runs = nights.tokens_per_byte, nights.runs
     champ_paired = statistics.mean(
         v * tokens_per_byte / LN2 for per_seed in champ_cache.values() for v in per_seed.values()
     )
@@ -354,7 +420,7 @@ def main() -> None:
     )
     print(
         f"champion on night 2's val text: {champion_bpb:.4f} bits per byte (model.bits, "
-        f"{len(segments)} segments); {champ_paired:.4f} on the evaluations' batches (mean)"
+        f"{nights.n_segments} segments); {champ_paired:.4f} on the evaluations' batches (mean)"
     )
     columns = ("reach_step", "reach_seconds", "reach_train_seconds")
     summary = {}
