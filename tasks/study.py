@@ -69,8 +69,8 @@ class TrialRef:
 class TrialReporter:
     """Reports a training's evaluations to its trial; says when the pruner wants it stopped.
 
-    Called as ``launch_training(listeners=Listeners(on_eval=...))`` with each of rank 0's evaluation messages
-    (`model.launch.protocol.Evaluation`): stop?
+    Called as ``launch_training(listeners=Listeners(on_eval=...))`` with each of rank 0's
+    evaluation messages (`model.launch.protocol.Evaluation`): stop?
     """
 
     def __init__(self, ref: TrialRef):
