@@ -264,7 +264,7 @@ class RunRequest(Section):
         """The checks that need nothing outside this process: the config, limits, ranks,
         engines, stage names, sizes (each a one-line error naming the setting)."""
         with naming.speaking():
-            return _settle(self, naming)
+            return _settle(self)
 
     def check(self, naming: Naming = COMMAND_LINE, *, settled: SettledSettings | None = None):
         """Every pre-flight check, once, before any work: the settings, then what they point at
@@ -272,7 +272,7 @@ class RunRequest(Section):
         result of an earlier `check_settings` (the command line boots Prefect between the two)."""
         settled = settled or self.check_settings(naming)
         with naming.speaking():
-            return _check_world(self, settled, naming)
+            return _check_world(self, settled)
 
     def check_data(self, naming: Naming = COMMAND_LINE, *, settled: SettledSettings) -> None:
         """The checks a run that only tokenizes needs past `check_settings`: the input and the
@@ -311,7 +311,7 @@ def validation_line(exc: ValidationError, naming: Naming) -> str:
     return f"{naming.name(path)}: {error['msg'].lower()}, got {error.get('input')!r}"
 
 
-def _settle(request: RunRequest, naming: Naming) -> SettledSettings:
+def _settle(request: RunRequest) -> SettledSettings:
     from flows.alerts import check_timeout, notify_target
     from flows.engines import check_task_runner, resolve_task_runner
     from model.config import build_config
@@ -389,7 +389,7 @@ def check_data(request: RunRequest, settled: SettledSettings) -> None:
     storage.preflight(settled.store)  # an unusable store or input bucket fails here
 
 
-def _check_world(request: RunRequest, settled: SettledSettings, naming: Naming) -> CheckedRun:
+def _check_world(request: RunRequest, settled: SettledSettings) -> CheckedRun:
     import storage
     from storage.tracking import Tracker, model_name_for, redact
     from tasks.tokenize import source_parameter
