@@ -34,6 +34,7 @@ import numpy as np
 
 import storage
 from model.corpus import list_inputs
+from model.data import looks_binary, not_utf8
 from storage.errors import GptpipeError
 
 CHUNK_BYTES = 4 << 20
@@ -208,7 +209,7 @@ def profile_corpus(source: str, *, chunk_bytes: int = CHUNK_BYTES) -> CorpusProf
     if not state.not_text and control > MAX_CONTROL_SHARE * chars:
         state.not_text = (
             f"{control:,} of its {chars:,} characters ({control / chars:.1%}) are control "
-            f"characters (at most {MAX_CONTROL_SHARE:.0%} may be)"
+            f"characters (at most {MAX_CONTROL_SHARE:.0%} may be); pass a UTF-8 text file"
         )
     present = np.flatnonzero(counts)
     return CorpusProfile(
@@ -234,11 +235,10 @@ def _count(
     except UnicodeDecodeError as exc:
         at = exc.start - len(pending)  # where the bad byte is in the chunk
         if 0 <= nul < at:  # the first fault is a NUL byte before it
-            return f"NUL byte at offset {offset + nul} of {uri}"
-        bad = (pending + chunk)[exc.start]
-        return f"not UTF-8: invalid byte 0x{bad:02x} at offset {offset + at} of {uri}"
+            return looks_binary(uri, offset + nul)
+        return not_utf8(uri, (pending + chunk)[exc.start], offset + at)
     if nul >= 0:
-        return f"NUL byte at offset {offset + nul} of {uri}"
+        return looks_binary(uri, offset + nul)
     state.add_text(text)
     return ""
 
@@ -294,10 +294,7 @@ def compare(
     if tonight.bytes == 0:
         return ["tonight's corpus is empty (0 bytes): nothing to train on; fix the input"]
     if not tonight.is_text:
-        return [
-            f"tonight's corpus is not text ({tonight.not_text}): it cannot be trained on; fix "
-            "the input (convert it to UTF-8 text)"
-        ]
+        return [f"tonight's corpus is not text: {tonight.not_text}"]
     if previous is None or previous.sha256 == tonight.sha256:
         return []
     problems = []

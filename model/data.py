@@ -158,17 +158,25 @@ def decode_corpus(raw: bytes, source: str, offset: int = 0) -> str:
         raise GptpipeError(f"input {source} is empty; pass a non-empty UTF-8 text file")
     nul = raw.find(b"\x00")
     if nul >= 0:
-        raise GptpipeError(
-            f"input {source} looks binary (NUL byte at offset {offset + nul}); pass a UTF-8 text "
-            "file"
-        )
+        raise GptpipeError(looks_binary(source, offset + nul))
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise GptpipeError(
-            f"input {source} is not UTF-8 text: invalid byte 0x{raw[exc.start]:02x} at offset "
-            f"{offset + exc.start}; convert it to UTF-8"
-        ) from None
+        raise GptpipeError(not_utf8(source, raw[exc.start], offset + exc.start)) from None
+
+
+def looks_binary(source: str, at: int) -> str:
+    """Why ``source`` is not text: a NUL byte at offset ``at`` (the tokenizer and the data
+    check say it the same way)."""
+    return f"input {source} looks binary (NUL byte at offset {at}); pass a UTF-8 text file"
+
+
+def not_utf8(source: str, byte: int, at: int) -> str:
+    """Why ``source`` is not text: ``byte`` at offset ``at`` does not decode as UTF-8."""
+    return (
+        f"input {source} is not UTF-8 text: invalid byte 0x{byte:02x} at offset {at}; "
+        "convert it to UTF-8"
+    )
 
 
 def sha256_bytes(b: bytes) -> str:

@@ -145,11 +145,11 @@ def test_an_empty_corpus_always_stops(tmp_path, shakespeare):
 @pytest.mark.parametrize(
     "kind, expected",
     [
-        ("random", "not UTF-8: invalid byte 0x"),
-        ("gzip", "not UTF-8: invalid byte 0x8b at offset 1 of"),
-        ("nul", "NUL byte at offset 1000 of"),
+        ("random", "is not UTF-8 text: invalid byte 0x"),
+        ("gzip", "is not UTF-8 text: invalid byte 0x8b at offset 1;"),
+        ("nul", "looks binary (NUL byte at offset 1000)"),
         ("controls", "are control characters (at most 1% may be)"),
-        ("late", "not UTF-8: invalid byte 0xff at offset 20000 of"),
+        ("late", "is not UTF-8 text: invalid byte 0xff at offset 20000;"),
     ],
 )
 def test_a_corpus_that_is_not_text_always_stops(tmp_path, shakespeare, kind, expected):
@@ -167,7 +167,7 @@ def test_a_corpus_that_is_not_text_always_stops(tmp_path, shakespeare, kind, exp
     previous = profile_of(tmp_path, shakespeare[:20_000], "before.txt")
     for before in (None, previous):
         [line] = compare(before, tonight, DataChangeLimits(1, 1))
-        assert line.startswith("tonight's corpus is not text (") and expected in line
+        assert line.startswith("tonight's corpus is not text: ") and expected in line
 
 
 def test_a_few_control_characters_are_still_text(tmp_path, shakespeare):
@@ -338,7 +338,8 @@ def test_the_stage_on_a_local_store(on_server, tmp_path, shakespeare):
     assert outcomes[4][0].passed  # a higher limit
     # an empty or non-text night cannot be accepted
     assert "empty (0 bytes)" in failure(outcomes[5])
-    assert "is not text (not UTF-8: invalid byte 0x8b at offset 1" in failure(outcomes[6])
+    assert "is not text: input " in failure(outcomes[6])
+    assert "is not UTF-8 text: invalid byte 0x8b at offset 1;" in failure(outcomes[6])
     # a champion's profile that the store does not hold: a warning, and only the text checks
     assert outcomes[7][0].passed and outcomes[7][0].champion_profile is None
     message = failure(outcomes[8])
