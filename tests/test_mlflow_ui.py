@@ -25,7 +25,7 @@ RUN_ID = "ui-e2e"
 # MLflow server see neither this run nor a model version from it.
 EXPERIMENT = "gptpipe-ui"
 MODEL_NAME = "gptpipe-ui-small-char"
-STAGES = ("tokenize", "split", "train", "evaluate", "sample")
+STAGES = ("data_check", "tokenize", "split", "train", "evaluate", "sample")
 TINY = seed_preset(max_iters=60, eval_interval=10, eval_iters=5, batch_size=16, log_interval=20)
 LOSSES = ("train_loss", "val_loss")
 
