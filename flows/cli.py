@@ -200,7 +200,10 @@ def _fraction(text: str) -> float:
 
 def _nightly_options(run: argparse.ArgumentParser) -> None:
     """What a run does on a corpus that changed: warm starts, data checks, the champion's gate
-    (docs/deploy.md, "When the corpus changes")."""
+    (docs/deploy.md, "When the corpus changes"). Unset, a setting keeps the request's default."""
+    from flows.request import DataSettings
+
+    limits = DataSettings.model_fields
     run.add_argument(
         "--init-from",
         metavar="FROM",
@@ -209,7 +212,7 @@ def _nightly_options(run: argparse.ArgumentParser) -> None:
     )
     run.add_argument(
         "--vocab",
-        default="keep",
+        default=argparse.SUPPRESS,  # unset: the request's default (flows.request)
         choices=("keep", "fresh"),
         help="with --init-from: keep its character ids and append new ones (keep, default), or "
         "build a fresh vocabulary",
@@ -222,17 +225,18 @@ def _nightly_options(run: argparse.ArgumentParser) -> None:
     run.add_argument(
         "--max-corpus-shrink",
         type=_fraction,
-        default=0.5,
+        default=argparse.SUPPRESS,
         metavar="FRACTION",
-        help="stop before tokenizing if the corpus shrank by more than this (default 0.5)",
+        help="stop before tokenizing if the corpus shrank by more than this "
+        f"(default {limits['max_corpus_shrink'].default})",
     )
     run.add_argument(
         "--max-new-char-share",
         type=_fraction,
-        default=0.1,
+        default=argparse.SUPPRESS,
         metavar="FRACTION",
         help="stop before tokenizing if more of the corpus is characters the champion's lacked "
-        "(default 0.1)",
+        f"(default {limits['max_new_char_share'].default})",
     )
     run.add_argument(
         "--min-improvement",

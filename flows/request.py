@@ -35,7 +35,6 @@ from storage.errors import GptpipeError
 # long enough for the lecture preset on one GPU or the cpu preset on a CPU, short of a day
 DEFAULT_TIMEOUT_S = 6 * 3600.0
 DEFAULT_TRAIN_TIMEOUT_S = 5 * 3600.0
-DEFAULT_SHARD_BYTES = 32 * 1024 * 1024  # model.corpus.DEFAULT_SHARD_BYTES, without importing it
 
 # Each setting's flag on the command line, by its path in the request. Messages from the layers
 # below name the flag (the first place a user meets a setting); `Naming` puts a deployment's
@@ -200,31 +199,32 @@ class AlertSettings(Section):
 
 class RunPlan(Section):
     """A checked run, every value resolved: what the pipeline flow takes (Prefect stores it as
-    the flow run's parameters, so it holds no secret: the source's credentials travel apart)."""
+    the flow run's parameters, so it holds no secret: the source's credentials travel apart).
+    No field has a default: the request's sections hold the defaults, the check sets them all."""
 
     source: str  # shown: without user:password@
     store: str
     config: dict[str, Any]
     shard_bytes: int
-    val_shards: int = 0
-    refresh: list[str] = Field(default_factory=list)
-    accept_data_change: bool = False
-    max_corpus_shrink: float = 0.5
-    max_new_char_share: float = 0.1
-    resume: bool = False
-    init_from: str | None = None
-    vocab: str = "keep"
-    min_improvement: float | None = None
-    nproc: int = 1
-    train_engine: str = "torchrun"
-    ray_address: str | None = None  # the training's cluster, with train_engine ray
+    val_shards: int
+    refresh: list[str]
+    accept_data_change: bool
+    max_corpus_shrink: float
+    max_new_char_share: float
+    resume: bool
+    init_from: str | None
+    vocab: str
+    min_improvement: float | None
+    nproc: int
+    train_engine: str
+    ray_address: str | None  # the training's cluster, with train_engine ray
     tracking_uri: str
     experiment: str
     model_name: str
-    prompt: str = ""
-    sample_tokens: int = 500
+    prompt: str
+    sample_tokens: int
     run_id: str
-    train_timeout_seconds: float | None = None
+    train_timeout_seconds: float | None
 
 
 @dataclass(frozen=True)
@@ -315,7 +315,7 @@ def _settle(request: RunRequest) -> SettledSettings:
     from flows.alerts import check_timeout, notify_target
     from flows.engines import check_task_runner, resolve_task_runner
     from model.config import build_config
-    from model.corpus import parse_byte_size
+    from model.corpus import DEFAULT_SHARD_BYTES, parse_byte_size
     from model.launch import check_train_engine, resolve_nproc
     from tasks.cache import check_refresh
 

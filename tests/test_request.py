@@ -9,12 +9,12 @@ import pytest
 
 from flows.request import (
     COMMAND_LINE,
-    DEFAULT_SHARD_BYTES,
     DEPLOYMENT,
     FLAGS,
     RunRequest,
     SweepRequest,
 )
+from model.corpus import DEFAULT_SHARD_BYTES
 from storage.errors import GptpipeError
 
 TINY = ["max_iters=20", "eval_interval=10", "eval_iters=2"]
@@ -106,9 +106,6 @@ def test_the_deployment_defaults_hold_when_a_section_is_left_out():
         6 * 3600,
         5 * 3600,
     )
-    from model.corpus import DEFAULT_SHARD_BYTES as CORPUS_DEFAULT
-
-    assert DEFAULT_SHARD_BYTES == CORPUS_DEFAULT
 
 
 def test_settings_checks_touch_nothing_and_take_no_time(tmp_path, monkeypatch):
