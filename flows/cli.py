@@ -372,18 +372,24 @@ def run_request(args: argparse.Namespace, request_type=None, **given):
 
 
 def _settle_and_boot(request):
-    """The request's own checks, then Prefect's temporary server booting (when no Prefect API is
-    set) while the checks of what the settings point at run; (settled settings, server)."""
-    settled = request.check_settings()
+    """Prefect's temporary server launched first (when no Prefect API is set), so that it boots
+    while the request's own checks (which import torch) and the checks of what the settings point
+    at run; (settled settings, server). A request its own checks refuse stops it again."""
     from flows.prefect_env import start_temporary_server
 
     prefect_server = start_temporary_server()
-    target = settled.notify
-    if target is not None and target.kind == "block" and prefect_server is not None:
-        raise GptpipeError(
-            f"--notify {target.spec}: Prefect blocks are kept by a Prefect server; set "
-            "PREFECT_API_URL to yours (this run would use a temporary server, without blocks)"
-        )
+    try:
+        settled = request.check_settings()
+        target = settled.notify
+        if target is not None and target.kind == "block" and prefect_server is not None:
+            raise GptpipeError(
+                f"--notify {target.spec}: Prefect blocks are kept by a Prefect server; set "
+                "PREFECT_API_URL to yours (this run would use a temporary server, without blocks)"
+            )
+    except BaseException:
+        if prefect_server is not None:
+            prefect_server.stop()
+        raise
     return settled, prefect_server
 
 

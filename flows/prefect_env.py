@@ -4,8 +4,9 @@ With no Prefect API configured, Prefect starts a temporary local server when the
 this process imports Prefect's server code (about 2 s on our 2-core machines) only to launch it,
 then waits about 3 s for the server process to import the same and answer /health. Nothing else
 happens meanwhile. `gptpipe run` launches that same server process (the command line and
-environment of Prefect's `SubprocessASGIServer`) right after the config is parsed, so that it
-boots while this process imports torch and MLflow and checks the store and the tracking server;
+environment of Prefect's `SubprocessASGIServer`) right after the command line is parsed, so that
+it boots while this process checks the settings (importing torch), imports MLflow and checks the
+store and the tracking server (a request whose settings are refused stops it again);
 just before the flow starts it waits for /health and points Prefect at it (PREFECT_API_URL in
 this process's environment, so that worker processes use it too).
 
