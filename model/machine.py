@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from storage.errors import GptpipeError
-from storage.local import atomic_write
+from storage.local import atomic_write, cache_dir
 
 # ----------------------------------------------------------------------------- cores
 
@@ -119,15 +119,6 @@ def cpu_description() -> str:
 
 
 # ----------------------------------------------------------------------------- the cache
-
-
-def cache_dir() -> Path:
-    """The user's cache folder for gptpipe: $GPTPIPE_CACHE_DIR, else $XDG_CACHE_HOME/gptpipe,
-    else ~/.cache/gptpipe."""
-    if os.environ.get("GPTPIPE_CACHE_DIR"):
-        return Path(os.environ["GPTPIPE_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "gptpipe"
 
 
 class MachineCache:

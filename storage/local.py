@@ -17,6 +17,15 @@ from storage.errors import GptpipeError
 _CHUNK = 1 << 20
 
 
+def cache_dir() -> Path:
+    """The user's cache folder for gptpipe: $GPTPIPE_CACHE_DIR, else $XDG_CACHE_HOME/gptpipe,
+    else ~/.cache/gptpipe."""
+    if os.environ.get("GPTPIPE_CACHE_DIR"):
+        return Path(os.environ["GPTPIPE_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "gptpipe"
+
+
 def _write_error(where: Path | str, exc: OSError) -> GptpipeError:
     """The one-line error for a failed write (a full disk, a read-only folder, ...)."""
     return GptpipeError(f"could not write {where}: {exc.strerror or exc}")

@@ -19,6 +19,7 @@ from typing import Any
 from storage.errors import GptpipeError, first_line
 from storage.tracking.health import check_health
 from storage.tracking.naming import DEFAULT_EXPERIMENT
+from storage.tracking.new_database import create_from_template
 from storage.tracking.params import flatten_params
 from storage.tracking.redact import redact
 
@@ -43,15 +44,15 @@ SQLITE_CREATE_WAIT_S = 120
 
 
 @contextmanager
-def _sqlite_created_alone(tracking_uri: str | None) -> Iterator[None]:
+def _sqlite_created_alone(tracking_uri: str | None) -> Iterator[Path | None]:
     """For a ``sqlite:///PATH`` URI: the block runs while no other process holds the lock file
-    beside the database (``PATH.lock``, flock). MLflow creates a new database's schema when its
-    first client opens it (alembic's migrations), and two runs starting together on a database
-    that does not exist yet would both migrate it: one of them dies. A tracking server needs
-    nothing of this (it migrates once, when it starts)."""
+    beside the database (``PATH.lock``, flock), and is given PATH. MLflow creates a new
+    database's schema when its first client opens it (alembic's migrations), and two runs
+    starting together on a database that does not exist yet would both migrate it: one of them
+    dies. A tracking server needs nothing of this (it migrates once, when it starts)."""
     path = (tracking_uri or "").removeprefix("sqlite:///")
     if path == (tracking_uri or "") or not path or path.startswith(":memory:"):
-        yield
+        yield None
         return
     import fcntl
 
@@ -77,7 +78,7 @@ def _sqlite_created_alone(tracking_uri: str | None) -> Iterator[None]:
                         "file if no gptpipe or mlflow process is running)"
                     ) from None
                 time.sleep(0.1)
-        yield
+        yield Path(path)
 
 
 def _client(tracking_uri: str | None):
@@ -85,7 +86,9 @@ def _client(tracking_uri: str | None):
 
     # the registry lives on the tracking server too (MLflow may default it elsewhere)
     try:
-        with _sqlite_created_alone(tracking_uri):
+        with _sqlite_created_alone(tracking_uri) as path:
+            if path is not None and "?" not in path.name and not path.exists():
+                create_from_template(path)  # MLflow's empty schema without its migrations
             return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     except Exception as exc:  # MLflow raises KeyError-chained errors for an unknown scheme
         scheme = (tracking_uri or "").partition("://")[0]
