@@ -19,7 +19,10 @@ from storage.errors import GptpipeError
 
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "configs"
 TOKENIZER_KINDS = ("char", "bpe")
-LR_SCHEDULES = ("constant", "cosine")
+LR_SCHEDULES = ("constant", "cosine", "linear", "wsd")
+OPTIMIZERS = ("adamw", "muon")
+# which 2-D weights AdamW decays: every matrix, or only the blocks' (not embeddings, lm_head)
+WEIGHT_DECAY_PARAMS = ("matrices", "hidden")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 # bpe's vocabulary when vocab_size is not set (char's comes from the corpus)
@@ -91,6 +94,13 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.999
     grad_clip: float = 0.0  # 0 = off
+    # the recipe's other choices (model/recipe.py); the defaults are what the loop always did
+    decay_fraction: float = 0.2  # wsd: the share of max_iters spent decaying to min_lr
+    weight_decay_params: str = "matrices"
+    optimizer: str = "adamw"  # muon: torch.optim.Muon for the blocks' matrices, AdamW for the rest
+    muon_lr: float = 0.02
+    muon_momentum: float = 0.95
+    init_std: float = 0.02  # the std of the N(0, std) initial weights of every linear and embedding
     # evaluation, logging, checkpoints
     eval_interval: int = 500
     eval_iters: int = 200
@@ -121,6 +131,20 @@ class TrainConfig:
             self.lr_schedule in LR_SCHEDULES,
             f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}",
         )
+        for name, choices in (
+            ("optimizer", OPTIMIZERS),
+            ("weight_decay_params", WEIGHT_DECAY_PARAMS),
+        ):
+            value = getattr(self, name)
+            _require(value in choices, f"{name} must be one of {', '.join(choices)}, got {value!r}")
+        _require(
+            0.0 < self.decay_fraction <= 1.0,
+            f"decay_fraction must be in (0, 1], got {self.decay_fraction}",
+        )
+        _require(
+            0.0 <= self.muon_momentum < 1.0,
+            f"muon_momentum must be in [0, 1), got {self.muon_momentum}",
+        )
         _require(self.device in DEVICES, f"device must be one of {', '.join(DEVICES)}")
         _require(self.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)}")
         _require(-(2**63) <= self.seed < 2**64, f"seed must fit in 64 bits, got {self.seed}")
@@ -137,6 +161,8 @@ class TrainConfig:
             "grad_accum_steps",
             "max_iters",
             "learning_rate",
+            "muon_lr",
+            "init_std",
             "eval_interval",
             "eval_iters",
             "log_interval",

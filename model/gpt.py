@@ -163,7 +163,7 @@ class KVCache:
 
 
 class GPT(nn.Module):
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, *, init_std: float = 0.02):
         super().__init__()
         self.config = config
         self.token_embedding_table = nn.Embedding(config.vocab_size, config.n_embd)
@@ -171,17 +171,18 @@ class GPT(nn.Module):
         self.blocks = nn.Sequential(*[Block(config) for _ in range(config.n_layer)])
         self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=config.bias)
-        self.apply(self._init_weights)
+        self.apply(lambda module: self._init_weights(module, init_std))
 
     @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        """The lecture's init: N(0, 0.02) weights, zero biases; LayerNorm keeps ones and zeros."""
+    def _init_weights(module: nn.Module, std: float) -> None:
+        """The lecture's init (std 0.02): N(0, std) weights, zero biases; LayerNorm keeps ones
+        and zeros."""
         if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            nn.init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            nn.init.normal_(module.weight, mean=0.0, std=std)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -38,21 +38,13 @@ from model.exit import skip_last_collections
 from model.launch.rank import RUN_ID_ENV
 from model.machine import threads_per_rank
 from model.memory import keep_freed_memory
+from model.recipe import clip_gradients, get_lr, make_optimizer
 from model.tokenizer import tokenizer_from_json
-from model.trainer import (
-    SUMMARY_NAME,
-    Hardware,
-    Trainer,
-    TrainingState,
-    clip_gradients,
-    get_lr,
-    make_optimizer,
-    seed_step,
-)
+from model.trainer import SUMMARY_NAME, Hardware, Trainer, TrainingState, seed_step
 from storage.errors import GptpipeError
 
-# SUMMARY_NAME and the step's pieces are model.trainer's: the launchers, tasks, tests and benches
-# import them from here, as they did when they were defined here
+# SUMMARY_NAME and the step's pieces are model.trainer's and model.recipe's: the launchers,
+# tasks, tests and benches import them from here, as they did when they were defined here
 __all__ = [
     "MLFLOW_RUN_ID_ARG",
     "SUMMARY_NAME",

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +33,7 @@ from model.params import group_subtotals_flat, parameter_table
 from model.plots import loss_curve_png
 from model.precision import Precision, resolve_precision
 from model.progress import Progress, eval_line
+from model.recipe import MuonWithAdamW, clip_gradients, make_optimizer, set_lr
 
 SUMMARY_NAME = "summary.json"
 # the parameters with a row per token id: a warm start copies the rows of the ids it shares
@@ -41,18 +41,6 @@ VOCAB_ROWS = ("token_embedding_table.weight", "lm_head.weight", "lm_head.bias")
 
 
 # ----------------------------------------------------------------------------- the step's pieces
-
-
-def get_lr(it: int, cfg: TrainConfig) -> float:
-    """Constant, or linear warmup then cosine decay from learning_rate to min_lr at max_iters."""
-    if cfg.lr_schedule == "constant":
-        return cfg.learning_rate
-    if it < cfg.warmup_iters:
-        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
-    span = max(1, cfg.max_iters - cfg.warmup_iters)
-    progress = min(1.0, (it - cfg.warmup_iters) / span)
-    coeff = 0.5 * (1.0 + math.cos(math.pi * progress))
-    return cfg.min_lr + coeff * (cfg.learning_rate - cfg.min_lr)
 
 
 def seed_step(seed: int, device: torch.device) -> None:
@@ -64,39 +52,6 @@ def seed_step(seed: int, device: torch.device) -> None:
     torch.default_generator.manual_seed(seed)
     if device.type == "cuda":
         torch.cuda.default_generators[device.index or 0].manual_seed(seed)
-
-
-def make_optimizer(model: GPT, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW; weight decay on matrices only (not on biases, layer norms), as nanoGPT does."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=True)
-
-
-def clip_gradients(
-    optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, max_norm: float
-) -> None:
-    """Scale the gradients to a total norm of at most max_norm before the optimizer's step, as
-    `clip_grad_norm_` does, but without multiplying them in a pass of its own.
-
-    The scale, min(1, max_norm / norm), is handed to the fused AdamW step as its `grad_scale`
-    (the attribute GradScaler sets on fused optimizers), which divides each gradient by
-    max(1, norm / max_norm) as it reads it. `clip_grad_norm_` multiplies every gradient in a
-    kernel of its own first: on a CPU about 50 small kernels, which `python -m bench.clip`
-    measured at 6.6% of a tiny model's step, against 4.3% for this (a Xeon, float32). With
-    float16's GradScaler, whose own `grad_scale` that is, the gradients are unscaled and
-    clipped as usual.
-    """
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    if scaler.is_enabled() or not optimizer.defaults.get("fused"):
-        scaler.unscale_(optimizer)  # clip the true gradients (a no-op without float16)
-        torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
-        return
-    norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-    optimizer.grad_scale = ((norm + 1e-6) / max_norm).clamp(min=1.0)
 
 
 # ----------------------------------------------------------------------------- what is saved
@@ -113,7 +68,7 @@ class TrainingState:
 
     cfg: TrainConfig
     model: GPT  # the plain module, neither compiled nor DDP-wrapped: its keys are the checkpoint's
-    optimizer: torch.optim.AdamW
+    optimizer: torch.optim.Optimizer | MuonWithAdamW  # model.recipe.make_optimizer's
     scaler: torch.amp.GradScaler  # enabled for float16 only (see model.precision)
     tokenizer_json: str
     tokenizer_uri: str
@@ -133,7 +88,7 @@ class TrainingState:
     ) -> TrainingState:
         """A state at step 0, its initial weights drawn from cfg.seed."""
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-        model = GPT(model_config).to(device)
+        model = GPT(model_config, init_std=cfg.init_std).to(device)
         optimizer = make_optimizer(model, cfg)
         scaler = torch.amp.GradScaler(device.type, enabled=precision.needs_grad_scaler)
         return cls(cfg, model, optimizer, scaler, tokenizer_json, tokenizer_uri)
@@ -388,9 +343,7 @@ class Trainer:
         # dropout's randomness is a function of (seed, rank, step), like the batches, so a run
         # resumed from a checkpoint continues exactly as an uninterrupted one
         seed_step(seed_for(cfg.seed, self.info.rank, state.step), self.info.device)
-        lr = get_lr(state.step, cfg)
-        for group in state.optimizer.param_groups:
-            group["lr"] = lr
+        lr = set_lr(state.optimizer, state.step, cfg)
         for micro in range(cfg.grad_accum_steps):
             loss = self._forward_backward(micro)
         if cfg.grad_clip > 0:
