@@ -12,7 +12,7 @@ import torch
 
 from model.config import GPTConfig, TrainConfig, build_config
 from model.gpt import GPT
-from model.recipe import MuonWithAdamW, clip_gradients, get_lr, make_optimizer, set_lr
+from model.recipe import Muon, MuonWithAdamW, clip_gradients, get_lr, make_optimizer, set_lr
 
 TINY = GPTConfig(vocab_size=17, block_size=8, n_embd=16, n_head=2, n_layer=2, dropout=0.0)
 
@@ -172,3 +172,26 @@ def test_muon_with_adamw_clips_over_all_gradients():
     clip_gradients(optimizer, torch.amp.GradScaler("cpu", enabled=False), 1.0)
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert math.isclose(torch.nn.utils.get_total_norm(grads).item(), 1.0, rel_tol=1e-4)
+
+
+def test_batched_muon_steps_as_torch_muon_does():
+    """model.recipe.Muon orthogonalises in float32, batched by shape; torch's in bfloat16 one
+    matrix at a time: the same update up to bf16's rounding, and the same state."""
+    ours, theirs = tiny_model(), tiny_model()
+    hidden = lambda m: [p for n, p in m.named_parameters() if p.dim() == 2 and "blocks" in n]  # noqa: E731
+    settings = {"lr": 0.05, "weight_decay": 0.1, "momentum": 0.9}
+    opt_ours = Muon(hidden(ours), **settings)
+    opt_theirs = torch.optim.Muon(hidden(theirs), **settings)
+    before = [p.clone() for p in hidden(ours)]
+    for model, opt in ((ours, opt_ours), (theirs, opt_theirs)):
+        for step in range(2):
+            _, loss = model(*batch(step))
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+    for start, a, b in zip(before, hidden(ours), hidden(theirs), strict=True):
+        moved_a, moved_b = (a - start).detach().flatten(), (b - start).detach().flatten()
+        assert torch.cosine_similarity(moved_a, moved_b, dim=0) > 0.98
+        assert moved_a.norm() == pytest.approx(moved_b.norm().item(), rel=0.02)
+    opt_theirs.load_state_dict(opt_ours.state_dict())  # the same state layout
+    assert opt_ours.state_dict()["state"].keys() == opt_theirs.state_dict()["state"].keys()
