@@ -10,7 +10,11 @@ Each output line is time-stamped as it arrives, so the medians are also split in
 the first training line ("training on ..."), the training itself (up to "done: ..."), and what
 comes after it (the pipeline's evaluate, sample and register stages, the model log, the exit).
 
-    .venv/bin/python -m bench.overhead [--rounds 3] [--preset seed] [--iters 200]
+    .venv/bin/python -m bench.overhead [--rounds 3] [--preset seed] [--iters 200] [--start-up]
+
+With --start-up only the start-up is measured, on a fresh folder (cold) and again in the same
+folder (warm), each run stopped at its first training line: quick, and on a machine busy with
+other work it does not wait for a slowed training.
 """
 
 from __future__ import annotations
@@ -37,8 +41,11 @@ MARKS = {
 }
 
 
-def timed(cmd: list[str], cwd: Path, env: dict) -> tuple[float, dict[str, float]]:
-    """Seconds from start to exit, and when (seconds from start) each of MARKS was first seen."""
+def timed(
+    cmd: list[str], cwd: Path, env: dict, *, stop_at: str | None = None
+) -> tuple[float, dict[str, float]]:
+    """Seconds from start to exit, and when (seconds from start) each of MARKS was first seen;
+    with ``stop_at`` (one of MARKS), the command is stopped (SIGTERM) once that mark is seen."""
     start = time.perf_counter()
     marks: dict[str, float] = {}
     tail: list[str] = []
@@ -57,8 +64,12 @@ def timed(cmd: list[str], cwd: Path, env: dict) -> tuple[float, dict[str, float]
             for name, text in MARKS.items():
                 if text in line and (name != "flow_end" or "Flow run" in line):
                     marks.setdefault(name, now)
+            if stop_at in marks:
+                proc.terminate()  # the command ends as on any SIGTERM: exit status 143
+                proc.stdout.read()
+                break
         code = proc.wait()
-    if code != 0:
+    if code != 0 and stop_at not in marks:
         raise SystemExit("".join(tail))
     return time.perf_counter() - start, marks
 
@@ -72,13 +83,41 @@ def phases(total: float, marks: dict[str, float]) -> dict[str, float]:
     }
 
 
+def start_up(run: list[str], env: dict, rounds: int) -> None:
+    """Only the start-up: fresh-folder (cold) and second (warm) runs, each stopped at its first
+    training line; medians of seconds to the flow's start and to that line."""
+    runs: dict[str, list[dict[str, float]]] = {"cold": [], "warm": []}
+    for _ in range(rounds):
+        with tempfile.TemporaryDirectory() as tmp:
+            for found in runs.values():
+                found.append(timed(run, Path(tmp), env, stop_at="train_start")[1])
+    print(
+        f"preset {run[run.index('--preset') + 1]}, {rounds} rounds (medians), stopped at the "
+        "first training line"
+    )
+    for kind, found in runs.items():
+        flow, train = (
+            statistics.median(m[name] for m in found) for name in ("flow", "train_start")
+        )
+        print(
+            f"{kind} ({'fresh folder' if kind == 'cold' else 'second run'}): {flow:.1f} s to "
+            f"the flow's start, {train:.1f} s to the first training line"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--preset", default="seed")
     parser.add_argument("--iters", type=int, default=200)
+    parser.add_argument(
+        "--start-up",
+        action="store_true",
+        help="only gptpipe run's start-up, cold and warm, each run stopped at its first "
+        "training line (no model.train side, no training)",
+    )
     args = parser.parse_args()
-    print(cpu_description())
+    print(f"{cpu_description()}; load average {os.getloadavg()[0]:.1f} at the start")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API", "MLFLOW_"))}
     sets = ["--set", f"max_iters={args.iters}", "--set", f"eval_interval={args.iters}"]
     gptpipe = str(Path(sys.executable).with_name("gptpipe"))
@@ -104,6 +143,9 @@ def main() -> None:
             "--sample-tokens",
             "200",
         ]
+        if args.start_up:
+            start_up(run, env, args.rounds)
+            return
         cold, cold_marks = timed(run, work, env)
         pipeline, plain = [], []
         for _ in range(args.rounds):
