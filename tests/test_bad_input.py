@@ -252,7 +252,7 @@ CONFIG_CASES = {
     ),
     "unknown-preset": (
         lambda tmp: ["--preset", "huge"],
-        ["unknown preset 'huge'; available: cpu, lecture, seed"],
+        ["unknown preset 'huge'; available: cpu, fast, lecture, seed"],
     ),
     "refresh-unknown-stage": (
         lambda tmp: ["--refresh", "tokenise"],

@@ -38,7 +38,7 @@ def yaml_file(tmp_path):
 
 
 def test_the_three_presets_are_available():
-    assert available_presets() == ["cpu", "lecture", "seed"]
+    assert available_presets() == ["cpu", "fast", "lecture", "seed"]
 
 
 @pytest.mark.parametrize("preset", ["cpu", "lecture", "seed"])
@@ -83,7 +83,7 @@ def test_seed_preset_is_the_tiny_model():
 def test_unknown_preset():
     message = config_error("gigantic")
     assert "unknown preset 'gigantic'" in message
-    assert "cpu, lecture, seed" in message
+    assert "cpu, fast, lecture, seed" in message
 
 
 def test_no_preset_means_cpu_without_a_gpu(monkeypatch):
@@ -301,6 +301,7 @@ def test_presets_dir_holds_the_yaml_files():
 
     assert {p.name for p in Path(PRESETS_DIR).glob("*.yaml")} == {
         "cpu.yaml",
+        "fast.yaml",
         "lecture.yaml",
         "seed.yaml",
     }
