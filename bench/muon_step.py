@@ -1,6 +1,7 @@
 """One training step with AdamW, with torch.optim.Muon beside AdamW, and with model.recipe's
-batched Muon beside AdamW: the same model, batch and precision, the three alternating in one
-process; medians of the step time and the ratios to AdamW.
+batched Muon beside AdamW (orthogonalising in float32, and in bf16 where the training's forward
+runs in bf16, as it then does): the same model, batch and precision, alternating in one process;
+medians of the step time and the ratios to AdamW.
 
     .venv/bin/python -m bench.muon_step [--preset cpu] [--steps 30] [--rounds 5]
 """
@@ -49,6 +50,10 @@ def main() -> None:
         "torch.optim.Muon": lambda m: torch_muon(m, cfg),
         "model.recipe.Muon": lambda m: make_optimizer(m, cfg),
     }
+    if precision.dtype == "bfloat16":
+        sides["model.recipe.Muon, bf16"] = lambda m: make_optimizer(
+            m, cfg, orthogonalize_in=torch.bfloat16
+        )
     assert isinstance(make_optimizer(GPT(cfg.model_config(65)), cfg).muon, Muon)
     times: dict[str, list[float]] = {name: [] for name in sides}
     for _ in range(args.rounds):
@@ -71,7 +76,7 @@ def main() -> None:
     base = statistics.median(times["adamw"])
     for name, values in times.items():
         ms = statistics.median(values) * 1000
-        print(f"{name:<18} {ms:7.1f} ms a step  {ms / 1000 / base:5.2f}x adamw")
+        print(f"{name:<24} {ms:7.1f} ms a step  {ms / 1000 / base:5.2f}x adamw")
 
 
 if __name__ == "__main__":

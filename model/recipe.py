@@ -67,9 +67,12 @@ def _adamw(groups: list[dict], cfg: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=True)
 
 
-def make_optimizer(model: GPT, cfg: TrainConfig) -> torch.optim.Optimizer | MuonWithAdamW:
+def make_optimizer(
+    model: GPT, cfg: TrainConfig, *, orthogonalize_in: torch.dtype = torch.float32
+) -> torch.optim.Optimizer | MuonWithAdamW:
     """AdamW, weight decay on the matrices `weight_decay_params` names (never on biases or layer
-    norms); with optimizer=muon, Muon for the blocks' matrices and AdamW for the rest."""
+    norms); with optimizer=muon, Muon for the blocks' matrices and AdamW for the rest, its
+    orthogonalisation in ``orthogonalize_in`` (the training's matmul precision: see `Muon`)."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     hidden = [p for n, p in named if is_hidden_matrix(n, p)]
     other_matrices = [p for n, p in named if p.dim() >= 2 and not is_hidden_matrix(n, p)]
@@ -81,6 +84,7 @@ def make_optimizer(model: GPT, cfg: TrainConfig) -> torch.optim.Optimizer | Muon
             lr=cfg.muon_lr,
             weight_decay=cfg.weight_decay,
             momentum=cfg.muon_momentum,
+            orthogonalize_in=orthogonalize_in,
         )
         rest = [
             {"params": other_matrices, "weight_decay": other_decay},
@@ -102,16 +106,16 @@ def make_optimizer(model: GPT, cfg: TrainConfig) -> torch.optim.Optimizer | Muon
 
 
 def orthogonalize(
-    updates: torch.Tensor, coefficients: tuple[float, float, float], steps: int, eps: float
+    updates: torch.Tensor,
+    coefficients: tuple[float, float, float],
+    steps: int,
+    eps: float,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """(k, m, n) matrices -> k matrices with the same singular vectors and singular values near 1:
-    Muon's quintic Newton-Schulz iteration (the same steps as torch.optim.Muon's), batched.
-
-    In bfloat16 on a GPU, as the reference does; in float32 on a CPU, where bf16 is no faster at
-    these sizes on an AMX Xeon and about 50 times slower on an AVX2-only EPYC.
-    """
+    Muon's quintic Newton-Schulz iteration (the same steps as torch.optim.Muon's), batched, its
+    matmuls in ``dtype``."""
     a, b, c = coefficients
-    dtype = torch.bfloat16 if updates.device.type == "cuda" else torch.float32
     x = updates.to(dtype)
     tall = x.size(-2) > x.size(-1)
     if tall:  # work on the wide side: its Gram matrix is the smaller one
@@ -128,10 +132,16 @@ class Muon(torch.optim.Muon):
     stepped a shape at a time: the matrices of one shape are orthogonalised in one batched
     `orthogonalize`, instead of one bfloat16 Newton-Schulz per matrix.
 
-    torch's step made Muon about 3 times slower per step than AdamW for the cpu preset's shape
-    on a 2-core Xeon (16 small matrices, 5 iterations each, every one a few kernels); see
-    docs/performance.md, "Time to quality".
+    The iteration runs in ``orthogonalize_in``: the training passes bf16 where its forward runs
+    in bf16 (a GPU, or a CPU with native bf16 matmuls where the precision probe found bf16
+    faster), as the reference does on GPUs, and float32 otherwise: torch's always-bf16 step is
+    about 50 times slower on an AVX2-only EPYC, which has no bf16 matmul. See
+    docs/performance.md, "Time to quality", for the step times.
     """
+
+    def __init__(self, params, *, orthogonalize_in: torch.dtype = torch.float32, **settings):
+        super().__init__(params, **settings)
+        self.orthogonalize_in = orthogonalize_in
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -157,7 +167,11 @@ class Muon(torch.optim.Muon):
                 else:
                     updates = torch.stack(bufs)
                 ortho = orthogonalize(
-                    updates, group["ns_coefficients"], group["ns_steps"], group["eps"]
+                    updates,
+                    group["ns_coefficients"],
+                    group["ns_steps"],
+                    group["eps"],
+                    self.orthogonalize_in,
                 )
                 rows, cols = shape
                 torch._foreach_mul_(params, 1 - lr * group["weight_decay"])

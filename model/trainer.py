@@ -89,7 +89,8 @@ class TrainingState:
         """A state at step 0, its initial weights drawn from cfg.seed."""
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         model = GPT(model_config, init_std=cfg.init_std).to(device)
-        optimizer = make_optimizer(model, cfg)
+        matmuls = torch.bfloat16 if precision.dtype == "bfloat16" else torch.float32
+        optimizer = make_optimizer(model, cfg, orthogonalize_in=matmuls)
         scaler = torch.amp.GradScaler(device.type, enabled=precision.needs_grad_scaler)
         return cls(cfg, model, optimizer, scaler, tokenizer_json, tokenizer_uri)
 

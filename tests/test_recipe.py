@@ -12,7 +12,15 @@ import torch
 
 from model.config import GPTConfig, TrainConfig, build_config
 from model.gpt import GPT
-from model.recipe import Muon, MuonWithAdamW, clip_gradients, get_lr, make_optimizer, set_lr
+from model.recipe import (
+    Muon,
+    MuonWithAdamW,
+    clip_gradients,
+    get_lr,
+    make_optimizer,
+    orthogonalize,
+    set_lr,
+)
 
 TINY = GPTConfig(vocab_size=17, block_size=8, n_embd=16, n_head=2, n_layer=2, dropout=0.0)
 
@@ -195,3 +203,26 @@ def test_batched_muon_steps_as_torch_muon_does():
         assert moved_a.norm() == pytest.approx(moved_b.norm().item(), rel=0.02)
     opt_theirs.load_state_dict(opt_ours.state_dict())  # the same state layout
     assert opt_ours.state_dict()["state"].keys() == opt_theirs.state_dict()["state"].keys()
+
+
+def test_muon_orthogonalizes_at_the_trainings_matmul_precision():
+    """bf16 where the forward runs in bf16 (the precision probe's choice), else float32."""
+    from model.precision import Precision
+    from model.trainer import TrainingState
+
+    cfg = TrainConfig(optimizer="muon")
+    for dtype, expected in (("bfloat16", torch.bfloat16), ("float32", torch.float32)):
+        state = TrainingState.create(
+            cfg, TINY, Precision(dtype, "test"), torch.device("cpu"), "{}", ""
+        )
+        assert state.optimizer.muon.orthogonalize_in == expected
+    updates = torch.randn(3, 16, 48, generator=torch.Generator().manual_seed(0))
+    coefficients = (3.4445, -4.775, 2.0315)
+    low = orthogonalize(updates, coefficients, 5, 1e-7, torch.bfloat16).float()
+    full = orthogonalize(updates, coefficients, 5, 1e-7, torch.float32)
+    assert low.dtype == full.dtype == torch.float32
+    assert torch.cosine_similarity(low.flatten(), full.flatten(), dim=0) > 0.99
+    singular_values = torch.linalg.svdvals(
+        full
+    )  # near 1: Newton-Schulz's quintic lands in ~[0.5, 1.5]
+    assert singular_values.min() > 0.4 and singular_values.max() < 1.6
