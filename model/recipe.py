@@ -197,10 +197,6 @@ class MuonWithAdamW:
     def param_groups(self) -> list[dict]:
         return self.muon.param_groups + self.adamw.param_groups
 
-    @property
-    def state(self) -> dict:
-        return {**self.muon.state, **self.adamw.state}
-
     def step(self) -> None:
         self.muon.step()
         self.adamw.step()
